@@ -1,0 +1,32 @@
+"""What Prefect's client calls around the limits: health, readiness, version, CSRF token."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from slotkeeper.api.responses import json_response
+
+#: The Prefect API version slotkeeper speaks. Prefect's clients refuse another major version.
+PREFECT_API_VERSION = "3.8.8"
+
+router = APIRouter(tags=["Admin"])
+
+
+@router.get("/health", summary="Liveness")
+async def health() -> Response:
+    return json_response(True)
+
+
+@router.get("/ready", summary="Readiness")
+async def ready() -> Response:
+    return json_response({"message": "OK"})
+
+
+@router.get("/admin/version", summary="The Prefect API version spoken")
+async def version() -> Response:
+    return json_response(PREFECT_API_VERSION)
+
+
+@router.get("/csrf-token", summary="CSRF token (protection is off, as on a default Prefect server)")
+async def csrf_token(client: str | None = None) -> Response:
+    return json_response({"detail": "CSRF protection is disabled."}, 422)

@@ -1,0 +1,84 @@
+"""From exceptions to answers: the one place where errors get their HTTP shape.
+
+Shapes are Prefect's: ``{"detail": ...}`` for explicit errors, ``{"exception_message",
+"exception_detail", "request_body"}`` for invalid requests, ``{"exception_message": "Internal
+Server Error"}`` for bugs. A database that cannot be reached answers 503, never 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from slotkeeper.api.responses import json_response
+from slotkeeper.errors import DomainError, SlotsUnavailable, http_status
+
+log = logging.getLogger("slotkeeper.api")
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [sqlite3.OperationalError]
+    try:
+        import psycopg
+
+        errors.append(psycopg.OperationalError)
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        pass
+    return tuple(errors)
+
+
+def _body_echo(body: Any) -> Any:
+    if isinstance(body, bytes):
+        return body.decode("utf-8", "replace")
+    return body
+
+
+async def _domain(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DomainError)
+    headers = None
+    if isinstance(exc, SlotsUnavailable) and exc.retry_after is not None:
+        headers = {"Retry-After": str(exc.retry_after)}
+    return json_response({"detail": exc.detail}, http_status(exc), headers)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return json_response(
+        {
+            "exception_message": "Invalid request received.",
+            "exception_detail": jsonable_encoder(exc.errors()),
+            "request_body": jsonable_encoder(_body_echo(exc.body)),
+        },
+        422,
+    )
+
+
+async def _http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return json_response({"detail": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+
+async def _database(request: Request, exc: Exception) -> Response:
+    log.error("database unavailable: %s", exc)
+    return json_response({"detail": "The database is unavailable; try again."}, 503, {"Retry-After": "1"})
+
+
+async def _bug(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response({"exception_message": "Internal Server Error"}, 500)
+
+
+def install(app: FastAPI) -> None:
+    """Register every handler on ``app``."""
+    app.add_exception_handler(DomainError, _domain)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    for error in _database_errors():
+        app.add_exception_handler(error, _database)
+    app.add_exception_handler(Exception, _bug)

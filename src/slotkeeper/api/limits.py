@@ -1,0 +1,114 @@
+"""Global concurrency limits (v2): ``/api/v2/concurrency_limits``, wire-compatible with Prefect.
+
+Routes only translate: wire body → :mod:`slotkeeper.models` request → storage → wire answer.
+Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotkeeper.storage`.
+"""
+
+from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Request, Response
+
+from slotkeeper.api import schemas
+from slotkeeper.api.responses import json_response
+from slotkeeper.errors import LeaseGone
+from slotkeeper.models import AcquireRequest, Holder, LeaseSpec, LimitSpec
+from slotkeeper.settings import Settings
+from slotkeeper.storage import Storage
+
+LEASE_GONE = "Lease not found - it may have expired or been revoked"
+
+
+def _storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def router(settings: Settings) -> APIRouter:
+    """The v2 routes, with this server's lease bounds and page size."""
+    api = APIRouter(prefix="/v2/concurrency_limits", tags=["Concurrency Limits V2"])
+    IncrementWithLease, RenewLease = schemas.lease_models(
+        settings.lease_min_seconds, settings.lease_max_seconds
+    )
+    page_max = settings.api_default_limit
+
+    @api.post("/", status_code=201, summary="Create a limit")
+    async def create(request: Request, body: schemas.LimitCreate) -> Response:
+        view = await _storage(request).create_limit(LimitSpec(**body.model_dump()))
+        return json_response(schemas.full_limit_json(view), 201)
+
+    @api.get("/{id_or_name}", summary="Read a limit by id or name")
+    async def read(request: Request, id_or_name: str) -> Response:
+        return json_response(schemas.limit_json(await _storage(request).read_limit(id_or_name)))
+
+    @api.get("/{id_or_name}/leases", summary="List the live leases on a limit (slotkeeper)")
+    async def leases(request: Request, id_or_name: str) -> Response:
+        infos = await _storage(request).list_leases(id_or_name)
+        return json_response([schemas.lease_json(i) for i in infos])
+
+    @api.post("/filter", summary="List limits, ordered by name")
+    async def filter_(request: Request, body: schemas.LimitFilter | None = None) -> Response:
+        body = body or schemas.LimitFilter()
+        limit = page_max if body.limit is None else body.limit
+        if limit > page_max:
+            return json_response({"detail": f"Invalid limit: must be less than or equal to {page_max}."}, 422)
+        if limit < 0:
+            return json_response({"detail": "Invalid limit: must be greater than or equal to 0."}, 422)
+        views = await _storage(request).list_limits(limit, body.offset)
+        return json_response([schemas.limit_json(v) for v in views])
+
+    @api.patch("/{id_or_name}", status_code=204, summary="Update a limit")
+    async def update(request: Request, id_or_name: str, body: schemas.LimitUpdate) -> Response:
+        changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
+        await _storage(request).update_limit(id_or_name, changes)
+        return Response(status_code=204)
+
+    @api.delete("/{id_or_name}", status_code=204, summary="Delete a limit")
+    async def delete(request: Request, id_or_name: str) -> Response:
+        await _storage(request).delete_limit(id_or_name)
+        return Response(status_code=204)
+
+    @api.post("/increment", summary="Take slots without a lease")
+    async def increment(request: Request, body: schemas.Increment) -> Response:
+        granted = await _storage(request).acquire(AcquireRequest(body.names, body.slots, body.mode))
+        return json_response([schemas.minimal_json(lim, fencing=True) for lim in granted.limits])
+
+    @api.post("/increment-with-lease", summary="Take slots under a lease")
+    async def increment_with_lease(request: Request, body: IncrementWithLease) -> Response:  # type: ignore[valid-type]
+        values: Any = body
+        holder = values.holder
+        lease = LeaseSpec(values.lease_duration, Holder(holder.type, str(holder.id)) if holder else None)
+        granted = await _storage(request).acquire(
+            AcquireRequest(values.names, values.slots, values.mode, lease)
+        )
+        return json_response(
+            {
+                "lease_id": granted.lease_id,
+                "limits": [schemas.minimal_json(lim, fencing=True) for lim in granted.limits],
+            }
+        )
+
+    @api.post("/decrement", summary="Free slots taken without a lease")
+    async def decrement(request: Request, body: schemas.Decrement) -> Response:
+        found = await _storage(request).release_slots(body.names, body.slots, body.occupancy_seconds)
+        return json_response([schemas.minimal_json(lim) for lim in found])
+
+    @api.post("/decrement-with-lease", status_code=204, summary="Release a lease and its slots")
+    async def decrement_with_lease(request: Request, body: schemas.DecrementWithLease) -> Response:
+        await _storage(request).release_lease(str(body.lease_id))
+        return Response(status_code=204)
+
+    @api.post("/leases/{lease_id}/renew", status_code=204, summary="Extend a live lease")
+    async def renew(
+        request: Request,
+        lease_id: UUID,
+        body: RenewLease | None = Body(default=None),  # type: ignore[valid-type]
+    ) -> Response:
+        # Without a body Prefect renews for 300 s; kept inside this server's bounds.
+        default = min(max(300.0, settings.lease_min_seconds), settings.lease_max_seconds)
+        duration = default if body is None else body.lease_duration
+        if not await _storage(request).renew_lease(str(lease_id), duration):
+            raise LeaseGone(LEASE_GONE)
+        return Response(status_code=204)
+
+    return api

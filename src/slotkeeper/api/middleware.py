@@ -1,0 +1,91 @@
+"""ASGI middleware: optional basic auth, and a cap on request body size.
+
+Both are plain ASGI (no per-request task or body copy) because they sit in front of every call.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: GET on these paths needs no auth, so orchestrators can probe health (as Prefect).
+OPEN_PATHS = frozenset({"/api/health", "/api/ready"})
+
+
+async def _send_json(send: Send, status: int, body: object) -> None:
+    data = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class BasicAuth:
+    """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``."""
+
+    def __init__(self, app: ASGIApp, auth_string: str) -> None:
+        self.app = app
+        self.expected = b"Basic " + base64.b64encode(auth_string.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"] == "GET" and scope["path"] in OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            await _send_json(send, 401, {"exception_message": "Unauthorized"})
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _send_json(send, 413, {"detail": f"Request body is larger than {self.max_bytes} bytes."})
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_json(
+                    send, 413, {"detail": f"Request body is larger than {self.max_bytes} bytes."}
+                )
+
+
+class _TooLarge(Exception):
+    pass

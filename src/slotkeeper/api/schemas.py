@@ -1,0 +1,167 @@
+"""Wire models: request bodies as Prefect's server validates them, and response shapes.
+
+Field names, defaults and ranges follow Prefect (``shared/reference/prefect-api.md`` §1.2, §2);
+the bounds that are settings here (lease durations) are built per app by
+:func:`lease_models`. Responses are plain dicts built by the ``*_json`` functions, serialised
+with orjson: FastAPI's response-model path costs more than the whole storage round trip.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from slotkeeper import domain
+from slotkeeper.domain import Limit, Mode
+from slotkeeper.models import LeaseInfo, LimitView
+
+#: Integers are stored as 32-bit on PostgreSQL; larger values are refused at the edge.
+MAX_INT = 2**31 - 1
+
+
+class Strict(BaseModel):
+    """Unknown keys and non-finite floats are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _name(value: str) -> str:
+    if domain.looks_like_uuid(value):
+        raise ValueError("a limit name must not be a UUID: it could not be told from an id")
+    return value
+
+
+class LimitCreate(Strict):
+    """Body of ``POST /api/v2/concurrency_limits/``."""
+
+    name: str = Field(pattern=domain.NAME_PATTERN, max_length=1024)
+    limit: int = Field(ge=0, le=MAX_INT)
+    active: bool = True
+    active_slots: int = Field(default=0, ge=0, le=MAX_INT)
+    denied_slots: int = Field(default=0, ge=0, le=MAX_INT)
+    slot_decay_per_second: float = Field(default=0.0, ge=0, le=1e9)
+
+    _check_name = field_validator("name")(_name)
+
+
+class LimitUpdate(Strict):
+    """Body of ``PATCH /api/v2/concurrency_limits/{id_or_name}``: only the keys sent change."""
+
+    name: str | None = Field(default=None, pattern=domain.NAME_PATTERN, max_length=1024)
+    limit: int | None = Field(default=None, ge=0, le=MAX_INT)
+    active: bool | None = None
+    active_slots: int | None = Field(default=None, ge=0, le=MAX_INT)
+    denied_slots: int | None = Field(default=None, ge=0, le=MAX_INT)
+    slot_decay_per_second: float | None = Field(default=None, ge=0, le=1e9)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return None if value is None else _name(value)
+
+
+class LimitFilter(Strict):
+    """Body of ``POST /api/v2/concurrency_limits/filter`` (page bounds are checked by the route)."""
+
+    limit: int | None = None
+    offset: int = Field(default=0, ge=0)
+
+
+class HolderModel(Strict):
+    """Who holds a lease (Prefect's ``ConcurrencyLeaseHolder``)."""
+
+    type: Literal["flow_run", "task_run", "deployment"]
+    id: UUID
+
+
+class Increment(Strict):
+    """Body of ``POST /api/v2/concurrency_limits/increment``."""
+
+    names: list[str]
+    slots: int = Field(gt=0, le=MAX_INT)
+    mode: Mode = Mode.CONCURRENCY
+    create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
+
+
+class Decrement(Strict):
+    """Body of ``POST /api/v2/concurrency_limits/decrement``."""
+
+    names: list[str]
+    slots: int = Field(gt=0, le=MAX_INT)
+    occupancy_seconds: float | None = Field(default=None, gt=0)
+    create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
+
+
+class DecrementWithLease(Strict):
+    """Body of ``POST /api/v2/concurrency_limits/decrement-with-lease``."""
+
+    lease_id: UUID
+
+
+def lease_models(min_seconds: float, max_seconds: float) -> tuple[type[Strict], type[Strict]]:
+    """The increment-with-lease and renew bodies, with this server's lease duration bounds."""
+    duration: Any = (float, Field(default=300.0, ge=min_seconds, le=max_seconds))
+    with_lease = create_model(
+        "IncrementWithLease",
+        __base__=Strict,
+        names=(list[str], ...),
+        slots=(int, Field(gt=0, le=MAX_INT)),
+        mode=(Mode, Mode.CONCURRENCY),
+        lease_duration=duration,
+        holder=(HolderModel | None, None),
+    )
+    renew = create_model("RenewLease", __base__=Strict, lease_duration=duration)
+    return with_lease, renew
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds as Prefect writes times: ISO-8601 UTC, microseconds, ``Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def limit_json(view: LimitView) -> dict[str, Any]:
+    """``GlobalConcurrencyLimitResponse``: GET and filter."""
+    lim = view.limit
+    return {
+        "id": lim.id,
+        "created": iso(lim.created),
+        "updated": iso(lim.updated),
+        "active": lim.active,
+        "name": lim.name,
+        "limit": lim.limit,
+        "active_slots": view.active_slots,
+        "slot_decay_per_second": lim.slot_decay_per_second,
+    }
+
+
+def full_limit_json(view: LimitView) -> dict[str, Any]:
+    """The full model that create answers with (201)."""
+    lim = view.limit
+    return {
+        **limit_json(view),
+        "denied_slots": lim.denied_slots,
+        "avg_slot_occupancy_seconds": lim.avg_slot_occupancy_seconds,
+    }
+
+
+def minimal_json(lim: Limit, *, fencing: bool = False) -> dict[str, Any]:
+    """``MinimalConcurrencyLimitResponse``; with ``fencing``, the grant's fencing token too."""
+    out: dict[str, Any] = {"id": lim.id, "name": lim.name, "limit": lim.limit}
+    if fencing:
+        out["fencing_token"] = lim.fencing_token
+    return out
+
+
+def lease_json(info: LeaseInfo) -> dict[str, Any]:
+    """One live lease, for ``GET /api/v2/concurrency_limits/{id_or_name}/leases``."""
+    return {
+        "lease_id": info.lease_id,
+        "holder": {"type": info.holder.type, "id": info.holder.id} if info.holder else None,
+        "slots": info.slots,
+        "created": iso(info.created),
+        "expires": iso(info.expires),
+        "fencing_token": info.fencing_token,
+    }

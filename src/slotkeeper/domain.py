@@ -1,0 +1,251 @@
+"""The rules of slots, as pure functions: no I/O, no clock, no randomness of their own.
+
+Every decision the server takes about slots is made here, from values that storage loaded inside
+its transaction: may these slots be granted, what does decay leave, how long should a refused
+caller wait, how does the occupancy average move. Storage, the HTTP routes, the reaper and the
+tests all call these functions, so the rules exist once.
+
+Occupancy model (the invariant the whole server keeps):
+
+    occupied(limit) = pool(limit, now) + sum of slots of the live grants on that limit
+
+* A *grant* is a row that ties a lease to one limit with a number of slots. It is live while its
+  lease has not expired. Leased slots never decay; they come back when the lease is released,
+  expires, or the limit is deleted.
+* The *pool* holds the slots taken without a lease: plain ``/increment``, ``rate_limit`` mode and
+  ``active_slots`` set by an operator. The pool decays at ``slot_decay_per_second`` (a leaky
+  bucket) and shrinks on plain ``/decrement``.
+
+Neither number is a counter kept beside the grants: occupancy is computed from the grant rows and
+the pool in the same transaction that decides, so it cannot drift from what holders hold.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from slotkeeper.errors import Conflict, InvalidRequest, SlotsUnavailable
+
+#: Prefect's pattern for limit names: non-empty, none of ``/ % & > <``.
+NAME_PATTERN = r"^[^/%&><]+$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+#: Starting value of the per-limit moving average of how long one slot is held.
+DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS = 2.0
+#: Lower bound of one occupancy sample, per slot (Prefect's value).
+MIN_OCCUPANCY_SAMPLE_SECONDS = 0.1
+#: The moving average spans about ``limit * OCCUPANCY_SAMPLE_MULTIPLIER`` samples.
+OCCUPANCY_SAMPLE_MULTIPLIER = 2
+#: Jitter on Retry-After: a value drawn in [0.7518, 1.3] times the average (Prefect's bounds).
+_JITTER_UPPER = 1.3
+_JITTER_LOWER = math.log2(2**_JITTER_UPPER / (2**_JITTER_UPPER - 1))
+#: Retry-After is never below this, so a refused client never spins.
+MIN_RETRY_AFTER_SECONDS = 0.05
+
+
+class Mode(StrEnum):
+    """How an acquisition holds its slots."""
+
+    CONCURRENCY = "concurrency"
+    RATE_LIMIT = "rate_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit as storage loaded it, plus the sum of its live grants (``leased_slots``).
+
+    ``pool_slots`` is the stored, undecayed pool as of ``pool_clock``; read it through
+    :meth:`settled` or :meth:`occupied`.
+    """
+
+    id: str
+    name: str
+    limit: int
+    active: bool
+    pool_slots: int
+    pool_clock: float
+    leased_slots: int
+    slot_decay_per_second: float
+    denied_slots: int
+    avg_slot_occupancy_seconds: float
+    fencing_token: int
+    created: float
+    updated: float
+
+    def settled(self, now: float) -> Limit:
+        """The same limit with decay applied up to ``now`` (see :func:`decay_pool`)."""
+        pool, clock = decay_pool(self.pool_slots, self.pool_clock, self.slot_decay_per_second, now)
+        return replace(self, pool_slots=pool, pool_clock=clock)
+
+    def occupied(self, now: float) -> int:
+        """Slots in use at ``now``: the decayed pool plus the live grants."""
+        return self.settled(now).pool_slots + self.leased_slots
+
+
+def decay_pool(pool: int, clock: float, rate: float, now: float) -> tuple[int, float]:
+    """Apply leaky-bucket decay to the pool; return the new pool and its clock.
+
+    Whole slots leave the pool at ``rate`` per second. Unlike Prefect, the fraction of a slot
+    that has decayed is kept: the clock only advances by the time the whole slots took, so a
+    rate limit of 10/s grants 10 per second however often it is read or written. An empty pool
+    does not bank decay: its clock is ``now``.
+    """
+    if pool <= 0:
+        return 0, now
+    if rate <= 0 or now <= clock:
+        return pool, clock
+    gone = math.floor((now - clock) * rate)
+    if gone >= pool:
+        return 0, now
+    return pool - gone, clock + gone / rate
+
+
+@dataclass(frozen=True, slots=True)
+class Acquisition:
+    """A decided grant: the limits as they must be written, and slots per grant row."""
+
+    limits: list[Limit]
+    grant_slots: dict[str, int]
+
+
+def decide_acquire(
+    limits: Sequence[Limit],
+    slots: int,
+    mode: Mode,
+    *,
+    leased: bool,
+    now: float,
+    retry_after: RetryPolicy,
+) -> Acquisition:
+    """Decide an all-or-nothing acquisition of ``slots`` on every active limit in ``limits``.
+
+    Inactive limits are carried along (listed, leased) but never counted, as in Prefect.
+    Raises :class:`InvalidRequest` for a request that can never succeed and
+    :class:`SlotsUnavailable` for one that cannot succeed now. ``leased`` says whether the slots
+    are held by a lease (grant rows) or go to the pool; ``rate_limit`` slots always go to the
+    pool, since they come back by decay.
+    """
+    candidates = [lim for lim in limits if lim.active]
+    if any(lim.limit < slots for lim in candidates):
+        raise InvalidRequest("Slots requested is greater than the limit")
+    if mode is Mode.RATE_LIMIT:
+        without_decay = [lim.name for lim in candidates if lim.slot_decay_per_second <= 0]
+        if without_decay:
+            raise InvalidRequest(
+                "Only concurrency limits with slot decay can be used for rate limiting. "
+                f"The following limits do not have a decay configured: '{','.join(without_decay)}'"
+            )
+    settled = [lim.settled(now) for lim in limits]
+    if any(lim.active and lim.pool_slots + lim.leased_slots + slots > lim.limit for lim in settled):
+        raise SlotsUnavailable(retry_after.seconds([lim for lim in settled if lim.active], slots, now))
+
+    to_pool = mode is Mode.RATE_LIMIT or not leased
+    written: list[Limit] = []
+    grant_slots: dict[str, int] = {}
+    for lim in settled:
+        held = slots if lim.active else 0
+        if to_pool:
+            lim = replace(lim, pool_slots=lim.pool_slots + held)
+        else:
+            grant_slots[lim.id] = held
+        written.append(replace(lim, fencing_token=lim.fencing_token + 1))
+    return Acquisition(limits=written, grant_slots=grant_slots)
+
+
+def release_pool(limit: Limit, slots: int, now: float) -> Limit:
+    """Plain ``/decrement``: take ``slots`` out of the decayed pool, never below zero.
+
+    Leased slots are not touched: they belong to their lease and only its release frees them.
+    """
+    settled = limit.settled(now)
+    return replace(settled, pool_slots=max(0, settled.pool_slots - slots))
+
+
+def next_avg_occupancy(avg: float, occupancy_seconds: float, slots: int, limit: int) -> float:
+    """Move the occupancy average towards one new sample (Prefect's moving average).
+
+    Unlike Prefect, a limit of 0 counts as 1 sample window instead of dividing by zero, so a
+    release after the limit was set to 0 succeeds.
+    """
+    per_slot = max(occupancy_seconds / max(slots, 1), MIN_OCCUPANCY_SAMPLE_SECONDS)
+    window = max(limit * OCCUPANCY_SAMPLE_MULTIPLIER, 1)
+    return avg + per_slot / window - avg / window
+
+
+def set_active_slots(limit: Limit, active_slots: int, now: float) -> Limit:
+    """An operator sets ``active_slots``: the pool takes whatever the live grants do not hold.
+
+    Setting it below what live leases hold would forget real holders; that is refused
+    (the caller turns the error into 409) instead of letting the count lie.
+    """
+    if active_slots < limit.leased_slots:
+        raise Conflict(
+            f"active_slots cannot be set to {active_slots}: live leases hold "
+            f"{limit.leased_slots} slot(s) of this limit. Release those leases first "
+            "(list them with GET /api/v2/concurrency_limits/{name}/leases)."
+        )
+    return replace(limit, pool_slots=active_slots - limit.leased_slots, pool_clock=now)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long a refused caller is told to wait (the ``Retry-After`` header).
+
+    ``max_wait`` caps every hint (Prefect caps only limits without decay); ``tag_max_wait`` is
+    the cap for ``tag:`` limits. ``rng`` supplies the jitter so tests can fix it.
+    """
+
+    max_wait: float = 30.0
+    tag_max_wait: float = 10.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def seconds(self, blocking: Sequence[Limit], slots: int, now: float) -> float:
+        """A jittered, capped wait for ``slots`` on the active limits ``blocking`` (settled)."""
+        best = 0.0
+        for lim in blocking:
+            cap = self.tag_max_wait if lim.name.startswith("tag:") else self.max_wait
+            excess = lim.pool_slots + lim.leased_slots + slots - lim.limit
+            if excess <= 0:
+                continue
+            if lim.slot_decay_per_second > 0 and excess <= lim.pool_slots:
+                # Exact: the time until enough pool slots have decayed.
+                wait = excess / lim.slot_decay_per_second - (now - lim.pool_clock)
+            else:
+                # Prefect's estimate: the average hold time, scaled by the share asked for.
+                share = (slots + lim.denied_slots) / max(lim.limit, 1)
+                wait = min(lim.avg_slot_occupancy_seconds, cap) * share
+            best = max(best, min(wait, cap))
+        return self.jitter(max(best, MIN_RETRY_AFTER_SECONDS))
+
+    def jitter(self, average: float) -> float:
+        """A draw in [0.7518, 1.3] times ``average``, exponentially distributed inside."""
+        low, high = math.exp(-_JITTER_UPPER), math.exp(-_JITTER_LOWER)
+        return -math.log(self.rng.uniform(low, high)) * average
+
+
+def check_name(name: str) -> str:
+    """Validate a limit name: Prefect's pattern, and not a UUID (it could not be read by name)."""
+    if not _NAME_RE.match(name):
+        raise InvalidRequest(
+            f"Invalid limit name {name!r}: it must be non-empty and contain none of / % & > <"
+        )
+    if looks_like_uuid(name):
+        raise InvalidRequest(
+            f"Invalid limit name {name!r}: a name that is a UUID could not be told from an id"
+        )
+    return name
+
+
+def looks_like_uuid(value: str) -> bool:
+    """True when ``value`` parses as a UUID (as path lookups try ids first)."""
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,76 @@
+"""Plain records that cross layers: what routes hand to storage and what storage hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slotkeeper.domain import Limit, Mode
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """A new limit, as validated at the edge."""
+
+    name: str
+    limit: int
+    active: bool = True
+    active_slots: int = 0
+    denied_slots: int = 0
+    slot_decay_per_second: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lease (Prefect's ``{type, id}``)."""
+
+    type: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSpec:
+    """The lease an acquisition asks for."""
+
+    duration: float
+    holder: Holder | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    """Slots on one or several limits, all or nothing."""
+
+    names: list[str]
+    slots: int
+    mode: Mode = Mode.CONCURRENCY
+    lease: LeaseSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A committed acquisition: the limits found (request order) and, with a lease, its id.
+
+    ``limits`` carry their new ``fencing_token``.
+    """
+
+    limits: list[Limit]
+    lease_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """One live lease on one limit, for the holders listing."""
+
+    lease_id: str
+    holder: Holder | None
+    slots: int
+    created: float
+    expires: float
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitView:
+    """A limit as read: the stored row and its occupancy at the time of the read."""
+
+    limit: Limit
+    active_slots: int

@@ -1,0 +1,31 @@
+"""The reaper: ends expired leases, so a crashed holder's slots come back by themselves.
+
+Occupancy already ignores a lease the moment it expires (see ``SELECT_LEASED_SLOTS``); the reaper
+deletes the expired rows, updates the occupancy averages and (with events) records the release,
+exactly once per lease, within about ``interval`` seconds of the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from slotkeeper.storage import Storage
+
+log = logging.getLogger("slotkeeper.reaper")
+
+
+async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
+    """Reap forever: a full batch goes again at once, otherwise sleep ``interval``."""
+    while True:
+        try:
+            ended = await storage.reap_expired(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a database hiccup must not stop the reaper
+            log.exception("reaper pass failed; retrying")
+            ended = 0
+        if ended:
+            log.debug("reaped %d expired lease(s)", ended)
+        if ended < batch:
+            await asyncio.sleep(interval)

@@ -1,0 +1,66 @@
+"""Server settings: one object, read from ``SLOTKEEPER_*`` environment variables.
+
+Every knob of the server is a field here; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """``~/.slotkeeper``: where the embedded database lives unless told otherwise."""
+    return Path.home() / ".slotkeeper"
+
+
+class Settings(BaseSettings):
+    """All server settings. Environment variable = ``SLOTKEEPER_`` + the field name, upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="SLOTKEEPER_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="Folder of the embedded database.")
+    database_url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB. Default: SQLite under home.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless told.")
+    port: int = Field(default=4200, ge=0, le=65535)
+    api_auth_string: str | None = Field(
+        default=None,
+        description="When set, every request but health needs HTTP basic auth with this string "
+        "(as Prefect's PREFECT_SERVER_API_AUTH_STRING: 'user:password').",
+    )
+    lease_min_seconds: float = Field(default=60.0, gt=0)
+    lease_max_seconds: float = Field(default=86400.0, gt=0)
+    reaper_interval_seconds: float = Field(
+        default=0.25, gt=0, le=60, description="How often expired leases are reclaimed."
+    )
+    reaper_batch_size: int = Field(default=500, ge=1)
+    maximum_slot_wait_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Cap of Retry-After (Prefect's maximum_concurrency_slot_wait_seconds).",
+    )
+    tag_slot_wait_seconds: float = Field(
+        default=10.0, ge=0, description="Cap of Retry-After for tag: limits."
+    )
+    api_default_limit: int = Field(default=200, ge=1, description="Default and maximum page size.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per process.")
+    log_level: str = Field(default="info")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if self.lease_min_seconds > self.lease_max_seconds:
+            raise ValueError("lease_min_seconds must not exceed lease_max_seconds")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, with the embedded default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'slotkeeper.db'}"

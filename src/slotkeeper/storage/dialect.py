@@ -1,0 +1,91 @@
+"""The little that differs between SQLite and PostgreSQL, and the transaction handle ops use."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+_IN_LIST = re.compile(r"IN_LIST\((\w+)\)")
+
+Row = tuple[Any, ...]
+Params = Mapping[str, Any]
+
+
+@dataclass
+class Dialect:
+    """How one backend spells the macros of ``queries.py`` and passes list parameters."""
+
+    name: str
+    for_update: str
+    skip_locked: str
+    _cache: dict[str, str] = field(default_factory=dict)
+
+    def sql(self, query: str) -> str:
+        """The statement as this backend's driver takes it (cached per statement)."""
+        text = self._cache.get(query)
+        if text is None:
+            text = self._expand(query)
+            self._cache[query] = text
+        return text
+
+    def _expand(self, query: str) -> str:
+        text = query.replace("FOR_UPDATE", self.for_update).replace("SKIP_LOCKED", self.skip_locked)
+        if self.name == "sqlite":
+            return _IN_LIST.sub(r"IN (SELECT value FROM json_each(:\1))", text)
+        text = _IN_LIST.sub(r"= ANY(:\1)", text)
+        text = text.replace("%", "%%")
+        return _PARAM.sub(r"%(\1)s", text)
+
+    def params(self, params: Params) -> Params:
+        """List parameters travel as JSON text to SQLite and as arrays to PostgreSQL."""
+        if self.name != "sqlite":
+            return params
+        if not any(isinstance(v, list | tuple) for v in params.values()):
+            return params
+        return {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in params.items()}
+
+
+SQLITE = Dialect("sqlite", for_update="", skip_locked="")
+POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE", skip_locked=" SKIP LOCKED")
+
+
+class Tx:
+    """One open transaction, as operations in ``core.py`` see it."""
+
+    __slots__ = ("_cursor", "_dialect", "integrity_error")
+
+    def __init__(self, cursor: Any, dialect: Dialect, integrity_error: type[Exception]) -> None:
+        self._cursor = cursor
+        self._dialect = dialect
+        self.integrity_error = integrity_error
+
+    def one(self, query: str, params: Params | None = None) -> Row | None:
+        """Run a statement and return its first row, or None."""
+        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        row: Row | None = self._cursor.fetchone()
+        return row
+
+    def all(self, query: str, params: Params | None = None) -> list[Row]:
+        """Run a statement and return every row."""
+        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        rows: list[Row] = self._cursor.fetchall()
+        return rows
+
+    def run(self, query: str, params: Params | None = None) -> int:
+        """Run a statement; return how many rows it changed."""
+        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        count: int = self._cursor.rowcount
+        return count
+
+    def many(self, query: str, rows: Iterable[Params]) -> None:
+        """Run one statement for each parameter set."""
+        self._cursor.executemany(self._dialect.sql(query), [self._dialect.params(r) for r in rows])
+
+
+def placeholders(values: Sequence[Any]) -> list[Any]:
+    """A list parameter for ``IN_LIST``: de-duplicated, order kept."""
+    return list(dict.fromkeys(values))

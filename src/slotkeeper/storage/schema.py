@@ -1,0 +1,61 @@
+"""The canonical schema, as SQLAlchemy metadata.
+
+Alembic's migrations (``migrations/versions``) build exactly this schema on SQLite and on
+PostgreSQL; ``tests/test_migrations.py`` checks that migrating an empty database yields it.
+Times are Unix epoch seconds (double precision) on both backends: no time zone to get wrong, and
+the domain works in seconds.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: A named concurrency limit. ``pool_*`` are the unleased slots (see ``slotkeeper.domain``).
+limits = sa.Table(
+    "limits",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("slot_limit", sa.Integer, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("created", sa.Double, nullable=False),
+    sa.Column("updated", sa.Double, nullable=False),
+    sa.Column("pool_slots", sa.Integer, nullable=False),
+    sa.Column("pool_clock", sa.Double, nullable=False),
+    sa.Column("denied_slots", sa.Integer, nullable=False),
+    sa.Column("slot_decay_per_second", sa.Double, nullable=False),
+    sa.Column("avg_slot_occupancy_seconds", sa.Double, nullable=False),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False),
+)
+
+#: A lease: slots held by one holder until ``expires``, unless renewed or released.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created", sa.Double, nullable=False),
+    sa.Column("expires", sa.Double, nullable=False, index=True),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("holder_type", sa.Text, nullable=True),
+    sa.Column("holder_id", sa.Text, nullable=True),
+)
+
+#: A grant ties a lease to one limit. Occupancy is the sum of live grants: no counter exists.
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("lease_id", sa.String(36), sa.ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("limit_id", sa.String(36), sa.ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    sa.Index("ix_grants_limit_id", "limit_id"),
+)
