@@ -77,6 +77,7 @@ class Limit:
     fencing_token: int
     created: float
     updated: float
+    pool_event_id: str | None = None
 
     def settled(self, now: float) -> Limit:
         """The same limit with decay applied up to ``now`` (see :func:`decay_pool`)."""

@@ -3,7 +3,9 @@
 Each public coroutine sends one private ``_op`` to the backend, which runs it inside one
 transaction (SQLite: one writer thread with group commit; PostgreSQL: a pool of connections).
 An op loads and locks what it needs, asks :mod:`slotkeeper.domain` what to do, and writes the
-result; the slot change, the lease rows and (later) the event rows commit together or not at all.
+result; the slot change, the lease rows and the event rows commit together or not at all.
+Events an op writes are also appended to ``tx.events``; the backend publishes them to live
+subscribers after the commit, in commit order (see ``Backend.subscribe``).
 
 Lock order, the same in every op so PostgreSQL never deadlocks: limit rows first, by id
 (``ORDER BY id FOR UPDATE``), then lease rows. ``now`` is read after the locks are held, so two
@@ -21,9 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+import orjson
+
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode, RetryPolicy
 from slotkeeper.errors import Conflict, NotFound
+from slotkeeper.events import builders
+from slotkeeper.events.models import EventRecord
 from slotkeeper.models import (
     AcquireRequest,
     Granted,
@@ -49,6 +55,13 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
+    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
+        """Deliver every committed event, in commit order, to ``callback`` (from any thread).
+
+        ``None`` means events may have been missed (a lost database connection): live
+        subscribers must start again from the store.
+        """
+
 
 def _limit(row: Row, leased: int) -> Limit:
     return Limit(
@@ -64,8 +77,66 @@ def _limit(row: Row, leased: int) -> Limit:
         fencing_token=row[9],
         created=row[10],
         updated=row[11],
+        pool_event_id=row[12],
         leased_slots=leased,
     )
+
+
+def _holder(kind: str | None, ident: str | None) -> Holder | None:
+    return Holder(kind, ident) if kind is not None and ident is not None else None
+
+
+def _search_text(event: EventRecord) -> str:
+    parts = [event.event, *event.resource.values()]
+    for related in event.related:
+        parts.extend(related.values())
+    parts.append(orjson.dumps(event.payload).decode())
+    return " ".join(parts).lower()
+
+
+def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False) -> list[EventRecord]:
+    """Insert events and their related resources in ``tx``; return those inserted.
+
+    With ``dedupe`` (client events) an id already stored inserts nothing. Inserted events are
+    queued on ``tx.events`` for publication after the commit.
+    """
+    written: list[EventRecord] = []
+    rows = [
+        {
+            "id": e.id,
+            "occurred": e.occurred,
+            "received": e.received,
+            "event": e.event,
+            "resource_id": e.resource_id,
+            "resource": orjson.dumps(e.resource).decode(),
+            "related": orjson.dumps(e.related).decode(),
+            "payload": orjson.dumps(e.payload).decode(),
+            "follows": e.follows,
+            "search": _search_text(e),
+        }
+        for e in events
+    ]
+    if dedupe:
+        written = [e for e, row in zip(events, rows, strict=True) if tx.one(q.INSERT_EVENT_IF_NEW, row)]
+    else:
+        tx.many(q.INSERT_EVENT, rows)
+        written = list(events)
+    related = [
+        {
+            "event_id": e.id,
+            "position": i,
+            "occurred": e.occurred,
+            "resource_id": r["prefect.resource.id"],
+            "role": r["prefect.resource.role"],
+            "labels": orjson.dumps(r).decode(),
+        }
+        for e in written
+        for i, r in enumerate(e.related)
+    ]
+    if related:
+        tx.many(q.INSERT_EVENT_RESOURCE, related)
+    tx.events.extend(written)
+    return written
 
 
 def _limit_params(lim: Limit) -> dict[str, Any]:
@@ -82,6 +153,18 @@ def _limit_params(lim: Limit) -> dict[str, Any]:
         "slot_decay_per_second": lim.slot_decay_per_second,
         "avg_slot_occupancy_seconds": lim.avg_slot_occupancy_seconds,
         "fencing_token": lim.fencing_token,
+        "pool_event_id": lim.pool_event_id,
+    }
+
+
+def _slots_params(lim: Limit, now: float) -> dict[str, Any]:
+    return {
+        "id": lim.id,
+        "pool_slots": lim.pool_slots,
+        "pool_clock": lim.pool_clock,
+        "fencing_token": lim.fencing_token,
+        "updated": now,
+        "pool_event_id": lim.pool_event_id,
     }
 
 
@@ -155,6 +238,7 @@ class Storage:
             tx.run(q.INSERT_LIMIT, _limit_params(lim))
         except tx.integrity_error:
             raise Conflict(f"A concurrency limit named {spec.name!r} already exists.") from None
+        write_events(tx, [builders.lifecycle_event(builders.CREATED, lim, now)])
         return LimitView(lim, spec.active_slots)
 
     async def read_limit(self, key: str) -> LimitView:
@@ -197,6 +281,7 @@ class Storage:
             tx.run(q.UPDATE_LIMIT, _limit_params(lim))
         except tx.integrity_error:
             raise Conflict(f"A concurrency limit named {lim.name!r} already exists.") from None
+        write_events(tx, [builders.lifecycle_event(builders.UPDATED, lim, now)])
         return LimitView(lim, lim.occupied(now))
 
     async def delete_limit(self, key: str) -> LimitView:
@@ -205,8 +290,38 @@ class Storage:
 
     def _delete(self, tx: Tx, key: str) -> LimitView:
         lim, now = self._find(tx, key)
+        settled = lim.settled(now)
+        # Every holder loses its slots on this limit: one released event per live grant, and one
+        # for unleased slots that would not come back by decay.
+        batches: dict[str, tuple[list[str], Row]] = {}
+        for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id, "now": now}):
+            batches.setdefault(row[0], ([], row))[0].append(row[5])
+        released = [
+            builders.slot_event(
+                builders.RELEASED,
+                lim,
+                slots=row[1],
+                batch=batch,
+                occurred=now,
+                holder=_holder(row[3], row[4]),
+                follows=row[2],
+            )
+            for batch, row in batches.values()
+        ]
+        if settled.pool_slots and lim.slot_decay_per_second <= 0:
+            released.append(
+                builders.slot_event(
+                    builders.RELEASED,
+                    lim,
+                    slots=settled.pool_slots,
+                    batch=[lim.id],
+                    occurred=now,
+                    follows=lim.pool_event_id,
+                )
+            )
         tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
         tx.run(q.DELETE_LIMIT, {"id": lim.id})
+        write_events(tx, [*released, builders.lifecycle_event(builders.DELETED, lim, now)])
         return LimitView(lim, lim.occupied(now))
 
     # --- slots ----------------------------------------------------------------------------------
@@ -230,23 +345,26 @@ class Storage:
             now=now,
             retry_after=self.retry_policy,
         )
-        tx.many(
-            q.UPDATE_LIMIT_SLOTS,
-            [
-                {
-                    "id": lim.id,
-                    "pool_slots": lim.pool_slots,
-                    "pool_clock": lim.pool_clock,
-                    "fencing_token": lim.fencing_token,
-                    "updated": now,
-                }
-                for lim in decision.limits
-            ],
-        )
+        holder = lease.holder if lease else None
+        batch = [lim.id for lim in decision.limits]
+        acquired = [
+            builders.slot_event(
+                builders.ACQUIRED, lim, slots=request.slots, batch=batch, occurred=now, holder=holder
+            )
+            for lim in decision.limits
+        ]
+        written = decision.limits
+        if lease is None and request.mode is Mode.CONCURRENCY:
+            # Unleased slots: a later plain decrement's released event follows this one.
+            written = [
+                replace(lim, pool_event_id=event.id)
+                for lim, event in zip(decision.limits, acquired, strict=True)
+            ]
+        tx.many(q.UPDATE_LIMIT_SLOTS, [_slots_params(lim, now) for lim in written])
+        write_events(tx, acquired)
         if lease is None:
-            return Granted(decision.limits, None)
+            return Granted(written, None)
         lease_id = str(uuid.uuid4())
-        holder = lease.holder
         tx.run(
             q.INSERT_LEASE,
             {
@@ -258,19 +376,22 @@ class Storage:
                 "holder_id": holder.id if holder else None,
             },
         )
-        tx.many(
-            q.INSERT_GRANT,
-            [
-                {
-                    "lease_id": lease_id,
-                    "limit_id": lim.id,
-                    "slots": decision.grant_slots.get(lim.id, 0),
-                    "fencing_token": lim.fencing_token,
-                }
-                for lim in decision.limits
-            ],
-        )
-        return Granted(decision.limits, lease_id)
+        if request.mode is Mode.CONCURRENCY:
+            # Rate-limit slots come back by decay: such a lease holds no grant and releases nothing.
+            tx.many(
+                q.INSERT_GRANT,
+                [
+                    {
+                        "lease_id": lease_id,
+                        "limit_id": lim.id,
+                        "slots": decision.grant_slots.get(lim.id, 0),
+                        "fencing_token": lim.fencing_token,
+                        "acquired_event_id": event.id,
+                    }
+                    for lim, event in zip(written, acquired, strict=True)
+                ],
+            )
+        return Granted(written, lease_id)
 
     async def release_slots(
         self, names: list[str], slots: int, occupancy_seconds: float | None
@@ -282,7 +403,9 @@ class Storage:
         self, tx: Tx, names: list[str], slots: int, occupancy_seconds: float | None
     ) -> list[Limit]:
         found, now = self._by_names(tx, names)
-        rows = []
+        batch = [lim.id for lim in found]
+        changed: list[tuple[Limit, float]] = []
+        released: list[EventRecord] = []
         for lim in found:
             if not lim.active:
                 continue
@@ -290,44 +413,47 @@ class Storage:
             avg = new.avg_slot_occupancy_seconds
             if occupancy_seconds:
                 avg = domain.next_avg_occupancy(avg, occupancy_seconds, slots, new.limit)
-            rows.append((new, avg))
-        tx.many(
-            q.UPDATE_LIMIT_SLOTS,
-            [
-                {
-                    "id": new.id,
-                    "pool_slots": new.pool_slots,
-                    "pool_clock": new.pool_clock,
-                    "fencing_token": new.fencing_token,
-                    "updated": now,
-                }
-                for new, _ in rows
-            ],
-        )
-        tx.many(q.UPDATE_LIMIT_AVG, [{"id": new.id, "avg": avg} for new, avg in rows])
+            changed.append((new, avg))
+            freed = lim.settled(now).pool_slots - new.pool_slots
+            if freed:
+                released.append(
+                    builders.slot_event(
+                        builders.RELEASED,
+                        new,
+                        slots=freed,
+                        batch=batch,
+                        occurred=now,
+                        follows=lim.pool_event_id,
+                    )
+                )
+        tx.many(q.UPDATE_LIMIT_SLOTS, [_slots_params(new, now) for new, _ in changed])
+        tx.many(q.UPDATE_LIMIT_AVG, [{"id": new.id, "avg": avg} for new, avg in changed])
+        write_events(tx, released)
         return found
 
     async def release_lease(self, lease_id: str) -> bool:
         """Release a lease and every slot it holds. False if it was already gone."""
         return await self.backend.run(lambda tx: self._end_lease(tx, lease_id, expired_only=False))
 
-    def _lock_lease_limits(self, tx: Tx, lease_id: str) -> tuple[list[Limit], float]:
-        ids = [r[0] for r in tx.all(q.SELECT_LEASE_LIMIT_IDS, {"id": lease_id})]
-        rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": ids}) if ids else []
+    def _lock_lease_limits(self, tx: Tx, lease_id: str) -> tuple[list[Limit], dict[str, str], float]:
+        """Lock the limits of a lease (by id); return them, their acquired event ids, and now."""
+        grants: dict[str, str] = dict(tx.all(q.SELECT_LEASE_GRANTS, {"id": lease_id}))
+        rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(grants)}) if grants else []
         now = self.clock()
-        return [_limit(r, 0) for r in rows], now
+        return [_limit(r, 0) for r in rows], grants, now
 
     def _end_lease(self, tx: Tx, lease_id: str, *, expired_only: bool) -> bool:
-        limits, now = self._lock_lease_limits(tx, lease_id)
+        limits, grants, now = self._lock_lease_limits(tx, lease_id)
         if expired_only:
             row = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
         else:
             row = tx.one(q.DELETE_LEASE, {"id": lease_id})
         if row is None:
             return False
-        created, expires, slots = row
+        created, expires, slots, holder_type, holder_id = row
         tx.run(q.DELETE_LEASE_GRANTS, {"id": lease_id})
-        held = min(now, expires) - created
+        ended = min(now, expires)  # an expired lease gave its slots back at its expiry
+        held = ended - created
         tx.many(
             q.UPDATE_LIMIT_AVG,
             [
@@ -337,6 +463,23 @@ class Storage:
                 }
                 for lim in limits
                 if lim.active and held > 0
+            ],
+        )
+        holder = _holder(holder_type, holder_id)
+        batch = [lim.id for lim in limits]
+        write_events(
+            tx,
+            [
+                builders.slot_event(
+                    builders.RELEASED,
+                    lim,
+                    slots=slots,
+                    batch=batch,
+                    occurred=ended,
+                    holder=holder,
+                    follows=grants.get(lim.id),
+                )
+                for lim in limits
             ],
         )
         return True
@@ -352,7 +495,7 @@ class Storage:
         # The limits are locked first and ``now`` read after: an acquisition that already
         # counted this lease as expired has committed, so ``now`` here is past the expiry and
         # the compare-and-set refuses. A lease renewed in time is never reclaimed.
-        _, now = self._lock_lease_limits(tx, lease_id)
+        _, _, now = self._lock_lease_limits(tx, lease_id)
         return tx.run(q.RENEW_LEASE, {"id": lease_id, "expires": now + duration, "now": now}) == 1
 
     async def list_leases(self, key: str) -> list[LeaseInfo]:

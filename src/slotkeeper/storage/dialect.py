@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slotkeeper.events.models import EventRecord
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 _IN_LIST = re.compile(r"IN_LIST\((\w+)\)")
@@ -21,7 +24,6 @@ class Dialect:
 
     name: str
     for_update: str
-    skip_locked: str
     _cache: dict[str, str] = field(default_factory=dict)
 
     def sql(self, query: str) -> str:
@@ -33,7 +35,7 @@ class Dialect:
         return text
 
     def _expand(self, query: str) -> str:
-        text = query.replace("FOR_UPDATE", self.for_update).replace("SKIP_LOCKED", self.skip_locked)
+        text = query.replace("FOR_UPDATE", self.for_update)
         if self.name == "sqlite":
             return _IN_LIST.sub(r"IN (SELECT value FROM json_each(:\1))", text)
         text = _IN_LIST.sub(r"= ANY(:\1)", text)
@@ -49,19 +51,21 @@ class Dialect:
         return {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in params.items()}
 
 
-SQLITE = Dialect("sqlite", for_update="", skip_locked="")
-POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE", skip_locked=" SKIP LOCKED")
+SQLITE = Dialect("sqlite", for_update="")
+POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE")
 
 
 class Tx:
     """One open transaction, as operations in ``core.py`` see it."""
 
-    __slots__ = ("_cursor", "_dialect", "integrity_error")
+    __slots__ = ("_cursor", "_dialect", "events", "integrity_error")
 
     def __init__(self, cursor: Any, dialect: Dialect, integrity_error: type[Exception]) -> None:
         self._cursor = cursor
         self._dialect = dialect
         self.integrity_error = integrity_error
+        #: Events written in this transaction, in order; published once it commits.
+        self.events: list[EventRecord] = []
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""
@@ -84,8 +88,3 @@ class Tx:
     def many(self, query: str, rows: Iterable[Params]) -> None:
         """Run one statement for each parameter set."""
         self._cursor.executemany(self._dialect.sql(query), [self._dialect.params(r) for r in rows])
-
-
-def placeholders(values: Sequence[Any]) -> list[Any]:
-    """A list parameter for ``IN_LIST``: de-duplicated, order kept."""
-    return list(dict.fromkeys(values))

@@ -1,24 +1,40 @@
-"""The PostgreSQL backend: a pool of connections, one per worker thread.
+"""The PostgreSQL backend: a pool of connections, one per worker thread, and a listener.
 
 Every operation runs in its own transaction on one of ``pool_size`` threads, each owning one
 psycopg connection. Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
 same limits across every thread and every server process sharing the database. A deadlock or
 serialisation failure is retried (the transaction was rolled back, so nothing happened twice);
 any other error rolls the transaction back and is raised.
+
+Live events cross processes through ``NOTIFY``: a transaction that wrote events sends them on the
+``slotkeeper_events`` channel before it commits, and PostgreSQL delivers notifications only for
+committed transactions and in commit order. Each process LISTENs on one connection and hands
+what arrives to its subscribers, its own events included: one path for all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 from psycopg import errors as pg_errors
 
+from slotkeeper.events.models import EventRecord
+from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES, Tx
+
+log = logging.getLogger("slotkeeper.storage.postgres")
+
+CHANNEL = "slotkeeper_events"
+#: NOTIFY payloads must stay under 8000 bytes; larger batches travel as event ids.
+_MAX_PAYLOAD = 7000
 
 T = TypeVar("T")
 
@@ -39,6 +55,9 @@ class PostgresBackend:
         self._connections: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(pool_size, thread_name_prefix="slotkeeper-pg")
+        self._subscribers: list[Callable[[list[EventRecord] | None], None]] = []
+        self._listener: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -54,7 +73,10 @@ class PostgresBackend:
             conn = self._connection()
             try:
                 with conn.cursor() as cursor:
-                    result = op(Tx(cursor, POSTGRES, psycopg.IntegrityError))
+                    tx = Tx(cursor, POSTGRES, psycopg.IntegrityError)
+                    result = op(tx)
+                    if tx.events:
+                        _notify(cursor, tx.events)
                 conn.commit()
                 return result
             except _RETRYABLE:
@@ -75,10 +97,75 @@ class PostgresBackend:
         """Run ``op`` in one transaction on a pool thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
 
+    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
+        """Call ``callback`` (on the listener thread) with the events of each committed batch."""
+        self._subscribers.append(callback)
+        if self._listener is None:
+            ready = threading.Event()
+            self._listener = threading.Thread(
+                target=self._listen, args=(ready,), name="slotkeeper-pg-listen", daemon=True
+            )
+            self._listener.start()
+            ready.wait(10)
+
+    def _deliver(self, events: list[EventRecord] | None) -> None:
+        for callback in self._subscribers:
+            callback(events)
+
+    def _listen(self, ready: threading.Event) -> None:
+        delay = 0.1
+        first = True
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if not first:
+                        self._deliver(None)  # events may have been missed while disconnected
+                    first = False
+                    ready.set()
+                    delay = 0.1
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._deliver(_decode(conn, note.payload))
+            except psycopg.Error as exc:
+                ready.set()
+                if self._stop.is_set():
+                    break
+                log.warning("event listener lost its connection (%s); reconnecting", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def close(self) -> None:
         """Wait for running operations, then close every connection."""
+        self._stop.set()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5)
         with self._lock:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+def _notify(cursor: psycopg.Cursor[Any], events: list[EventRecord]) -> None:
+    """Queue the events on the channel; they are delivered if and when the transaction commits."""
+    payload = orjson.dumps({"events": [e.wire() for e in events]})
+    if len(payload) > _MAX_PAYLOAD:
+        payload = orjson.dumps({"ids": [e.id for e in events]})
+    if len(payload) > _MAX_PAYLOAD:  # very large batches: several notifications, order kept
+        step = max(1, _MAX_PAYLOAD // 48)
+        for i in range(0, len(events), step):
+            ids = [e.id for e in events[i : i + step]]
+            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps({"ids": ids}).decode()))
+        return
+    cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
+
+
+def _decode(conn: psycopg.Connection[Any], payload: str) -> list[EventRecord]:
+    message = orjson.loads(payload)
+    if "events" in message:
+        return [EventRecord.from_wire(e) for e in message["events"]]
+    ids: list[str] = message["ids"]
+    cursor = conn.execute(POSTGRES.sql(q.SELECT_EVENTS_BY_IDS), {"ids": ids})
+    by_id = {row[0]: EventRecord.from_row(row) for row in cursor.fetchall()}
+    return [by_id[i] for i in ids if i in by_id]

@@ -1,13 +1,12 @@
 """Every SQL statement slotkeeper runs, in one place, for both backends.
 
-Statements use ``:name`` parameters and three macros that each dialect expands
+Statements use ``:name`` parameters and two macros that each dialect expands
 (:class:`slotkeeper.storage.dialect.Dialect`):
 
 * ``IN_LIST(param)``: membership in a list parameter (``json_each`` on SQLite, ``ANY`` on
   PostgreSQL);
 * ``FOR_UPDATE``: a row lock on PostgreSQL; nothing on SQLite, whose single writer already
-  serialises every transaction;
-* ``SKIP_LOCKED``: lets several reapers share the expired leases without waiting on each other.
+  serialises every transaction.
 
 They run through the DB-API driver directly: SQLAlchemy Core spends about 70 µs building and
 executing each statement on this hardware, the driver about 4 µs, and the acquire/release hot
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 LIMIT_COLUMNS = (
     "id, name, slot_limit, active, pool_slots, pool_clock, denied_slots, slot_decay_per_second, "
-    "avg_slot_occupancy_seconds, fencing_token, created, updated"
+    "avg_slot_occupancy_seconds, fencing_token, created, updated, pool_event_id"
 )
 
 # --- limits -------------------------------------------------------------------------------------
@@ -52,23 +51,25 @@ WHERE g.limit_id IN_LIST(ids) AND l.expires > :now GROUP BY g.limit_id
 
 INSERT_LIMIT = """
 INSERT INTO limits (id, name, slot_limit, active, created, updated, pool_slots, pool_clock,
-    denied_slots, slot_decay_per_second, avg_slot_occupancy_seconds, fencing_token)
+    denied_slots, slot_decay_per_second, avg_slot_occupancy_seconds, fencing_token, pool_event_id)
 VALUES (:id, :name, :slot_limit, :active, :created, :updated, :pool_slots, :pool_clock,
-    :denied_slots, :slot_decay_per_second, :avg_slot_occupancy_seconds, :fencing_token)
+    :denied_slots, :slot_decay_per_second, :avg_slot_occupancy_seconds, :fencing_token,
+    :pool_event_id)
 """
 
 UPDATE_LIMIT = """
 UPDATE limits SET name = :name, slot_limit = :slot_limit, active = :active, updated = :updated,
     pool_slots = :pool_slots, pool_clock = :pool_clock, denied_slots = :denied_slots,
     slot_decay_per_second = :slot_decay_per_second,
-    avg_slot_occupancy_seconds = :avg_slot_occupancy_seconds, fencing_token = :fencing_token
+    avg_slot_occupancy_seconds = :avg_slot_occupancy_seconds, fencing_token = :fencing_token,
+    pool_event_id = :pool_event_id
 WHERE id = :id
 """
 
 #: What an acquisition or a plain decrement writes back.
 UPDATE_LIMIT_SLOTS = """
 UPDATE limits SET pool_slots = :pool_slots, pool_clock = :pool_clock,
-    fencing_token = :fencing_token, updated = :updated
+    fencing_token = :fencing_token, updated = :updated, pool_event_id = :pool_event_id
 WHERE id = :id
 """
 
@@ -86,19 +87,22 @@ VALUES (:id, :created, :expires, :slots, :holder_type, :holder_id)
 """
 
 INSERT_GRANT = """
-INSERT INTO grants (lease_id, limit_id, slots, fencing_token)
-VALUES (:lease_id, :limit_id, :slots, :fencing_token)
+INSERT INTO grants (lease_id, limit_id, slots, fencing_token, acquired_event_id)
+VALUES (:lease_id, :limit_id, :slots, :fencing_token, :acquired_event_id)
 """
 
-SELECT_LEASE_LIMIT_IDS = "SELECT limit_id FROM grants WHERE lease_id = :id"
+SELECT_LEASE_GRANTS = """
+SELECT limit_id, acquired_event_id FROM grants WHERE lease_id = :id ORDER BY limit_id
+"""
 
 #: Deleting the lease is the release: the grants go with it, in the same transaction.
 DELETE_LEASE = """
-DELETE FROM leases WHERE id = :id RETURNING created, expires, slots
+DELETE FROM leases WHERE id = :id RETURNING created, expires, slots, holder_type, holder_id
 """
 
 DELETE_LEASE_IF_EXPIRED = """
-DELETE FROM leases WHERE id = :id AND expires <= :now RETURNING created, expires, slots
+DELETE FROM leases WHERE id = :id AND expires <= :now
+RETURNING created, expires, slots, holder_type, holder_id
 """
 
 DELETE_LEASE_GRANTS = "DELETE FROM grants WHERE lease_id = :id"
@@ -114,9 +118,45 @@ SELECT_EXPIRED_LEASES = """
 SELECT id FROM leases WHERE expires <= :now ORDER BY expires LIMIT :batch
 """
 
+#: The live grants on one limit, with each lease's other limits: what deleting the limit releases.
+SELECT_LIMIT_GRANTS = """
+SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id
+FROM grants g JOIN leases l ON l.id = g.lease_id JOIN grants o ON o.lease_id = g.lease_id
+WHERE g.limit_id = :id AND l.expires > :now
+ORDER BY g.lease_id, o.limit_id
+"""
+
 SELECT_LIMIT_LEASES = """
 SELECT l.id, l.holder_type, l.holder_id, g.slots, l.created, l.expires, g.fencing_token
 FROM grants g JOIN leases l ON l.id = g.lease_id
 WHERE g.limit_id = :id AND l.expires > :now
 ORDER BY l.created, l.id
+"""
+
+# --- events -------------------------------------------------------------------------------------
+
+INSERT_EVENT = """
+INSERT INTO events (id, occurred, received, event, resource_id, resource, related, payload,
+    follows, search)
+VALUES (:id, :occurred, :received, :event, :resource_id, :resource, :related, :payload,
+    :follows, :search)
+"""
+
+#: Client events are de-duplicated by id: a second copy inserts nothing and returns no row.
+INSERT_EVENT_IF_NEW = INSERT_EVENT.rstrip() + " ON CONFLICT (id) DO NOTHING RETURNING id\n"
+
+INSERT_EVENT_RESOURCE = """
+INSERT INTO event_resources (event_id, position, occurred, resource_id, role, labels)
+VALUES (:event_id, :position, :occurred, :resource_id, :role, :labels)
+"""
+
+SELECT_EVENTS_BY_IDS = """
+SELECT id, occurred, received, event, resource, related, payload, follows
+FROM events WHERE id IN_LIST(ids)
+"""
+
+DELETE_EVENTS_BEFORE = """
+DELETE FROM events WHERE id IN (
+    SELECT id FROM events WHERE occurred < :cutoff ORDER BY occurred LIMIT :batch
+)
 """

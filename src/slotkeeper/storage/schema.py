@@ -35,6 +35,8 @@ limits = sa.Table(
     sa.Column("slot_decay_per_second", sa.Double, nullable=False),
     sa.Column("avg_slot_occupancy_seconds", sa.Double, nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    # The acquired event of the latest unleased acquisition: what a plain decrement follows.
+    sa.Column("pool_event_id", sa.String(36), nullable=True),
 )
 
 #: A lease: slots held by one holder until ``expires``, unless renewed or released.
@@ -57,5 +59,39 @@ grants = sa.Table(
     sa.Column("limit_id", sa.String(36), sa.ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("slots", sa.Integer, nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    # The acquired event of this grant: its released event follows it, however late.
+    sa.Column("acquired_event_id", sa.String(36), nullable=True),
     sa.Index("ix_grants_limit_id", "limit_id"),
+)
+
+#: Every event, server-written or ingested. JSON columns are text on both backends.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("occurred", sa.Double, nullable=False, index=True),
+    sa.Column("received", sa.Double, nullable=False),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("resource_id", sa.Text, nullable=False),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("related", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("follows", sa.String(36), nullable=True),
+    # Lower-cased name, label values and payload: what the text filter searches.
+    sa.Column("search", sa.Text, nullable=False),
+    sa.Index("ix_events_event_occurred", "event", "occurred"),
+    sa.Index("ix_events_resource_id_occurred", "resource_id", "occurred"),
+)
+
+#: One row per related resource of an event, for the related and any_resource filters.
+event_resources = sa.Table(
+    "event_resources",
+    metadata,
+    sa.Column("event_id", sa.String(36), sa.ForeignKey("events.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("occurred", sa.Double, nullable=False),
+    sa.Column("resource_id", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Index("ix_event_resources_resource_id_occurred", "resource_id", "occurred"),
 )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from slotkeeper.events.models import EventRecord
 from slotkeeper.storage.dialect import SQLITE, Tx
 
 T = TypeVar("T")
@@ -42,6 +43,7 @@ class SQLiteBackend:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
+        self._subscribers: list[Callable[[list[EventRecord] | None], None]] = []
         self._thread = threading.Thread(target=self._main, name="slotkeeper-sqlite", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -56,6 +58,10 @@ class SQLiteBackend:
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((op, loop, future))
         return await future
+
+    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
+        """Call ``callback`` (on the writer thread) with each group's events after its commit."""
+        self._subscribers.append(callback)
 
     async def close(self) -> None:
         """Finish the queued operations, then close the connection."""
@@ -111,11 +117,13 @@ class SQLiteBackend:
             cursor.execute("BEGIN IMMEDIATE")
             for op, _, _ in group:
                 cursor.execute("SAVEPOINT op")
+                mark = len(tx.events)
                 try:
                     result = op(tx)
                 except BaseException as exc:
                     cursor.execute("ROLLBACK TO op")
                     cursor.execute("RELEASE op")
+                    del tx.events[mark:]  # a rolled-back op published nothing
                     outcomes.append((False, exc))
                 else:
                     cursor.execute("RELEASE op")
@@ -125,6 +133,11 @@ class SQLiteBackend:
             if conn.in_transaction:
                 conn.rollback()
             outcomes = [(False, exc)] * len(group)
+            tx.events.clear()
+        if tx.events:
+            committed, tx.events = tx.events, []
+            for callback in self._subscribers:
+                callback(committed)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, loop, future), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((future, ok, value))

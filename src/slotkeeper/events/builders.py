@@ -1,0 +1,102 @@
+"""The events the server writes, built exactly as ``shared/reference/concurrency-events.md`` says.
+
+Pure functions: storage calls them inside the transaction that makes the change, so an event
+exists if and only if its change committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import uuid_utils
+
+from slotkeeper.domain import Limit
+from slotkeeper.events.models import EventRecord
+from slotkeeper.models import Holder
+
+ACQUIRED = "prefect.concurrency-limit.acquired"
+RELEASED = "prefect.concurrency-limit.released"
+V1_ACQUIRED = "prefect.concurrency-limit.v1.acquired"
+V1_RELEASED = "prefect.concurrency-limit.v1.released"
+CREATED = "prefect.concurrency-limit.created"
+UPDATED = "prefect.concurrency-limit.updated"
+DELETED = "prefect.concurrency-limit.deleted"
+
+#: Slot events the server records itself; copies sent by clients are acknowledged, not stored.
+SLOT_EVENTS = frozenset({ACQUIRED, RELEASED, V1_ACQUIRED, V1_RELEASED})
+
+
+def new_event_id() -> str:
+    """A UUIDv7: time-ordered, as Prefect's server-side event ids."""
+    return str(uuid_utils.uuid7())
+
+
+def limit_resource_id(limit_id: str) -> str:
+    """``prefect.concurrency-limit.<uuid>``."""
+    return f"prefect.concurrency-limit.{limit_id}"
+
+
+def holder_resource(holder: Holder) -> dict[str, str]:
+    """The holder as a related resource, as Prefect's run context names it (``task-run``...)."""
+    kind = holder.type.replace("_", "-")
+    return {"prefect.resource.id": f"prefect.{kind}.{holder.id}", "prefect.resource.role": kind}
+
+
+def slot_event(
+    name: str,
+    limit: Limit,
+    *,
+    slots: int,
+    batch: Sequence[str],
+    occurred: float,
+    holder: Holder | None = None,
+    follows: str | None = None,
+) -> EventRecord:
+    """An acquired or released event for one limit of a batch.
+
+    ``batch`` is the ids of every limit of the same acquisition; each other one becomes a related
+    resource with role ``concurrency-limit``. The holder, when known, is related too.
+    """
+    related = [
+        {"prefect.resource.id": limit_resource_id(other), "prefect.resource.role": "concurrency-limit"}
+        for other in batch
+        if other != limit.id
+    ]
+    if holder is not None:
+        related.append(holder_resource(holder))
+    return EventRecord(
+        id=new_event_id(),
+        occurred=occurred,
+        event=name,
+        resource={
+            "prefect.resource.id": limit_resource_id(limit.id),
+            "prefect.resource.name": limit.name,
+            "slots-acquired": str(slots),
+            "limit": str(limit.limit),
+        },
+        related=related,
+        payload={},
+        follows=follows,
+        received=occurred,
+    )
+
+
+def lifecycle_event(name: str, limit: Limit, occurred: float) -> EventRecord:
+    """A created, updated or deleted event, with the limit's state as payload."""
+    return EventRecord(
+        id=new_event_id(),
+        occurred=occurred,
+        event=name,
+        resource={
+            "prefect.resource.id": limit_resource_id(limit.id),
+            "prefect.resource.name": limit.name,
+        },
+        related=[],
+        payload={
+            "name": limit.name,
+            "limit": limit.limit,
+            "active": limit.active,
+            "slot_decay_per_second": limit.slot_decay_per_second,
+        },
+        received=occurred,
+    )
