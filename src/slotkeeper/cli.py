@@ -1,0 +1,562 @@
+"""The ``slotkeeper`` command line: run the server, migrate its database, manage limits.
+
+    slotkeeper server start [--host H] [--port P] [--log-level L]
+    slotkeeper db upgrade
+    slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases
+    slotkeeper gcl ...            (the same commands, under Prefect's name)
+
+The limit commands mirror ``prefect global-concurrency-limit`` (messages included) and talk to
+the server over HTTP through :class:`slotkeeper.client.SlotkeeperClient`; ``--api-url`` (env
+``SLOTKEEPER_API_URL``) says where, ``SLOTKEEPER_API_AUTH_STRING`` gives the basic-auth string.
+Exit codes: 0 on success, 1 on any error (its message in red on stderr), 2 for bad usage.
+
+The server, database and settings modules (uvicorn, SQLAlchemy, pydantic-settings) are imported
+inside the commands that use them, so a limit command starts without paying for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from slotkeeper import __version__
+from slotkeeper.client import DEFAULT_API_URL, SlotkeeperClient
+from slotkeeper.errors import ApiError, ServerUnreachable
+
+if TYPE_CHECKING:
+    from slotkeeper.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="slotkeeper",
+    help="slotkeeper: named concurrency limits with durable leases; speaks Prefect's API.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold the auth string
+)
+server_app = typer.Typer(help="Run the slotkeeper server.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the server's database.", no_args_is_help=True)
+limit_app = typer.Typer(
+    help="Manage global concurrency limits (as `prefect global-concurrency-limit`).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+app.add_typer(db_app, name="db")
+app.add_typer(limit_app, name="limit")
+app.add_typer(limit_app, name="gcl", help="Alias of `slotkeeper limit` (Prefect's name).")
+
+#: How the hints printed by the commands name the limit group.
+LIMIT_COMMAND = "slotkeeper limit"
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _print(message: str, style: str | None = None, *, stderr: bool = False) -> None:
+    # markup=False: a limit name such as "a[b]" must print as typed, not as rich markup.
+    Console(stderr=stderr).print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _ok(message: str) -> None:
+    _print(message, "green")
+
+
+def _fail(message: str) -> NoReturn:
+    _print(message, "red", stderr=True)
+    raise typer.Exit(1)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _print_table(table: Table) -> None:
+    console = Console()
+    if not console.is_terminal:
+        # Piped or captured: nobody's window to fit, so print whole rows instead of folded cells.
+        natural = console.measure(table, options=console.options.update_width(1000)).maximum
+        console = Console(width=max(console.width, natural))
+    console.print(table)
+
+
+def _check_output(output: str | None) -> bool:
+    """True for ``-o json``; exits with Prefect's message for any other format."""
+    if output is None:
+        return False
+    if output.lower() != "json":
+        _fail("Only 'json' output format is supported.")
+    return True
+
+
+def relative_time(value: str, now: datetime | None = None) -> str:
+    """An ISO-8601 time as a human reads it: ``"3 minutes ago"``, ``"in 5 minutes"``."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+    past = seconds >= 0
+    span = abs(seconds)
+    if span < 1:
+        return "just now"
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second")):
+        if span >= size:
+            count = int(span // size)
+            text = f"{count} {unit}{'s' if count != 1 else ''}"
+            return f"{text} ago" if past else f"in {text}"
+    return "just now"  # pragma: no cover - span >= 1 always matches "second"
+
+
+def _cell(value: Any) -> Text:
+    # Text, not str: rich would read "[...]" in a name as markup.
+    if value is None:
+        return Text("-")
+    return Text(str(value))
+
+
+# --- talking to the server ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the limit commands send their requests (set by the root options)."""
+
+    api_url: str
+    auth_string: str | None
+
+
+class _Abort(Exception):
+    """A command-level failure found while talking to the server: print it and exit 1."""
+
+
+ErrorMessages = Mapping[int, Callable[[ApiError], str]]
+
+
+def not_found(name: str) -> str:
+    """Prefect's message for a limit that does not exist."""
+    return f"Global concurrency limit '{name}' not found."
+
+
+def _call(
+    ctx: typer.Context,
+    work: Callable[[SlotkeeperClient], Awaitable[T]],
+    *,
+    name: str | None = None,
+    errors: ErrorMessages | None = None,
+) -> T:
+    """Run ``work`` with a client of the target server; turn every failure into exit 1.
+
+    ``errors`` maps an HTTP status to the message printed for it; a 404 on a command about
+    ``name`` prints Prefect's not-found message.
+    """
+    target = ctx.find_object(Target) or Target(DEFAULT_API_URL, None)
+
+    async def run() -> T:
+        async with SlotkeeperClient(target.api_url, target.auth_string) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(run())
+    except _Abort as exc:
+        _fail(str(exc))
+    except ServerUnreachable as exc:
+        _fail(
+            f"{exc}. Is the slotkeeper server running? Start it with `slotkeeper server start`, "
+            "or point --api-url (SLOTKEEPER_API_URL) at it."
+        )
+    except ApiError as exc:
+        if errors and exc.status in errors:
+            _fail(errors[exc.status](exc))
+        if exc.status == 404 and name is not None:
+            _fail(not_found(name))
+        if exc.status == 401:
+            _fail(
+                f"The server at {target.api_url} refused the request (401 Unauthorized): set "
+                "SLOTKEEPER_API_AUTH_STRING to its auth string ('user:password')."
+            )
+        _fail(f"Error: {exc.detail} (HTTP {exc.status})")
+    except ValueError as exc:  # a malformed --api-url
+        _fail(str(exc))
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    api_url: Annotated[
+        str,
+        typer.Option(
+            "--api-url",
+            envvar="SLOTKEEPER_API_URL",
+            help="The server's API, with its /api prefix. Auth: set SLOTKEEPER_API_AUTH_STRING.",
+        ),
+    ] = DEFAULT_API_URL,
+) -> None:
+    ctx.obj = Target(api_url, os.environ.get("SLOTKEEPER_API_AUTH_STRING") or None)
+
+
+OutputOption = Annotated[
+    str | None, typer.Option("--output", "-o", help="Output format; only 'json' is supported.")
+]
+NameArgument = Annotated[
+    str, typer.Argument(metavar="NAME", help="The name of the limit.", show_default=False)
+]
+
+
+# --- limit commands -------------------------------------------------------------------------------
+
+
+async def _all_limits(client: SlotkeeperClient) -> list[dict[str, Any]]:
+    limits: list[dict[str, Any]] = []
+    while True:
+        # limit=None: the server's own page size, whatever its SLOTKEEPER_API_DEFAULT_LIMIT.
+        page = await client.list_limits(limit=None, offset=len(limits))
+        if not page:
+            return limits
+        limits.extend(page)
+
+
+@limit_app.command("ls")
+def ls(ctx: typer.Context, output: OutputOption = None) -> None:
+    """List every limit, ordered by name."""
+    as_json = _check_output(output)
+    limits = _call(ctx, _all_limits)
+    if as_json:
+        _print_json(limits)
+        return
+    if not limits:
+        _print("No global concurrency limits found.")
+        return
+    table = Table(
+        title="Global Concurrency Limits",
+        caption=f"List Global Concurrency Limits using `{LIMIT_COMMAND} ls`",
+    )
+    table.add_column("ID", style="cyan", no_wrap=True)
+    table.add_column("Name", style="green")
+    table.add_column("Active")
+    table.add_column("Limit", justify="right")
+    table.add_column("Active Slots", justify="right")
+    table.add_column("Slot Decay Per Second", justify="right")
+    table.add_column("Created")
+    table.add_column("Updated")
+    for lim in limits:
+        table.add_row(
+            _cell(lim["id"]),
+            _cell(lim["name"]),
+            _cell(lim["active"]),
+            _cell(lim["limit"]),
+            _cell(lim["active_slots"]),
+            _cell(lim["slot_decay_per_second"]),
+            _cell(lim["created"]),
+            _cell(relative_time(lim["updated"])),
+        )
+    _print_table(table)
+
+
+@limit_app.command("inspect")
+def inspect(
+    ctx: typer.Context,
+    name: NameArgument,
+    output: OutputOption = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="Write the JSON to this file (needs --output json)."),
+    ] = None,
+) -> None:
+    """Show one limit: its settings and how many slots are in use now."""
+    as_json = _check_output(output)
+    if file is not None and not as_json:
+        _fail("The --file/-f option requires the --output option to be set.")
+    lim = _call(ctx, lambda client: client.read_limit(name), name=name)
+    if file is not None:
+        try:
+            file.write_text(json.dumps(lim, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            _fail(f"Could not write {file}: {exc.strerror or exc}")
+        _ok(f"Global concurrency limit '{name}' written to {file}")
+        return
+    if as_json:
+        _print_json(lim)
+        return
+    table = Table(title=Text(f"Global concurrency limit '{name}'"), show_header=False)
+    table.add_column("Field", style="bold")
+    table.add_column("Value")
+    for key, value in lim.items():
+        shown = f"{value} ({relative_time(value)})" if key in ("created", "updated") else value
+        table.add_row(_cell(key), _cell(shown))
+    _print_table(table)
+
+
+@limit_app.command("create")
+def create(
+    ctx: typer.Context,
+    name: NameArgument,
+    limit: Annotated[
+        int, typer.Option("--limit", "-l", help="How many slots may be held at once.", show_default=False)
+    ],
+    disable: Annotated[bool, typer.Option("--disable", help="Create the limit inactive.")] = False,
+    active_slots: Annotated[int, typer.Option("--active-slots", help="Slots taken from the start.")] = 0,
+    slot_decay_per_second: Annotated[
+        float,
+        typer.Option("--slot-decay-per-second", help="Slots freed per second (makes a rate limit)."),
+    ] = 0.0,
+) -> None:
+    """Create a limit."""
+    created = _call(
+        ctx,
+        lambda client: client.create_limit(
+            name,
+            limit,
+            active=not disable,
+            active_slots=active_slots,
+            slot_decay_per_second=slot_decay_per_second,
+        ),
+        errors={
+            409: lambda _: (
+                f"Global concurrency limit '{name}' already exists. "
+                "Please try creating with a different name."
+            ),
+            422: lambda exc: f"Invalid arguments provided: {exc.detail}",
+        },
+    )
+    _ok(
+        f"Created global concurrency limit with name '{name}' and ID '{created['id']}'. "
+        f"Run `{LIMIT_COMMAND} inspect {shlex.quote(name)}` to view details."
+    )
+
+
+@limit_app.command("update")
+def update(
+    ctx: typer.Context,
+    name: NameArgument,
+    enable: Annotated[bool, typer.Option("--enable", help="Make the limit active.")] = False,
+    disable: Annotated[bool, typer.Option("--disable", help="Make the limit inactive.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", "-l", help="New number of slots.")] = None,
+    active_slots: Annotated[
+        int | None, typer.Option("--active-slots", help="Set the slots taken without a lease.")
+    ] = None,
+    slot_decay_per_second: Annotated[
+        float | None, typer.Option("--slot-decay-per-second", help="New decay rate.")
+    ] = None,
+) -> None:
+    """Change some settings of a limit; the others stay as they are."""
+    if enable and disable:
+        _fail("Cannot enable and disable a global concurrency limit at the same time.")
+    fields: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "active": True if enable else False if disable else None,
+            "limit": limit,
+            "active_slots": active_slots,
+            "slot_decay_per_second": slot_decay_per_second,
+        }.items()
+        if value is not None
+    }
+    if not fields:
+        _fail("No update arguments provided.")
+    updating = {
+        status: lambda exc: f"Error updating global concurrency limit: {exc.detail}" for status in (409, 422)
+    }
+    _call(ctx, lambda client: client.update_limit(name, **fields), name=name, errors=updating)
+    _ok(f"Updated global concurrency limit with name '{name}'.")
+
+
+def _interactive() -> bool:
+    """True when a person can answer a question (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
+@limit_app.command("delete")
+def delete(
+    ctx: typer.Context,
+    name: NameArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a limit (asks first on a terminal); the slots its leases hold are freed."""
+    if not yes and _interactive():
+        _call(ctx, lambda client: client.read_limit(name), name=name)
+        if not typer.confirm(
+            f"Are you sure you want to delete global concurrency limit with name '{name}'?", default=False
+        ):
+            _fail("Deletion aborted.")
+    _call(ctx, lambda client: client.delete_limit(name), name=name)
+    _ok(f"Deleted global concurrency limit with name '{name}'.")
+
+
+def _set_active(ctx: typer.Context, name: str, active: bool) -> None:
+    state = "enabled" if active else "disabled"
+
+    async def work(client: SlotkeeperClient) -> None:
+        lim = await client.read_limit(name)
+        if lim["active"] == active:
+            raise _Abort(f"Global concurrency limit with name '{name}' is already {state}.")
+        await client.update_limit(name, active=active)
+
+    _call(ctx, work, name=name)
+    _ok(f"{state.capitalize()} global concurrency limit with name '{name}'.")
+
+
+@limit_app.command("enable")
+def enable(ctx: typer.Context, name: NameArgument) -> None:
+    """Make a limit active: acquisitions count against it again."""
+    _set_active(ctx, name, True)
+
+
+@limit_app.command("disable")
+def disable(ctx: typer.Context, name: NameArgument) -> None:
+    """Make a limit inactive: acquisitions pass it without taking its slots."""
+    _set_active(ctx, name, False)
+
+
+@limit_app.command("leases")
+def leases(ctx: typer.Context, name: NameArgument, output: OutputOption = None) -> None:
+    """List the live leases on a limit: who holds how many slots, until when."""
+    as_json = _check_output(output)
+    found = _call(ctx, lambda client: client.list_leases(name), name=name)
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        _print(f"No live leases on global concurrency limit '{name}'.")
+        return
+    table = Table(title=Text(f"Leases on global concurrency limit '{name}'"))
+    table.add_column("Lease ID", style="cyan", no_wrap=True)
+    table.add_column("Holder")
+    table.add_column("Slots", justify="right")
+    table.add_column("Created")
+    table.add_column("Expires")
+    table.add_column("Fencing Token", justify="right")
+    for lease in found:
+        holder = lease.get("holder")
+        table.add_row(
+            _cell(lease["lease_id"]),
+            _cell(f"{holder['type']} {holder['id']}" if holder else None),
+            _cell(lease["slots"]),
+            _cell(relative_time(lease["created"])),
+            _cell(relative_time(lease["expires"])),
+            _cell(lease["fencing_token"]),
+        )
+    _print_table(table)
+
+
+# --- server and database --------------------------------------------------------------------------
+
+
+class LogLevel(StrEnum):
+    """Log levels uvicorn knows."""
+
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+    TRACE = "trace"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (in the user info or a ``password=`` query)."""
+    url = re.sub(r"^([^:/?#]+://[^:@/?#]*:)[^@/?#]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def _settings(**overrides: Any) -> Settings:
+    import pydantic
+
+    from slotkeeper.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        _fail(f"Invalid settings (SLOTKEEPER_* environment variables or options):\n{exc}")
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging setup, with slotkeeper's own loggers printed the same way."""
+    import uvicorn.config
+
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    numeric = "DEBUG" if level == "trace" else level.upper()
+    config["loggers"]["slotkeeper"] = {"handlers": ["default"], "level": numeric, "propagate": False}
+    return config
+
+
+@server_app.command("start")
+def start(
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to bind (default: SLOTKEEPER_HOST or 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="Port (default: SLOTKEEPER_PORT or 4200)."),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option("--log-level", case_sensitive=False, help="Default: SLOTKEEPER_LOG_LEVEL or info."),
+    ] = None,
+) -> None:
+    """Start the server (settings from SLOTKEEPER_* variables; options override them)."""
+    import uvicorn
+
+    from slotkeeper.api.app import create_app
+
+    overrides = {"host": host, "port": port, "log_level": log_level.value if log_level else None}
+    settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
+    level = settings.log_level.lower()
+    if level not in set(LogLevel):
+        _fail(f"Invalid log level {settings.log_level!r}: use one of {', '.join(LogLevel)}.")
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    _print(f"Starting slotkeeper {__version__}, listening on http://{shown_host}:{settings.port}/api")
+    _print(f"Database: {redact_url(settings.resolved_database_url)}")
+    if settings.api_auth_string:
+        _print("API auth: HTTP basic (SLOTKEEPER_API_AUTH_STRING)")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        lifespan="on",
+        log_level=level,
+        log_config=_log_config(level),
+    )
+
+
+@db_app.command("upgrade")
+def upgrade() -> None:
+    """Create or migrate the database of SLOTKEEPER_DATABASE_URL (default: SQLite under home)."""
+    import sqlalchemy.exc
+
+    from slotkeeper.storage import migrate
+
+    url = _settings().resolved_database_url
+    try:
+        migrate(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        _fail(f"Could not upgrade the database at {redact_url(url)}: {reason}")
+    _ok(f"Database {redact_url(url)} is up to date.")
+
+
+def main() -> None:
+    """Entry point of the ``slotkeeper`` console script."""
+    app(prog_name="slotkeeper")
+
+
+if __name__ == "__main__":
+    main()

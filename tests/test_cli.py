@@ -1,0 +1,491 @@
+"""The ``slotkeeper`` command line.
+
+Acceptance tier (``slow``): one real server process, started with ``slotkeeper server start``
+(with basic auth on), shared by the module and driven by the CLI. The other tests need no server:
+argument checks that fail before any request, an unreachable server, ``server start`` with
+uvicorn replaced, ``db upgrade`` on a temporary SQLite file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from click.testing import Result
+from typer.testing import CliRunner
+
+from slotkeeper import cli
+from slotkeeper.cli import app, redact_url, relative_time
+
+AUTH = "admin:s3cret"
+_SCRIPT = Path(sys.executable).with_name("slotkeeper")
+#: The installed console script, or the module when the package is not installed as a script.
+SLOTKEEPER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "slotkeeper.cli"]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on (bound then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any SLOTKEEPER_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTKEEPER_")}
+    env.update(extra)
+    return env
+
+
+def run(*args: str, auth: str | None = AUTH, input: str | None = None) -> Result:
+    """Run the CLI in this process, with only the given auth from the environment."""
+    env: dict[str, str | None] = {
+        "SLOTKEEPER_API_URL": None,
+        "SLOTKEEPER_API_AUTH_STRING": auth,
+        "FORCE_COLOR": None,
+        "TTY_COMPATIBLE": None,
+    }
+    return CliRunner().invoke(app, list(args), env=env, input=input)
+
+
+# --- the server process ---------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A ``slotkeeper server start`` process and where it answers."""
+
+    url: str
+    home: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def cli(self, *args: str, auth: str | None = AUTH, input: str | None = None) -> Result:
+        """Run the CLI against this server."""
+        return run("--api-url", self.url, *args, auth=auth, input=input)
+
+    def post(self, path: str, body: Any) -> Any:
+        """A direct JSON POST to the API (with auth), for what the CLI does not do."""
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode(),
+            },
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as response:
+            return bool(json.loads(response.read()) is True)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server on SQLite under a temporary SLOTKEEPER_HOME, for the whole module."""
+    home = tmp_path_factory.mktemp("home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    env = clean_env(SLOTKEEPER_HOME=str(home), SLOTKEEPER_API_AUTH_STRING=AUTH, PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*SLOTKEEPER, "server", "start", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60  # a bound for a slow machine, not an assertion
+        while not _healthy(url):
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer on {url}:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield ServerProcess(url, home, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _created_id(result: Result, name: str) -> str:
+    match = re.fullmatch(
+        rf"Created global concurrency limit with name '{re.escape(name)}' and ID '([0-9a-f-]{{36}})'\. "
+        rf"Run `slotkeeper limit inspect {re.escape(name)}` to view details\.\n",
+        result.stdout,
+    )
+    assert match, result.stdout
+    return match.group(1)
+
+
+def _ok(result: Result, stdout: str | None = None) -> Result:
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    if stdout is not None:
+        assert result.stdout == stdout + "\n"
+    return result
+
+
+def _error(result: Result, message: str) -> None:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stderr == message + "\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_server_prints_where_it_listens(server: ServerProcess) -> None:
+    banner = server.log.read_text()
+    assert f"listening on {server.url}" in banner
+    assert f"Database: sqlite:///{server.home / 'slotkeeper.db'}" in banner
+    assert (server.home / "slotkeeper.db").exists()
+
+
+@pytest.mark.slow
+def test_limit_lifecycle(server: ServerProcess) -> None:
+    name = "flow-db"
+    limit_id = _created_id(_ok(server.cli("limit", "create", name, "--limit", "2")), name)
+
+    _error(
+        server.cli("limit", "create", name, "-l", "5"),
+        f"Global concurrency limit '{name}' already exists. Please try creating with a different name.",
+    )
+
+    table = _ok(server.cli("limit", "ls")).stdout
+    assert "Global Concurrency Limits" in table
+    row = next(line for line in table.splitlines() if limit_id in line)
+    assert re.search(rf"{limit_id} │ {name} +│ True +│ +2 │ +0 │ +0\.0 │", row), row
+    assert "List Global Concurrency Limits using `slotkeeper limit ls`" in table
+    listed = json.loads(_ok(server.cli("limit", "ls", "-o", "json")).stdout)
+    (mine,) = [lim for lim in listed if lim["name"] == name]
+    assert mine["id"] == limit_id
+    assert (mine["limit"], mine["active"], mine["active_slots"], mine["slot_decay_per_second"]) == (
+        2,
+        True,
+        0,
+        0.0,
+    )
+
+    shown = _ok(server.cli("limit", "inspect", name)).stdout
+    assert f"Global concurrency limit '{name}'" in shown
+    assert re.search(rf"│ id +│ {limit_id} +│", shown), shown
+    inspected = json.loads(_ok(server.cli("gcl", "inspect", name, "--output", "json")).stdout)
+    assert inspected == mine
+
+    _ok(
+        server.cli("limit", "update", name, "--limit", "3", "--slot-decay-per-second", "0.5"),
+        f"Updated global concurrency limit with name '{name}'.",
+    )
+    updated = json.loads(_ok(server.cli("limit", "inspect", name, "-o", "json")).stdout)
+    assert (updated["limit"], updated["slot_decay_per_second"]) == (3, 0.5)
+
+    _ok(server.cli("limit", "disable", name), f"Disabled global concurrency limit with name '{name}'.")
+    _error(
+        server.cli("limit", "disable", name),
+        f"Global concurrency limit with name '{name}' is already disabled.",
+    )
+    assert json.loads(server.cli("limit", "inspect", name, "-o", "json").stdout)["active"] is False
+    _ok(server.cli("gcl", "enable", name), f"Enabled global concurrency limit with name '{name}'.")
+    _error(
+        server.cli("limit", "enable", name),
+        f"Global concurrency limit with name '{name}' is already enabled.",
+    )
+    _ok(server.cli("limit", "update", name, "--disable"))
+    _ok(server.cli("limit", "update", name, "--enable"))
+    assert json.loads(server.cli("limit", "inspect", name, "-o", "json").stdout)["active"] is True
+
+    _ok(server.cli("limit", "leases", name), f"No live leases on global concurrency limit '{name}'.")
+    assert json.loads(_ok(server.cli("limit", "leases", name, "-o", "json")).stdout) == []
+    holder = {"type": "task_run", "id": str(uuid.uuid4())}
+    granted = server.post(
+        "/v2/concurrency_limits/increment-with-lease",
+        {"names": [name], "slots": 2, "lease_duration": 600, "holder": holder},
+    )
+    leases = json.loads(_ok(server.cli("limit", "leases", name, "-o", "json")).stdout)
+    assert [(lease["lease_id"], lease["holder"], lease["slots"]) for lease in leases] == [
+        (granted["lease_id"], holder, 2)
+    ]
+    assert leases[0]["fencing_token"] == granted["limits"][0]["fencing_token"]
+    assert datetime.fromisoformat(leases[0]["expires"]) > datetime.fromisoformat(leases[0]["created"])
+    lease_table = _ok(server.cli("limit", "leases", name)).stdout
+    assert f"Leases on global concurrency limit '{name}'" in lease_table
+    row = next(line for line in lease_table.splitlines() if granted["lease_id"] in line)
+    assert f"task_run {holder['id']}" in row
+    assert re.search(r"│ in \d+ minutes +│", row), row  # expiry, read as a human would
+    assert json.loads(server.cli("limit", "inspect", name, "-o", "json").stdout)["active_slots"] == 2
+
+    # The server refuses to forget live holders; the CLI shows why.
+    result = server.cli("limit", "update", name, "--active-slots", "0")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error updating global concurrency limit: active_slots cannot be set to 0: live leases hold 2"
+    )
+
+    _ok(server.cli("limit", "delete", name), f"Deleted global concurrency limit with name '{name}'.")
+    _error(server.cli("limit", "inspect", name), f"Global concurrency limit '{name}' not found.")
+    assert name not in [lim["name"] for lim in json.loads(server.cli("limit", "ls", "-o", "json").stdout)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "missing"],
+        ["inspect", "missing", "-o", "json"],
+        ["update", "missing", "--limit", "1"],
+        ["delete", "missing", "--yes"],
+        ["enable", "missing"],
+        ["disable", "missing"],
+        ["leases", "missing"],
+    ],
+)
+def test_missing_limit(server: ServerProcess, command: list[str]) -> None:
+    _error(server.cli("limit", *command), "Global concurrency limit 'missing' not found.")
+
+
+@pytest.mark.slow
+def test_invalid_arguments_show_the_server_reason(server: ServerProcess) -> None:
+    _error(
+        server.cli("limit", "create", "a/b", "-l", "-1"),
+        "Invalid arguments provided: name: String should match pattern '^[^/%&><]+$'; "
+        "limit: Input should be greater than or equal to 0",
+    )
+    _ok(server.cli("limit", "create", "bounded", "-l", "1"))
+    _error(
+        server.cli("limit", "update", "bounded", "--slot-decay-per-second", "-2"),
+        "Error updating global concurrency limit: "
+        "slot_decay_per_second: Input should be greater than or equal to 0",
+    )
+    _ok(server.cli("limit", "delete", "bounded"))
+
+
+@pytest.mark.slow
+def test_names_print_as_typed(server: ServerProcess) -> None:
+    name = "[bold]odd name? #1"
+    result = _ok(server.cli("limit", "create", name, "-l", "1", "--disable"))
+    assert result.stdout.startswith(f"Created global concurrency limit with name '{name}' and ID '")
+    assert result.stdout.endswith("Run `slotkeeper limit inspect '[bold]odd name? #1'` to view details.\n")
+    assert f"│ name                  │ {name} " in _ok(server.cli("limit", "inspect", name)).stdout
+    assert json.loads(server.cli("limit", "inspect", name, "-o", "json").stdout)["active"] is False
+    _ok(server.cli("limit", "delete", name, "-y"))
+
+
+@pytest.mark.slow
+def test_delete_asks_on_a_terminal(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ok(server.cli("limit", "create", "precious", "-l", "1"))
+    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    question = "Are you sure you want to delete global concurrency limit with name 'precious'? [y/N]: "
+    kept = server.cli("limit", "delete", "precious", input="n\n")
+    assert kept.exit_code == 1
+    assert kept.stdout == question + "n\n"  # CliRunner echoes the answer
+    assert kept.stderr == "Deletion aborted.\n"
+    assert server.cli("limit", "inspect", "precious").exit_code == 0
+
+    gone = server.cli("limit", "delete", "precious", input="y\n")
+    assert gone.exit_code == 0
+    assert gone.stdout == question + "y\nDeleted global concurrency limit with name 'precious'.\n"
+    _error(
+        server.cli("limit", "delete", "precious", input="y\n"),
+        "Global concurrency limit 'precious' not found.",
+    )
+
+
+@pytest.mark.slow
+def test_inspect_writes_a_file(server: ServerProcess, tmp_path: Path) -> None:
+    _ok(server.cli("limit", "create", "exported", "-l", "4"))
+    target = tmp_path / "exported.json"
+    _ok(
+        server.cli("limit", "inspect", "exported", "-o", "json", "-f", str(target)),
+        f"Global concurrency limit 'exported' written to {target}",
+    )
+    assert json.loads(target.read_text())["limit"] == 4
+    _ok(server.cli("limit", "delete", "exported"))
+
+
+@pytest.mark.slow
+def test_auth_is_required(server: ServerProcess) -> None:
+    _error(
+        server.cli("limit", "ls", auth=None),
+        f"The server at {server.url} refused the request (401 Unauthorized): set "
+        "SLOTKEEPER_API_AUTH_STRING to its auth string ('user:password').",
+    )
+    assert server.cli("limit", "ls", auth="admin:wrong").exit_code == 1
+
+
+@pytest.mark.slow
+def test_console_script_streams_and_exit_codes(server: ServerProcess) -> None:
+    _ok(server.cli("gcl", "create", "scripted", "-l", "7"))
+    env = clean_env(SLOTKEEPER_API_URL=server.url, SLOTKEEPER_API_AUTH_STRING=AUTH)
+    listed = subprocess.run(
+        [*SLOTKEEPER, "limit", "ls", "-o", "json"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    assert "\x1b" not in listed.stdout  # plain JSON, no colour codes
+    assert {lim["name"]: lim["limit"] for lim in json.loads(listed.stdout)}["scripted"] == 7
+    missing = subprocess.run(
+        [*SLOTKEEPER, "limit", "inspect", "nope"], env=env, capture_output=True, text=True
+    )
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == "Global concurrency limit 'nope' not found.\n"
+    _ok(server.cli("limit", "delete", "scripted"))
+
+
+# --- without a server -----------------------------------------------------------------------------
+
+
+def test_unreachable_server_names_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    for command in (["limit", "ls"], ["gcl", "inspect", "db"], ["limit", "create", "db", "-l", "1"]):
+        result = run("--api-url", url, *command)
+        assert result.exit_code == 1
+        assert result.stdout == ""
+        assert result.stderr.startswith(f"Could not reach {url}: ")
+        assert "Is the slotkeeper server running? Start it with `slotkeeper server start`" in result.stderr
+
+
+def test_api_url_from_the_environment() -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = CliRunner().invoke(app, ["limit", "ls"], env={"SLOTKEEPER_API_URL": url})
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Could not reach {url}: ")
+
+
+def test_malformed_api_url() -> None:
+    _error(
+        run("--api-url", "localhost:4200", "limit", "ls"),
+        "Not an API URL: 'localhost:4200' (expected http://HOST:PORT/api)",
+    )
+
+
+@pytest.mark.parametrize("command", [["ls"], ["inspect", "db"], ["leases", "db"]])
+def test_only_json_output(command: list[str]) -> None:
+    _error(run("limit", *command, "-o", "yaml"), "Only 'json' output format is supported.")
+
+
+def test_argument_checks_before_any_request() -> None:
+    _error(
+        run("limit", "update", "db", "--enable", "--disable"),
+        "Cannot enable and disable a global concurrency limit at the same time.",
+    )
+    _error(run("limit", "update", "db"), "No update arguments provided.")
+    _error(
+        run("limit", "inspect", "db", "-f", "out.json"),
+        "The --file/-f option requires the --output option to be set.",
+    )
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run("limit", "create", "db").exit_code == 2  # --limit is required
+    assert run("limit", "create", "db", "-l", "many").exit_code == 2
+
+
+def test_server_start_runs_uvicorn_as_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    env = {
+        "SLOTKEEPER_HOME": str(tmp_path),
+        "SLOTKEEPER_DATABASE_URL": "postgresql://slot:hunter2@db.internal:5432/slots",
+        "SLOTKEEPER_PORT": "4999",
+    }
+    result = CliRunner().invoke(
+        app, ["server", "start", "--host", "0.0.0.0", "--log-level", "DEBUG"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    assert result.stdout.splitlines()[:2] == [
+        f"Starting slotkeeper {cli.__version__}, listening on http://0.0.0.0:4999/api",
+        "Database: postgresql://slot:***@db.internal:5432/slots",
+    ]
+    (call,) = calls
+    assert call["app"].state.settings.port == 4999
+    assert {k: call[k] for k in ("host", "port", "loop", "http", "access_log", "lifespan", "log_level")} == {
+        "host": "0.0.0.0",
+        "port": 4999,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "lifespan": "on",
+        "log_level": "debug",
+    }
+    assert call["log_config"]["loggers"]["slotkeeper"]["level"] == "DEBUG"
+
+
+def test_server_start_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("must not start"))
+    result = CliRunner().invoke(app, ["server", "start"], env={"SLOTKEEPER_LEASE_MIN_SECONDS": "-1"})
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Invalid settings")
+    assert CliRunner().invoke(app, ["server", "start", "--port", "70000"]).exit_code == 2
+
+
+def test_db_upgrade(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["db", "upgrade"], env={"SLOTKEEPER_HOME": str(tmp_path / "home")})
+    db = tmp_path / "home" / "slotkeeper.db"
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Database sqlite:///{db} is up to date.\n"
+    assert db.exists()
+    again = CliRunner().invoke(app, ["db", "upgrade"], env={"SLOTKEEPER_HOME": str(tmp_path / "home")})
+    assert again.exit_code == 0
+
+
+def test_db_upgrade_failure_hides_the_password() -> None:
+    url = f"postgresql://slot:hunter2@127.0.0.1:{free_port()}/slots?connect_timeout=2"
+    result = CliRunner().invoke(app, ["db", "upgrade"], env={"SLOTKEEPER_DATABASE_URL": url})
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Could not upgrade the database at postgresql://slot:***@127.0.0.1:")
+    assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:p%40ss@h:5432/d", "postgresql://u:***@h:5432/d"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+        (
+            "postgresql://h/d?user=u&password=x&sslmode=require",
+            "postgresql://h/d?user=u&password=***&sslmode=require",
+        ),
+        ("sqlite:////var/lib/slotkeeper/a@b.db", "sqlite:////var/lib/slotkeeper/a@b.db"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_relative_time() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert relative_time("2026-01-01T12:00:00.000000Z", now) == "just now"
+    assert relative_time("2026-01-01T11:59:59.000000Z", now) == "1 second ago"
+    assert relative_time("2026-01-01T11:57:00.000000Z", now) == "3 minutes ago"
+    assert relative_time("2026-01-01T14:00:00.000000Z", now) == "in 2 hours"
+    assert relative_time("2025-12-30T12:00:00.000000Z", now) == "2 days ago"
+    assert relative_time("not a time", now) == "not a time"
