@@ -99,7 +99,10 @@ def decay_pool(pool: int, clock: float, rate: float, now: float) -> tuple[int, f
     """
     if pool <= 0:
         return 0, now
-    if rate <= 0 or now <= clock:
+    if rate <= 0:
+        # Nothing decays, so there is no progress to keep: a rate set later counts from then on.
+        return pool, now
+    if now <= clock:
         return pool, clock
     gone = math.floor((now - clock) * rate)
     if gone >= pool:
@@ -208,7 +211,7 @@ class RetryPolicy:
 
     def seconds(self, blocking: Sequence[Limit], slots: int, now: float) -> float:
         """A jittered, capped wait for ``slots`` on the active limits ``blocking`` (settled)."""
-        best = 0.0
+        best, best_cap = 0.0, self.max_wait
         for lim in blocking:
             cap = self.tag_max_wait if lim.name.startswith("tag:") else self.max_wait
             excess = lim.pool_slots + lim.leased_slots + slots - lim.limit
@@ -221,8 +224,12 @@ class RetryPolicy:
                 # Prefect's estimate: the average hold time, scaled by the share asked for.
                 share = (slots + lim.denied_slots) / max(lim.limit, 1)
                 wait = min(lim.avg_slot_occupancy_seconds, cap) * share
-            best = max(best, min(wait, cap))
-        return self.jitter(max(best, MIN_RETRY_AFTER_SECONDS))
+            if min(wait, cap) >= best:
+                best, best_cap = min(wait, cap), cap
+        # The cap holds after the jitter (which may scale up to 1.3 times), and so does the floor
+        # (jitter may scale down to 0.7518 times).
+        hint = self.jitter(max(best, MIN_RETRY_AFTER_SECONDS))
+        return max(min(hint, best_cap), MIN_RETRY_AFTER_SECONDS)
 
     def jitter(self, average: float) -> float:
         """A draw in [0.7518, 1.3] times ``average``, exponentially distributed inside."""

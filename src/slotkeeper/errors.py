@@ -7,6 +7,7 @@
     │   ├── Conflict                409: a name is taken, or a change would break an invariant
     │   ├── InvalidRequest          422: a request that can never succeed as sent
     │   └── SlotsUnavailable        423: not now; try again after ``retry_after`` seconds
+    ├── StorageClosed               the server is shutting down (503)
     └── ClientError                 raised by clients of the API (CLI, SDK)
         ├── ServerUnreachable       the server could not be reached at all
         └── ApiError                the server answered with an error status
@@ -52,6 +53,10 @@ class SlotsUnavailable(DomainError):
     def __init__(self, retry_after: float | None, detail: str = "Locked") -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class StorageClosed(SlotkeeperError):
+    """The storage was closed (the server is stopping); the request was not carried out."""
 
 
 class ClientError(SlotkeeperError):

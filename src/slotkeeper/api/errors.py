@@ -7,6 +7,7 @@ Server Error"}`` for bugs. A database that cannot be reached answers 503, never 
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from typing import Any
@@ -17,13 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from slotkeeper.api.responses import json_response
-from slotkeeper.errors import DomainError, SlotsUnavailable, http_status
+from slotkeeper.errors import DomainError, SlotsUnavailable, StorageClosed, http_status
 
 log = logging.getLogger("slotkeeper.api")
 
 
 def _database_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [sqlite3.OperationalError]
+    # Any SQLite error that reaches here (locked, I/O, a damaged file) and a lost PostgreSQL
+    # connection mean "the database cannot serve this now", not a bug in the request.
+    errors: list[type[Exception]] = [sqlite3.DatabaseError, StorageClosed]
     try:
         import psycopg
 
@@ -49,14 +52,17 @@ async def _domain(request: Request, exc: Exception) -> Response:
 
 async def _invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return json_response(
-        {
-            "exception_message": "Invalid request received.",
-            "exception_detail": jsonable_encoder(exc.errors()),
-            "request_body": jsonable_encoder(_body_echo(exc.body)),
-        },
-        422,
-    )
+    content = {
+        "exception_message": "Invalid request received.",
+        "exception_detail": jsonable_encoder(exc.errors()),
+        "request_body": jsonable_encoder(_body_echo(exc.body)),
+    }
+    try:
+        return json_response(content, 422)
+    except TypeError:
+        # The echoed input holds what orjson refuses (an int beyond 64 bits, a lone surrogate);
+        # the stdlib writes both (the surrogate as a \u escape), so the caller still gets a 422.
+        return Response(json.dumps(content).encode(), 422, media_type="application/json")
 
 
 async def _http(request: Request, exc: Exception) -> Response:

@@ -7,9 +7,10 @@ Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotke
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from slotkeeper.api import schemas
+from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Holder, LeaseSpec, LimitSpec
@@ -31,6 +32,8 @@ def router(settings: Settings) -> APIRouter:
         settings.lease_min_seconds, settings.lease_max_seconds
     )
     page_max = settings.api_default_limit
+    # The acquire/release path: same OpenAPI and validation, without dependency solving.
+    hot = APIRouter(route_class=FastRoute)
 
     @api.post("/", status_code=201, summary="Create a limit")
     async def create(request: Request, body: schemas.LimitCreate) -> Response:
@@ -38,11 +41,11 @@ def router(settings: Settings) -> APIRouter:
         return json_response(schemas.full_limit_json(view), 201)
 
     @api.get("/{id_or_name}", summary="Read a limit by id or name")
-    async def read(request: Request, id_or_name: str) -> Response:
+    async def read(request: Request, id_or_name: schemas.NameRef) -> Response:
         return json_response(schemas.limit_json(await _storage(request).read_limit(id_or_name)))
 
     @api.get("/{id_or_name}/leases", summary="List the live leases on a limit (slotkeeper)")
-    async def leases(request: Request, id_or_name: str) -> Response:
+    async def leases(request: Request, id_or_name: schemas.NameRef) -> Response:
         infos = await _storage(request).list_leases(id_or_name)
         return json_response([schemas.lease_json(i) for i in infos])
 
@@ -58,22 +61,22 @@ def router(settings: Settings) -> APIRouter:
         return json_response([schemas.limit_json(v) for v in views])
 
     @api.patch("/{id_or_name}", status_code=204, summary="Update a limit")
-    async def update(request: Request, id_or_name: str, body: schemas.LimitUpdate) -> Response:
+    async def update(request: Request, id_or_name: schemas.NameRef, body: schemas.LimitUpdate) -> Response:
         changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
         await _storage(request).update_limit(id_or_name, changes)
         return Response(status_code=204)
 
     @api.delete("/{id_or_name}", status_code=204, summary="Delete a limit")
-    async def delete(request: Request, id_or_name: str) -> Response:
+    async def delete(request: Request, id_or_name: schemas.NameRef) -> Response:
         await _storage(request).delete_limit(id_or_name)
         return Response(status_code=204)
 
-    @api.post("/increment", summary="Take slots without a lease")
+    @hot.post("/increment", summary="Take slots without a lease")
     async def increment(request: Request, body: schemas.Increment) -> Response:
         granted = await _storage(request).acquire(AcquireRequest(body.names, body.slots, body.mode))
         return json_response([schemas.minimal_json(lim, fencing=True) for lim in granted.limits])
 
-    @api.post("/increment-with-lease", summary="Take slots under a lease")
+    @hot.post("/increment-with-lease", summary="Take slots under a lease")
     async def increment_with_lease(request: Request, body: IncrementWithLease) -> Response:  # type: ignore[valid-type]
         values: Any = body
         holder = values.holder
@@ -88,21 +91,21 @@ def router(settings: Settings) -> APIRouter:
             }
         )
 
-    @api.post("/decrement", summary="Free slots taken without a lease")
+    @hot.post("/decrement", summary="Free slots taken without a lease")
     async def decrement(request: Request, body: schemas.Decrement) -> Response:
         found = await _storage(request).release_slots(body.names, body.slots, body.occupancy_seconds)
         return json_response([schemas.minimal_json(lim) for lim in found])
 
-    @api.post("/decrement-with-lease", status_code=204, summary="Release a lease and its slots")
+    @hot.post("/decrement-with-lease", status_code=204, summary="Release a lease and its slots")
     async def decrement_with_lease(request: Request, body: schemas.DecrementWithLease) -> Response:
         await _storage(request).release_lease(str(body.lease_id))
         return Response(status_code=204)
 
-    @api.post("/leases/{lease_id}/renew", status_code=204, summary="Extend a live lease")
+    @hot.post("/leases/{lease_id}/renew", status_code=204, summary="Extend a live lease")
     async def renew(
         request: Request,
         lease_id: UUID,
-        body: RenewLease | None = Body(default=None),  # type: ignore[valid-type]
+        body: RenewLease | None = None,  # type: ignore[valid-type]
     ) -> Response:
         # Without a body Prefect renews for 300 s; kept inside this server's bounds.
         default = min(max(300.0, settings.lease_min_seconds), settings.lease_max_seconds)
@@ -111,4 +114,5 @@ def router(settings: Settings) -> APIRouter:
             raise LeaseGone(LEASE_GONE)
         return Response(status_code=204)
 
+    api.include_router(hot)
     return api

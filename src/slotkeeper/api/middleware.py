@@ -9,6 +9,7 @@ import base64
 import hmac
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: GET on these paths needs no auth, so orchestrators can probe health (as Prefect).
@@ -69,7 +70,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -87,5 +88,12 @@ class BodyLimit:
                 )
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the cap.
+
+    An ``HTTPException`` because FastAPI's body parser re-raises those (rendered 413 by the app's
+    handler) but turns any other exception into a 400 "error parsing the body".
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"Request body is larger than {max_bytes} bytes.")

@@ -9,10 +9,10 @@ with orjson: FastAPI's response-model path costs more than the whole storage rou
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode
@@ -28,7 +28,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL nor a lone surrogate (not UTF-8): refused here as 422 on
+    # both backends, instead of a 500 from the driver.
+    if "\x00" in value:
+        raise ValueError("a limit name must not contain the NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("a limit name must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+#: A limit name or id as a request refers to it (path, ``names`` lists).
+NameRef = Annotated[str, AfterValidator(_storable)]
+
+
 def _name(value: str) -> str:
+    _storable(value)
     if domain.looks_like_uuid(value):
         raise ValueError("a limit name must not be a UUID: it could not be told from an id")
     return value
@@ -67,7 +84,7 @@ class LimitFilter(Strict):
     """Body of ``POST /api/v2/concurrency_limits/filter`` (page bounds are checked by the route)."""
 
     limit: int | None = None
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_INT)
 
 
 class HolderModel(Strict):
@@ -80,7 +97,7 @@ class HolderModel(Strict):
 class Increment(Strict):
     """Body of ``POST /api/v2/concurrency_limits/increment``."""
 
-    names: list[str]
+    names: list[NameRef]
     slots: int = Field(gt=0, le=MAX_INT)
     mode: Mode = Mode.CONCURRENCY
     create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
@@ -89,7 +106,7 @@ class Increment(Strict):
 class Decrement(Strict):
     """Body of ``POST /api/v2/concurrency_limits/decrement``."""
 
-    names: list[str]
+    names: list[NameRef]
     slots: int = Field(gt=0, le=MAX_INT)
     occupancy_seconds: float | None = Field(default=None, gt=0)
     create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
@@ -107,7 +124,7 @@ def lease_models(min_seconds: float, max_seconds: float) -> tuple[type[Strict], 
     with_lease = create_model(
         "IncrementWithLease",
         __base__=Strict,
-        names=(list[str], ...),
+        names=(list[NameRef], ...),
         slots=(int, Field(gt=0, le=MAX_INT)),
         mode=(Mode, Mode.CONCURRENCY),
         lease_duration=duration,

@@ -1,0 +1,92 @@
+"""A FastAPI route class for the hot endpoints: same OpenAPI, same validation, a tenth of the cost.
+
+FastAPI resolves dependencies for every request; on the acquire/release path that costs more than
+the database work itself (about 175 µs against 35 µs for the same validation done directly, on
+this hardware). ``FastRoute`` keeps everything FastAPI derives from the endpoint's signature
+(OpenAPI, the error shape) but handles a request itself: it validates path parameters and the JSON
+body with pydantic ``TypeAdapter``s built once from the type hints, then calls the endpoint.
+
+Endpoints using it take only ``request: Request``, path parameters, and at most one body
+parameter (a pydantic model, optionally ``| None`` when the body may be omitted). Validation errors
+become FastAPI's ``RequestValidationError`` with FastAPI's ``loc`` (``["body", ...]``,
+``["path", name]``), so the app's handler renders them as for any other route.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
+
+
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+
+
+def _errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    for error in exc.errors(include_url=False):
+        errors.append({**error, "loc": (*prefix, *error["loc"])})
+    return errors
+
+
+class FastRoute(APIRoute):
+    """An ``APIRoute`` whose requests skip FastAPI's dependency solving (see the module doc)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+        hints = typing.get_type_hints(endpoint)
+        path: dict[str, TypeAdapter[Any]] = {}
+        body_name: str | None = None
+        body_adapter: TypeAdapter[Any] | None = None
+        body_optional = False
+        for name in inspect.signature(endpoint).parameters:
+            annotation = hints[name]
+            if annotation is Request:
+                continue
+            if name in self.param_convertors:
+                path[name] = TypeAdapter(annotation)
+            else:
+                body_name, body_adapter, body_optional = name, TypeAdapter(annotation), _optional(annotation)
+
+        async def handler(request: Request) -> Response:
+            kwargs: dict[str, Any] = {"request": request}
+            errors: list[dict[str, Any]] = []
+            for name, adapter in path.items():
+                try:
+                    kwargs[name] = adapter.validate_python(request.path_params[name])
+                except ValidationError as exc:
+                    errors.extend(_errors(exc, ("path", name)))
+            raw = b""
+            if body_adapter is not None and body_name is not None:
+                raw = await request.body()
+                if not raw.strip() and body_optional:
+                    kwargs[body_name] = None
+                else:
+                    try:
+                        kwargs[body_name] = body_adapter.validate_json(raw or b"null")
+                    except ValidationError as exc:
+                        errors.extend(_errors(exc, ("body",)))
+            if errors:
+                raise RequestValidationError(errors, body=_echo(raw))
+            response: Response = await endpoint(**kwargs)
+            return response
+
+        return handler
+
+
+def _echo(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
