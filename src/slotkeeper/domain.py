@@ -135,16 +135,7 @@ def decide_acquire(
     are held by a lease (grant rows) or go to the pool; ``rate_limit`` slots always go to the
     pool, since they come back by decay.
     """
-    candidates = [lim for lim in limits if lim.active]
-    if any(lim.limit < slots for lim in candidates):
-        raise InvalidRequest("Slots requested is greater than the limit")
-    if mode is Mode.RATE_LIMIT:
-        without_decay = [lim.name for lim in candidates if lim.slot_decay_per_second <= 0]
-        if without_decay:
-            raise InvalidRequest(
-                "Only concurrency limits with slot decay can be used for rate limiting. "
-                f"The following limits do not have a decay configured: '{','.join(without_decay)}'"
-            )
+    check_request(limits, slots, mode)
     settled = [lim.settled(now) for lim in limits]
     if any(lim.active and lim.pool_slots + lim.leased_slots + slots > lim.limit for lim in settled):
         raise SlotsUnavailable(retry_after.seconds([lim for lim in settled if lim.active], slots, now))
@@ -160,6 +151,62 @@ def decide_acquire(
             grant_slots[lim.id] = held
         written.append(replace(lim, fencing_token=lim.fencing_token + 1))
     return Acquisition(limits=written, grant_slots=grant_slots)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """An acquisition queued on the server, in queue order ``(-priority, enqueued, id)``."""
+
+    id: str
+    limit_ids: tuple[str, ...]
+    slots: int
+    priority: int
+    enqueued: float
+
+
+def admit(waiters: Sequence[Waiter], limits: dict[str, Limit], now: float) -> list[Waiter]:
+    """The waiters to grant now, from ``waiters`` in queue order, given the locked ``limits``.
+
+    Strict FIFO per limit (within a priority): a waiter that cannot have all its slots blocks
+    every limit it names, so no later waiter takes slots it is waiting for, and a waiter of
+    several limits is granted all of them at once, never part. Since every waiter holds nothing
+    while it waits and the order is one total order, there is no deadlock; a waiter only waits
+    for the holders and the waiters ahead of it, each bounded by its lease.
+    A waiter asking more than a limit's size (the limit was lowered) can never fit; it does not
+    block others and leaves the queue when it times out.
+    """
+    free = {i: lim.limit - lim.occupied(now) for i, lim in limits.items() if lim.active}
+    blocked: set[str] = set()
+    granted: list[Waiter] = []
+    for waiter in waiters:
+        active = [i for i in waiter.limit_ids if i in free]
+        if any(limits[i].limit < waiter.slots for i in active):
+            continue
+        if any(i in blocked for i in active):
+            blocked.update(active)
+            continue
+        if all(free[i] >= waiter.slots for i in active):
+            for i in active:
+                free[i] -= waiter.slots
+            granted.append(waiter)
+        else:
+            blocked.update(active)
+    return granted
+
+
+def check_request(limits: Sequence[Limit], slots: int, mode: Mode) -> None:
+    """Refuse (:class:`InvalidRequest`, 422) a request that can never succeed, in Prefect's order:
+    more slots than an active limit holds, then ``rate_limit`` on active limits without decay."""
+    candidates = [lim for lim in limits if lim.active]
+    if any(lim.limit < slots for lim in candidates):
+        raise InvalidRequest("Slots requested is greater than the limit")
+    if mode is Mode.RATE_LIMIT:
+        without_decay = [lim.name for lim in candidates if lim.slot_decay_per_second <= 0]
+        if without_decay:
+            raise InvalidRequest(
+                "Only concurrency limits with slot decay can be used for rate limiting. "
+                f"The following limits do not have a decay configured: '{','.join(without_decay)}'"
+            )
 
 
 def release_pool(limit: Limit, slots: int, now: float) -> Limit:
@@ -209,12 +256,24 @@ class RetryPolicy:
     tag_max_wait: float = 10.0
     rng: random.Random = field(default_factory=random.Random)
 
-    def seconds(self, blocking: Sequence[Limit], slots: int, now: float) -> float:
-        """A jittered, capped wait for ``slots`` on the active limits ``blocking`` (settled)."""
+    def seconds(
+        self,
+        blocking: Sequence[Limit],
+        slots: int,
+        now: float,
+        queued: dict[str, int] | None = None,
+    ) -> float:
+        """A jittered, capped wait for ``slots`` on the active limits ``blocking`` (settled).
+
+        ``queued`` holds, per limit id, the slots that waiters queued on the server are waiting
+        for: a polling caller is behind them, so the hint grows with the queue.
+        """
+        queued = queued or {}
         best, best_cap = 0.0, self.max_wait
         for lim in blocking:
             cap = self.tag_max_wait if lim.name.startswith("tag:") else self.max_wait
-            excess = lim.pool_slots + lim.leased_slots + slots - lim.limit
+            ahead = queued.get(lim.id, 0)
+            excess = lim.pool_slots + lim.leased_slots + ahead + slots - lim.limit
             if excess <= 0:
                 continue
             if lim.slot_decay_per_second > 0 and excess <= lim.pool_slots:
@@ -222,7 +281,7 @@ class RetryPolicy:
                 wait = excess / lim.slot_decay_per_second - (now - lim.pool_clock)
             else:
                 # Prefect's estimate: the average hold time, scaled by the share asked for.
-                share = (slots + lim.denied_slots) / max(lim.limit, 1)
+                share = (slots + ahead + lim.denied_slots) / max(lim.limit, 1)
                 wait = min(lim.avg_slot_occupancy_seconds, cap) * share
             if min(wait, cap) >= best:
                 best, best_cap = min(wait, cap), cap

@@ -37,12 +37,18 @@ class LeaseSpec:
 
 @dataclass(frozen=True, slots=True)
 class AcquireRequest:
-    """Slots on one or several limits, all or nothing."""
+    """Slots on one or several limits, all or nothing.
+
+    With ``wait`` (seconds), a request that cannot be granted now queues on the server, in
+    ``priority`` order (higher first) then arrival order, instead of failing at once.
+    """
 
     names: list[str]
     slots: int
     mode: Mode = Mode.CONCURRENCY
     lease: LeaseSpec | None = None
+    wait: float | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
     while True:
         try:
             ended = await storage.reap_expired(batch)
+            await storage.sweep_waiters()
         except asyncio.CancelledError:
             raise
         except Exception:  # a database hiccup must not stop the reaper

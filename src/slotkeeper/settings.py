@@ -47,8 +47,23 @@ class Settings(BaseSettings):
     tag_slot_wait_seconds: float = Field(
         default=10.0, ge=0, description="Cap of Retry-After for tag: limits."
     )
+    max_wait_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest server-side wait a request may ask for (wait_seconds)."
+    )
     api_default_limit: int = Field(default=200, ge=1, description="Default and maximum page size.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    events_retention_seconds: float = Field(
+        default=7 * 86400, gt=0, description="Events older than this are deleted (by occurred)."
+    )
+    events_retention_interval_seconds: float = Field(
+        default=300.0, gt=0, description="How often the retention job runs."
+    )
+    events_max_backfill_seconds: float = Field(
+        default=900.0, ge=0, description="How far back a websocket subscriber's backfill reaches."
+    )
+    events_subscriber_queue_size: int = Field(
+        default=10_000, ge=1, description="Events a live subscriber may lag before it is cut off."
+    )
     pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per process.")
     log_level: str = Field(default="info")
 

@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, errors, limits
+from slotkeeper.api import admin, errors, events, limits, websockets
 from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
+from slotkeeper.events.broker import Broker
 from slotkeeper.reaper import run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
+from slotkeeper.storage.dialect import Commit
+from slotkeeper.storage.events import EventStore, run_retention
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -25,7 +28,11 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> FastAPI:
-    """Build the app. Without ``storage``, it migrates and opens the configured database."""
+    """Build the app. Without ``storage``, it migrates and opens the configured database.
+
+    The lifespan also starts the reaper and the event retention job, and connects the storage's
+    committed events to the live broker (websocket subscribers).
+    """
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -39,16 +46,43 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             )
         else:
             app.state.storage = storage
-        reaper = asyncio.create_task(
-            run_reaper(app.state.storage, settings.reaper_interval_seconds, settings.reaper_batch_size),
-            name="slotkeeper-reaper",
-        )
+        store: Storage = app.state.storage
+        broker = Broker(settings.events_subscriber_queue_size)
+        app.state.broker = broker
+        app.state.events = EventStore(store.backend, store.clock)
+        loop = asyncio.get_running_loop()
+
+        def publish(commit: Commit | None) -> None:  # called from a storage thread
+            events = None if commit is None else commit.events
+            if events == []:
+                return
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
+                loop.call_soon_threadsafe(broker.publish, events)
+
+        unsubscribe = store.backend.subscribe(publish)
+        jobs = [
+            asyncio.create_task(
+                run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
+                name="slotkeeper-reaper",
+            ),
+            asyncio.create_task(
+                run_retention(
+                    app.state.events,
+                    settings.events_retention_seconds,
+                    settings.events_retention_interval_seconds,
+                ),
+                name="slotkeeper-retention",
+            ),
+        ]
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for job in jobs:
+                job.cancel()
+            for job in jobs:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
+            unsubscribe()
             if owned:
                 await app.state.storage.close()
 
@@ -64,6 +98,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.settings = settings
     app.include_router(admin.router, prefix="/api")
     app.include_router(limits.router(settings), prefix="/api")
+    app.include_router(events.router, prefix="/api")
+    app.include_router(websockets.router, prefix="/api")
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_auth_string:

@@ -4,6 +4,9 @@ Routes only translate: wire body → :mod:`slotkeeper.models` request → storag
 Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotkeeper.storage`.
 """
 
+import asyncio
+import contextlib
+from collections.abc import Coroutine
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +16,7 @@ from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import LeaseGone
-from slotkeeper.models import AcquireRequest, Holder, LeaseSpec, LimitSpec
+from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 
@@ -25,11 +28,36 @@ def _storage(request: Request) -> Storage:
     return storage
 
 
+async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
+    """Await a waiting acquisition, or withdraw it if the client disconnects first.
+
+    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
+    storage call, which leaves the queue and releases a grant that raced the disconnect.
+    """
+    task = asyncio.ensure_future(acquiring)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def router(settings: Settings) -> APIRouter:
     """The v2 routes, with this server's lease bounds and page size."""
     api = APIRouter(prefix="/v2/concurrency_limits", tags=["Concurrency Limits V2"])
     IncrementWithLease, RenewLease = schemas.lease_models(
-        settings.lease_min_seconds, settings.lease_max_seconds
+        settings.lease_min_seconds, settings.lease_max_seconds, settings.max_wait_seconds
     )
     page_max = settings.api_default_limit
     # The acquire/release path: same OpenAPI and validation, without dependency solving.
@@ -81,9 +109,15 @@ def router(settings: Settings) -> APIRouter:
         values: Any = body
         holder = values.holder
         lease = LeaseSpec(values.lease_duration, Holder(holder.type, str(holder.id)) if holder else None)
-        granted = await _storage(request).acquire(
-            AcquireRequest(values.names, values.slots, values.mode, lease)
+        wanted = AcquireRequest(
+            values.names, values.slots, values.mode, lease, values.wait_seconds, values.priority
         )
+        if values.wait_seconds is None:
+            granted: Granted | None = await _storage(request).acquire(wanted)
+        else:
+            granted = await _wait(request, _storage(request).acquire(wanted))
+        if granted is None:  # the client left while waiting; the wait was withdrawn
+            return Response(status_code=499)
         return json_response(
             {
                 "lease_id": granted.lease_id,

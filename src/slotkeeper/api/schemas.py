@@ -118,8 +118,18 @@ class DecrementWithLease(Strict):
     lease_id: UUID
 
 
-def lease_models(min_seconds: float, max_seconds: float) -> tuple[type[Strict], type[Strict]]:
-    """The increment-with-lease and renew bodies, with this server's lease duration bounds."""
+#: Priority bounds of a waiting acquisition (higher is served first).
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
+
+def lease_models(
+    min_seconds: float, max_seconds: float, max_wait: float
+) -> tuple[type[Strict], type[Strict]]:
+    """The increment-with-lease and renew bodies, with this server's lease and wait bounds.
+
+    ``wait_seconds`` and ``priority`` are slotkeeper's additions (absent, the endpoint behaves as
+    Prefect's): wait up to that long in the limits' queue instead of answering 423 at once.
+    """
     duration: Any = (float, Field(default=300.0, ge=min_seconds, le=max_seconds))
     with_lease = create_model(
         "IncrementWithLease",
@@ -129,6 +139,8 @@ def lease_models(min_seconds: float, max_seconds: float) -> tuple[type[Strict], 
         mode=(Mode, Mode.CONCURRENCY),
         lease_duration=duration,
         holder=(HolderModel | None, None),
+        wait_seconds=(float | None, Field(default=None, gt=0, le=max_wait)),
+        priority=(int, Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)),
     )
     renew = create_model("RenewLease", __base__=Strict, lease_duration=duration)
     return with_lease, renew

@@ -96,7 +96,7 @@ class ReceivedEvent(Event):
 
 def check_size(event: Event) -> None:
     """Refuse an event whose JSON is over the size limit (ValueError)."""
-    size = len(event.model_dump_json())
+    size = len(event.model_dump_json().encode())
     if size > MAX_EVENT_SIZE_BYTES:
         raise ValueError(f"Event is {size} bytes; the limit is {MAX_EVENT_SIZE_BYTES} bytes")
 

@@ -16,6 +16,7 @@ expiry race-free: see ``_renew``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -27,21 +28,28 @@ import orjson
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode, RetryPolicy
-from slotkeeper.errors import Conflict, NotFound
+from slotkeeper.errors import Conflict, InvalidRequest, NotFound, SlotsUnavailable
 from slotkeeper.events import builders
+from slotkeeper.events.filters import search_text
 from slotkeeper.events.models import EventRecord
 from slotkeeper.models import (
     AcquireRequest,
     Granted,
     Holder,
     LeaseInfo,
+    LeaseSpec,
     LimitSpec,
     LimitView,
 )
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import Row, Tx
+from slotkeeper.storage.dialect import Commit, Row, Tx
 
 T = TypeVar("T")
+
+#: How often a process tells the database that its waiting requests are still there.
+WAITER_HEARTBEAT_SECONDS = 1.0
+#: A waiter not heard of for this long (its process died) leaves the queue.
+WAITER_STALE_SECONDS = 5.0
 
 LIMIT_NOT_FOUND = "Concurrency Limit not found"
 
@@ -55,11 +63,14 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
-        """Deliver every committed event, in commit order, to ``callback`` (from any thread).
+    def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:
+        """Deliver what every transaction published (events, woken waiters), in commit order, to
+        ``callback`` (called from any thread).
 
-        ``None`` means events may have been missed (a lost database connection): live
-        subscribers must start again from the store.
+        Returns a function that stops the delivery.
+
+        ``None`` means publications may have been missed (a lost database connection): live
+        subscribers must start again from the store, waiters must look at their rows.
         """
 
 
@@ -86,14 +97,6 @@ def _holder(kind: str | None, ident: str | None) -> Holder | None:
     return Holder(kind, ident) if kind is not None and ident is not None else None
 
 
-def _search_text(event: EventRecord) -> str:
-    parts = [event.event, *event.resource.values()]
-    for related in event.related:
-        parts.extend(related.values())
-    parts.append(orjson.dumps(event.payload).decode())
-    return " ".join(parts).lower()
-
-
 def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False) -> list[EventRecord]:
     """Insert events and their related resources in ``tx``; return those inserted.
 
@@ -112,7 +115,7 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
             "related": orjson.dumps(e.related).decode(),
             "payload": orjson.dumps(e.payload).decode(),
             "follows": e.follows,
-            "search": _search_text(e),
+            "search": search_text(e),
         }
         for e in events
     ]
@@ -168,6 +171,26 @@ def _slots_params(lim: Limit, now: float) -> dict[str, Any]:
     }
 
 
+def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
+    """A waiting request must name limits that exist, are active, and count slots.
+
+    Prefect's answer for those (an immediate, empty or uncounted grant) is kept for requests
+    that do not wait; one that asks to wait is told why waiting makes no sense.
+    """
+    missing = sorted(set(request.names) - {lim.name for lim in found})
+    if missing:
+        raise InvalidRequest(f"Cannot wait for limits that do not exist: {', '.join(map(repr, missing))}")
+    inactive = [lim.name for lim in found if not lim.active]
+    if inactive:
+        raise InvalidRequest(
+            f"Cannot wait for inactive limits (they never block): {', '.join(map(repr, inactive))}"
+        )
+    if request.mode is not Mode.CONCURRENCY:
+        raise InvalidRequest(
+            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is exact"
+        )
+
+
 class Storage:
     """The one storage interface; the backend decides where the transactions run."""
 
@@ -181,9 +204,18 @@ class Storage:
         self.backend = backend
         self.clock = clock
         self.retry_policy = retry_policy or RetryPolicy()
+        #: This process, as the owner of the waiters it queues (see ``_heartbeat``).
+        self.owner = str(uuid.uuid4())
+        self._wakes: dict[str, asyncio.Future[None]] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
         """Finish pending work and close every connection."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         await self.backend.close()
 
     # --- reading helpers (run inside ops) -------------------------------------------------------
@@ -196,8 +228,10 @@ class Storage:
 
     def _find(self, tx: Tx, key: str) -> tuple[Limit, float]:
         """The limit with this id or name, locked; and ``now``. Ids are tried for UUID keys."""
-        query = q.SELECT_LIMIT_BY_ID if domain.looks_like_uuid(key) else q.SELECT_LIMIT_BY_NAME
-        row = tx.one(query, {"key": key})
+        if domain.looks_like_uuid(key):  # any spelling of the id: upper case, no dashes, braces
+            row = tx.one(q.SELECT_LIMIT_BY_ID, {"key": str(uuid.UUID(key))})
+        else:
+            row = tx.one(q.SELECT_LIMIT_BY_NAME, {"key": key})
         if row is None:
             raise NotFound(LIMIT_NOT_FOUND)
         now = self.clock()
@@ -257,9 +291,8 @@ class Storage:
         if prefix is None:
             rows = tx.all(q.SELECT_LIMITS_PAGE, {"limit": limit, "offset": offset})
         else:
-            like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             rows = tx.all(
-                q.SELECT_LIMITS_PAGE_WITH_PREFIX, {"prefix": like, "limit": limit, "offset": offset}
+                q.SELECT_LIMITS_PAGE_WITH_PREFIX, {"prefix": prefix, "limit": limit, "offset": offset}
             )
         now = self.clock()
         return [LimitView(lim, lim.occupied(now)) for lim in self._with_leased(tx, rows, now)]
@@ -282,6 +315,7 @@ class Storage:
         except tx.integrity_error:
             raise Conflict(f"A concurrency limit named {lim.name!r} already exists.") from None
         write_events(tx, [builders.lifecycle_event(builders.UPDATED, lim, now)])
+        self._admit(tx, [lim.id])  # a larger or re-activated limit may let waiters in
         return LimitView(lim, lim.occupied(now))
 
     async def delete_limit(self, key: str) -> LimitView:
@@ -319,42 +353,198 @@ class Storage:
                     follows=lim.pool_event_id,
                 )
             )
+        # Waiters that also wait for other limits now wait for those only.
+        others = [r[0] for r in tx.all(q.SELECT_CO_WAITED_LIMITS, {"id": lim.id})]
         tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
         tx.run(q.DELETE_LIMIT, {"id": lim.id})
         write_events(tx, [*released, builders.lifecycle_event(builders.DELETED, lim, now)])
+        self._admit(tx, others)
         return LimitView(lim, lim.occupied(now))
 
     # --- slots ----------------------------------------------------------------------------------
 
     async def acquire(self, request: AcquireRequest) -> Granted:
-        """Take slots on every named limit or none: :class:`SlotsUnavailable` when full."""
-        return await self.backend.run(lambda tx: self._acquire(tx, request))
+        """Take slots on every named limit or none: :class:`SlotsUnavailable` when full.
 
-    def _acquire(self, tx: Tx, request: AcquireRequest) -> Granted:
+        With ``request.wait`` (and a lease), a request that cannot be granted now waits in the
+        queue of its limits for up to that many seconds; cancelling the call (a client that
+        disconnects) leaves the queue with nothing held, releasing a grant that raced it.
+        """
+        if request.wait is None or request.lease is None:
+            granted = await self.backend.run(lambda tx: self._acquire(tx, request))
+            assert granted is not None
+            return granted
+        return await self._acquire_waiting(request)
+
+    async def _acquire_waiting(self, request: AcquireRequest) -> Granted:
+        loop = asyncio.get_running_loop()
+        self._listen(loop)
+        waiter_id = str(uuid.uuid4())
+        # Registered before the request is queued: a grant may come before the queueing returns.
+        wake: asyncio.Future[None] = loop.create_future()
+        self._wakes[waiter_id] = wake
+        deadline = loop.time() + (request.wait or 0.0)
+        queued = False
+        try:
+            granted = await self.backend.run(lambda tx: self._acquire(tx, request, waiter_id))
+            if granted is not None:
+                return granted
+            queued = True
+            self._start_heartbeat()
+            while (remaining := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(wake), remaining)
+                except TimeoutError:
+                    break
+                granted = await self.backend.run(lambda tx: self._poll_waiter(tx, waiter_id))
+                if granted is not None:
+                    queued = False
+                    return granted
+                wake = loop.create_future()
+                self._wakes[waiter_id] = wake
+            # Out of time; a grant that raced the deadline is still taken.
+            granted = await self.backend.run(lambda tx: self._collect(tx, waiter_id, keep=True))
+            queued = False
+            if granted is not None:
+                return granted
+            raise SlotsUnavailable(
+                self.retry_policy.jitter(1.0), f"Timed out after waiting {request.wait:g} s for slots"
+            )
+        finally:
+            self._wakes.pop(waiter_id, None)
+            if queued:  # cancelled or failed while queued: leave the queue, holding nothing
+                await asyncio.shield(self.backend.run(lambda tx: self._collect(tx, waiter_id, keep=False)))
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._unsubscribe is not None:
+            return
+
+        def on_commit(commit: Commit | None) -> None:  # a storage thread
+            if commit is None or commit.woken:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._wake, None if commit is None else commit.woken)
+
+        self._unsubscribe = self.backend.subscribe(on_commit)
+
+    def _wake(self, woken: list[str] | None) -> None:
+        targets = self._wakes.keys() if woken is None else woken  # None: look, all of you
+        for waiter_id in list(targets):
+            future = self._wakes.get(waiter_id)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat_task is None or self._heartbeat_task.done():
+            self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="slotkeeper-waiters")
+
+    async def _heartbeat(self) -> None:
+        """While this process has waiters, tell the database it still holds their requests."""
+        while self._wakes:
+            await asyncio.sleep(WAITER_HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):  # the sweeper only acts after several misses
+                await self.backend.run(
+                    lambda tx: tx.run(q.TOUCH_WAITERS, {"now": self.clock(), "owner": self.owner})
+                )
+
+    async def sweep_waiters(self) -> int:
+        """Drop waiters whose request is gone (no heartbeat, or far past its deadline), and admit
+        what fits on every queued limit (decay frees slots without any release). Returns how
+        many waiters were dropped."""
+
+        def abandoned(tx: Tx) -> list[str]:
+            now = self.clock()
+            stale = {"stale": now - WAITER_STALE_SECONDS, "late": now - WAITER_STALE_SECONDS}
+            return [r[0] for r in tx.all(q.SELECT_ABANDONED_WAITERS, stale)]
+
+        ids = await self.backend.run(abandoned)
+        for waiter_id in ids:
+            with contextlib.suppress(SlotsUnavailable):
+                await self.backend.run(functools.partial(self._collect, waiter_id=waiter_id, keep=False))
+        await self.backend.run(lambda tx: self._admit(tx, [r[0] for r in tx.all(q.SELECT_QUEUED_LIMITS)]))
+        return len(ids)
+
+    def _acquire(self, tx: Tx, request: AcquireRequest, waiter_id: str | None = None) -> Granted | None:
+        """Grant now, or (with ``waiter_id``) queue the request and return None."""
         found, now = self._by_names(tx, request.names)
         lease = request.lease
+        if request.wait is not None:
+            check_waitable(request, found)
         if not found:
             # Nothing to hold: Prefect still answers with a lease id. It is not stored, since
             # no slot depends on it; renewing it answers 410, releasing it 204.
             return Granted([], str(uuid.uuid4()) if lease else None)
-        decision = domain.decide_acquire(
-            found,
-            request.slots,
-            request.mode,
-            leased=lease is not None,
-            now=now,
-            retry_after=self.retry_policy,
+        domain.check_request(found, request.slots, request.mode)
+        active = [lim.id for lim in found if lim.active]
+        queued: dict[str, int] = dict(tx.all(q.SELECT_QUEUED_SLOTS, {"ids": active})) if active else {}
+        try:
+            if queued:
+                # No barging: slots that free up belong to the queue, so a newcomer, waiting or
+                # polling, goes behind it whatever is free right now.
+                settled = [lim.settled(now) for lim in found if lim.active]
+                raise SlotsUnavailable(self.retry_policy.seconds(settled, request.slots, now, queued))
+            decision = domain.decide_acquire(
+                found,
+                request.slots,
+                request.mode,
+                leased=lease is not None,
+                now=now,
+                retry_after=self.retry_policy,
+            )
+        except SlotsUnavailable:
+            if waiter_id is None or lease is None or request.wait is None:
+                raise
+            self._enqueue(tx, waiter_id, found, request, lease, now)
+            return None
+        return self._grant(tx, decision, request.slots, request.mode, lease, now)
+
+    def _enqueue(
+        self,
+        tx: Tx,
+        waiter_id: str,
+        found: list[Limit],
+        request: AcquireRequest,
+        lease: LeaseSpec,
+        now: float,
+    ) -> None:
+        holder = lease.holder
+        tx.run(
+            q.INSERT_WAITER,
+            {
+                "id": waiter_id,
+                "enqueued": now,
+                "priority": request.priority,
+                "slots": request.slots,
+                "lease_duration": lease.duration,
+                "holder_type": holder.type if holder else None,
+                "holder_id": holder.id if holder else None,
+                "deadline": now + (request.wait or 0.0),
+                "owner": self.owner,
+                "heartbeat": now,
+            },
         )
+        tx.many(
+            q.INSERT_WAITER_LIMIT,
+            [{"waiter_id": waiter_id, "limit_id": lim.id, "position": i} for i, lim in enumerate(found)],
+        )
+
+    def _grant(
+        self,
+        tx: Tx,
+        decision: domain.Acquisition,
+        slots: int,
+        mode: Mode,
+        lease: LeaseSpec | None,
+        now: float,
+    ) -> Granted:
+        """Write a decided acquisition: limits, acquired events, and the lease with its grants."""
         holder = lease.holder if lease else None
         batch = [lim.id for lim in decision.limits]
         acquired = [
-            builders.slot_event(
-                builders.ACQUIRED, lim, slots=request.slots, batch=batch, occurred=now, holder=holder
-            )
+            builders.slot_event(builders.ACQUIRED, lim, slots=slots, batch=batch, occurred=now, holder=holder)
             for lim in decision.limits
         ]
         written = decision.limits
-        if lease is None and request.mode is Mode.CONCURRENCY:
+        if lease is None and mode is Mode.CONCURRENCY:
             # Unleased slots: a later plain decrement's released event follows this one.
             written = [
                 replace(lim, pool_event_id=event.id)
@@ -371,12 +561,12 @@ class Storage:
                 "id": lease_id,
                 "created": now,
                 "expires": now + lease.duration,
-                "slots": request.slots,
+                "slots": slots,
                 "holder_type": holder.type if holder else None,
                 "holder_id": holder.id if holder else None,
             },
         )
-        if request.mode is Mode.CONCURRENCY:
+        if mode is Mode.CONCURRENCY:
             # Rate-limit slots come back by decay: such a lease holds no grant and releases nothing.
             tx.many(
                 q.INSERT_GRANT,
@@ -392,6 +582,84 @@ class Storage:
                 ],
             )
         return Granted(written, lease_id)
+
+    # --- the wait queue -------------------------------------------------------------------------
+
+    def _admit(self, tx: Tx, limit_ids: Sequence[str]) -> None:
+        """Grant, in queue order, every waiter on these limits that fits now (domain.admit).
+
+        Called at the end of every script that frees slots, in the same transaction: a freed slot
+        goes to the head of the queue at once, before any newcomer can see it.
+        """
+        ids = set(limit_ids)
+        while True:  # the queues of these limits, and of every limit their waiters also name
+            rows = tx.all(q.SELECT_WAITERS_ON, {"ids": sorted(ids)}) if ids else []
+            if not rows:
+                return
+            links = tx.all(q.SELECT_WAITER_LIMITS, {"ids": [r[0] for r in rows]})
+            needed = ids | {limit_id for _, limit_id in links}
+            if needed == ids:
+                break
+            ids = needed
+        # Locks taken here may come after the caller's: PostgreSQL may then report a deadlock,
+        # which the backend retries (nothing was committed).
+        locked = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": sorted(ids)})
+        now = self.clock()
+        limits = {lim.id: lim for lim in self._with_leased(tx, locked, now)}
+        named: dict[str, list[str]] = {}
+        for waiter, limit_id in links:
+            named.setdefault(waiter, []).append(limit_id)
+        queue = [domain.Waiter(r[0], tuple(named.get(r[0], ())), r[1], r[2], r[3]) for r in rows]
+        info = {r[0]: r for r in rows}
+        for waiter in domain.admit(queue, limits, now):
+            found = [limits[i] for i in waiter.limit_ids if i in limits]
+            decision = domain.decide_acquire(
+                found, waiter.slots, Mode.CONCURRENCY, leased=True, now=now, retry_after=self.retry_policy
+            )
+            row = info[waiter.id]
+            granted = self._grant(
+                tx, decision, waiter.slots, Mode.CONCURRENCY, LeaseSpec(row[4], _holder(row[5], row[6])), now
+            )
+            for lim in granted.limits:
+                limits[lim.id] = replace(
+                    lim, leased_slots=lim.leased_slots + decision.grant_slots.get(lim.id, 0)
+                )
+            tx.run(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
+            tx.woken.append(waiter.id)
+
+    def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Granted | None:
+        """End a wait. A granted waiter's grant is returned (``keep``) or released; a waiter not
+        granted leaves the queue (and the waiters behind it may now be admitted).
+
+        Returns None when the waiter was not granted; raises :class:`SlotsUnavailable` when the
+        waiter is gone (its wait was abandoned by the sweeper).
+        """
+        row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
+        if row is None:
+            raise SlotsUnavailable(None, "The wait was abandoned by the server; try again")
+        lease_id = row[0]
+        if lease_id is not None and keep:
+            tokens: dict[str, int] = dict(tx.all(q.SELECT_LEASE_TOKENS, {"lease_id": lease_id}))
+            rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(tokens)}) if tokens else []
+            by_id = {r[0]: _limit(r, 0) for r in rows}
+            order = [r[0] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
+            tx.run(q.DELETE_WAITER, {"id": waiter_id})
+            limits = [replace(by_id[i], fencing_token=tokens[i]) for i in order if i in by_id]
+            return Granted(limits, lease_id)
+        if not keep or lease_id is None:
+            limit_ids = [r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
+            tx.run(q.DELETE_WAITER, {"id": waiter_id})
+            if lease_id is not None:  # granted, but nobody is there to take it: release it
+                self._end_lease(tx, lease_id, expired_only=False)
+            else:
+                self._admit(tx, limit_ids)
+        return None
+
+    def _poll_waiter(self, tx: Tx, waiter_id: str) -> Granted | None:
+        row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
+        if row is not None and row[0] is None:
+            return None  # still queued
+        return self._collect(tx, waiter_id, keep=True)
 
     async def release_slots(
         self, names: list[str], slots: int, occupancy_seconds: float | None
@@ -429,6 +697,7 @@ class Storage:
         tx.many(q.UPDATE_LIMIT_SLOTS, [_slots_params(new, now) for new, _ in changed])
         tx.many(q.UPDATE_LIMIT_AVG, [{"id": new.id, "avg": avg} for new, avg in changed])
         write_events(tx, released)
+        self._admit(tx, [new.id for new, _ in changed])
         return found
 
     async def release_lease(self, lease_id: str) -> bool:
@@ -482,6 +751,7 @@ class Storage:
                 for lim in limits
             ],
         )
+        self._admit(tx, batch)
         return True
 
     async def renew_lease(self, lease_id: str, duration: float) -> bool:

@@ -15,6 +15,8 @@ _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 _IN_LIST = re.compile(r"IN_LIST\((\w+)\)")
 
 Row = tuple[Any, ...]
+#: The fixed statements of queries.py fit many times over; filters compile to open-ended shapes.
+_CACHE_SIZE = 1024
 Params = Mapping[str, Any]
 
 
@@ -31,7 +33,8 @@ class Dialect:
         text = self._cache.get(query)
         if text is None:
             text = self._expand(query)
-            self._cache[query] = text
+            if len(self._cache) < _CACHE_SIZE:  # statements built per filter shape are not kept
+                self._cache[query] = text
         return text
 
     def _expand(self, query: str) -> str:
@@ -55,10 +58,18 @@ SQLITE = Dialect("sqlite", for_update="")
 POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE")
 
 
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What one committed transaction (or SQLite group) publishes, in commit order."""
+
+    events: list[EventRecord]
+    woken: list[str]
+
+
 class Tx:
     """One open transaction, as operations in ``core.py`` see it."""
 
-    __slots__ = ("_cursor", "_dialect", "events", "integrity_error")
+    __slots__ = ("_cursor", "_dialect", "events", "integrity_error", "woken")
 
     def __init__(self, cursor: Any, dialect: Dialect, integrity_error: type[Exception]) -> None:
         self._cursor = cursor
@@ -66,6 +77,25 @@ class Tx:
         self.integrity_error = integrity_error
         #: Events written in this transaction, in order; published once it commits.
         self.events: list[EventRecord] = []
+        #: Waiters granted in this transaction: their requests are woken once it commits.
+        self.woken: list[str] = []
+
+    def committed(self) -> Commit | None:
+        """What this transaction published, and forget it (None if nothing)."""
+        if not self.events and not self.woken:
+            return None
+        commit = Commit(self.events, self.woken)
+        self.events, self.woken = [], []
+        return commit
+
+    def mark(self) -> tuple[int, int]:
+        """A point to roll the publications back to (see :meth:`rollback_to`)."""
+        return len(self.events), len(self.woken)
+
+    def rollback_to(self, mark: tuple[int, int]) -> None:
+        """Forget what was published after ``mark`` (its savepoint was rolled back)."""
+        del self.events[mark[0] :]
+        del self.woken[mark[1] :]
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""

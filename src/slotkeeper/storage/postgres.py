@@ -28,7 +28,7 @@ from psycopg import errors as pg_errors
 
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import POSTGRES, Tx
+from slotkeeper.storage.dialect import POSTGRES, Commit, Tx
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
@@ -55,7 +55,7 @@ class PostgresBackend:
         self._connections: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(pool_size, thread_name_prefix="slotkeeper-pg")
-        self._subscribers: list[Callable[[list[EventRecord] | None], None]] = []
+        self._subscribers: list[Callable[[Commit | None], None]] = []
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -75,8 +75,9 @@ class PostgresBackend:
                 with conn.cursor() as cursor:
                     tx = Tx(cursor, POSTGRES, psycopg.IntegrityError)
                     result = op(tx)
-                    if tx.events:
-                        _notify(cursor, tx.events)
+                    commit = tx.committed()
+                    if commit is not None:
+                        _notify(cursor, commit)
                 conn.commit()
                 return result
             except _RETRYABLE:
@@ -97,8 +98,8 @@ class PostgresBackend:
         """Run ``op`` in one transaction on a pool thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
 
-    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
-        """Call ``callback`` (on the listener thread) with the events of each committed batch."""
+    def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the listener thread) with what each transaction published."""
         self._subscribers.append(callback)
         if self._listener is None:
             ready = threading.Event()
@@ -107,10 +108,11 @@ class PostgresBackend:
             )
             self._listener.start()
             ready.wait(10)
+        return lambda: self._subscribers.remove(callback)
 
-    def _deliver(self, events: list[EventRecord] | None) -> None:
+    def _deliver(self, commit: Commit | None) -> None:
         for callback in self._subscribers:
-            callback(events)
+            callback(commit)
 
     def _listen(self, ready: threading.Event) -> None:
         delay = 0.1
@@ -125,8 +127,11 @@ class PostgresBackend:
                     ready.set()
                     delay = 0.1
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            self._deliver(_decode(conn, note.payload))
+                        # Drain first, decode after: a batch sent as ids is read back from the
+                        # table, which cannot happen on a connection inside notifies().
+                        payloads = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
+                        for payload in payloads:
+                            self._deliver(_decode(conn, payload))
             except psycopg.Error as exc:
                 ready.set()
                 if self._stop.is_set():
@@ -147,25 +152,29 @@ class PostgresBackend:
             self._connections.clear()
 
 
-def _notify(cursor: psycopg.Cursor[Any], events: list[EventRecord]) -> None:
-    """Queue the events on the channel; they are delivered if and when the transaction commits."""
-    payload = orjson.dumps({"events": [e.wire() for e in events]})
+def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:
+    """Queue what the transaction published on the channel; delivered if and when it commits."""
+    events, woken = commit.events, commit.woken
+    payload = orjson.dumps({"events": [e.wire() for e in events], "woken": woken})
     if len(payload) > _MAX_PAYLOAD:
-        payload = orjson.dumps({"ids": [e.id for e in events]})
+        payload = orjson.dumps({"ids": [e.id for e in events], "woken": woken})
     if len(payload) > _MAX_PAYLOAD:  # very large batches: several notifications, order kept
         step = max(1, _MAX_PAYLOAD // 48)
-        for i in range(0, len(events), step):
-            ids = [e.id for e in events[i : i + step]]
-            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps({"ids": ids}).decode()))
+        for i in range(0, max(len(events), len(woken)), step):
+            part = {"ids": [e.id for e in events[i : i + step]], "woken": woken[i : i + step]}
+            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(part).decode()))
         return
     cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
 
 
-def _decode(conn: psycopg.Connection[Any], payload: str) -> list[EventRecord]:
+def _decode(conn: psycopg.Connection[Any], payload: str) -> Commit:
     message = orjson.loads(payload)
+    woken: list[str] = message.get("woken", [])
     if "events" in message:
-        return [EventRecord.from_wire(e) for e in message["events"]]
+        return Commit([EventRecord.from_wire(e) for e in message["events"]], woken)
     ids: list[str] = message["ids"]
+    if not ids:
+        return Commit([], woken)
     cursor = conn.execute(POSTGRES.sql(q.SELECT_EVENTS_BY_IDS), {"ids": ids})
     by_id = {row[0]: EventRecord.from_row(row) for row in cursor.fetchall()}
-    return [by_id[i] for i in ids if i in by_id]
+    return Commit([by_id[i] for i in ids if i in by_id], woken)

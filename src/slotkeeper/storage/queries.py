@@ -39,7 +39,7 @@ SELECT {LIMIT_COLUMNS} FROM limits ORDER BY name LIMIT :limit OFFSET :offset
 """
 
 SELECT_LIMITS_PAGE_WITH_PREFIX = f"""
-SELECT {LIMIT_COLUMNS} FROM limits WHERE name LIKE :prefix ESCAPE '\\'
+SELECT {LIMIT_COLUMNS} FROM limits WHERE substr(name, 1, length(:prefix)) = :prefix
 ORDER BY name LIMIT :limit OFFSET :offset
 """
 
@@ -159,4 +159,123 @@ DELETE_EVENTS_BEFORE = """
 DELETE FROM events WHERE id IN (
     SELECT id FROM events WHERE occurred < :cutoff ORDER BY occurred LIMIT :batch
 )
+"""
+
+# --- event store: queries, counts (slotkeeper.storage.events) -------------------------------------
+#
+# Templates, completed with ``str.format`` by ``storage/events.py``: ``{where}`` is a condition
+# compiled by ``slotkeeper.events.filters.compile`` over ``events e`` (its subqueries read
+# ``event_resources r``); ``{direction}`` is ``ASC`` or ``DESC``. Ties on ``occurred`` are broken
+# by id, so pages are stable.
+
+SELECT_EVENTS_PAGE = """
+SELECT e.id, e.occurred, e.received, e.event, e.resource, e.related, e.payload, e.follows
+FROM events e WHERE {where}
+ORDER BY e.occurred {direction}, e.id {direction} LIMIT :limit OFFSET :offset
+"""
+
+#: ``resource.distinct``: the first event of each resource id in the requested order.
+SELECT_DISTINCT_RESOURCE_EVENTS_PAGE = """
+SELECT d.id, d.occurred, d.received, d.event, d.resource, d.related, d.payload, d.follows
+FROM (
+    SELECT e.id, e.occurred, e.received, e.event, e.resource, e.related, e.payload, e.follows,
+        ROW_NUMBER() OVER (
+            PARTITION BY e.resource_id ORDER BY e.occurred {direction}, e.id {direction}
+        ) AS nth
+    FROM events e WHERE {where}
+) d
+WHERE d.nth = 1
+ORDER BY d.occurred {direction}, d.id {direction} LIMIT :limit OFFSET :offset
+"""
+
+COUNT_EVENTS = "SELECT COUNT(*) FROM events e WHERE {where}"
+
+COUNT_DISTINCT_EVENT_RESOURCES = "SELECT COUNT(DISTINCT e.resource_id) FROM events e WHERE {where}"
+
+#: Count-by ``event``: value and label are the name.
+COUNT_EVENTS_BY_NAME = """
+SELECT e.event, e.event, COUNT(*), MIN(e.occurred), MAX(e.occurred)
+FROM events e WHERE {where} GROUP BY e.event
+"""
+
+#: Count-by ``resource``, per (id, label): the label of the latest group wins (in Python).
+COUNT_EVENTS_BY_RESOURCE = {
+    "sqlite": """
+SELECT e.resource_id, COALESCE(
+        (SELECT j.value FROM json_each(e.resource) AS j WHERE j.key = 'prefect.resource.name'),
+        (SELECT j.value FROM json_each(e.resource) AS j WHERE j.key = 'prefect.name'),
+        e.resource_id),
+    COUNT(*), MIN(e.occurred), MAX(e.occurred)
+FROM events e WHERE {where} GROUP BY 1, 2
+""",
+    "postgresql": """
+SELECT e.resource_id, COALESCE(
+        e.resource::jsonb ->> 'prefect.resource.name',
+        e.resource::jsonb ->> 'prefect.name',
+        e.resource_id),
+    COUNT(*), MIN(e.occurred), MAX(e.occurred)
+FROM events e WHERE {where} GROUP BY 1, 2
+""",
+}
+
+#: Count-by ``time``/``day``: the index of each event's bucket, counted from the pivot.
+COUNT_EVENTS_BY_BUCKET = """
+SELECT CAST(floor((e.occurred - :pivot) / :width) AS BIGINT), COUNT(*), MIN(e.occurred), MAX(e.occurred)
+FROM events e WHERE {where} GROUP BY 1
+"""
+
+# --- the wait queue (slotkeeper.storage.core: acquire with wait, admission) ---------------------
+
+#: Slots that queued (not yet granted) waiters wait for, per limit: newcomers may not barge.
+SELECT_QUEUED_SLOTS = """
+SELECT wl.limit_id, SUM(w.slots) FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+WHERE wl.limit_id IN_LIST(ids) AND w.lease_id IS NULL GROUP BY wl.limit_id
+"""
+
+INSERT_WAITER = """
+INSERT INTO waiters (id, enqueued, priority, slots, lease_duration, holder_type, holder_id,
+    deadline, owner, heartbeat, lease_id)
+VALUES (:id, :enqueued, :priority, :slots, :lease_duration, :holder_type, :holder_id,
+    :deadline, :owner, :heartbeat, NULL)
+"""
+
+INSERT_WAITER_LIMIT = """
+INSERT INTO waiter_limits (waiter_id, limit_id, position) VALUES (:waiter_id, :limit_id, :position)
+"""
+
+#: The queue, in order, of every waiter naming one of these limits.
+SELECT_WAITERS_ON = """
+SELECT w.id, w.slots, w.priority, w.enqueued, w.lease_duration, w.holder_type, w.holder_id
+FROM waiters w
+WHERE w.lease_id IS NULL AND w.id IN (SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids))
+ORDER BY w.priority DESC, w.enqueued, w.id
+"""
+
+SELECT_WAITER_LIMITS = """
+SELECT waiter_id, limit_id FROM waiter_limits WHERE waiter_id IN_LIST(ids) ORDER BY waiter_id, position
+"""
+
+MARK_WAITER_GRANTED = "UPDATE waiters SET lease_id = :lease_id WHERE id = :id"
+
+DELETE_WAITER = "DELETE FROM waiters WHERE id = :id RETURNING lease_id"
+
+SELECT_WAITER_LEASE = "SELECT lease_id FROM waiters WHERE id = :id"
+
+TOUCH_WAITERS = "UPDATE waiters SET heartbeat = :now WHERE owner = :owner"
+
+#: Waiters whose request is gone: its process stopped sending heartbeats, or it outlived its wait.
+SELECT_ABANDONED_WAITERS = "SELECT id FROM waiters WHERE heartbeat < :stale OR deadline < :late"
+
+SELECT_QUEUED_LIMITS = """
+SELECT DISTINCT wl.limit_id FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+WHERE w.lease_id IS NULL
+"""
+
+#: The fencing token of each grant of a lease.
+SELECT_LEASE_TOKENS = "SELECT limit_id, fencing_token FROM grants WHERE lease_id = :lease_id"
+
+#: The other limits that the waiters of one limit wait for.
+SELECT_CO_WAITED_LIMITS = """
+SELECT DISTINCT o.limit_id FROM waiter_limits wl JOIN waiter_limits o ON o.waiter_id = wl.waiter_id
+WHERE wl.limit_id = :id AND o.limit_id != :id
 """

@@ -95,3 +95,33 @@ event_resources = sa.Table(
     sa.Column("labels", sa.Text, nullable=False),
     sa.Index("ix_event_resources_resource_id_occurred", "resource_id", "occurred"),
 )
+
+
+#: An acquisition waiting on the server. ``lease_id`` is set when it has been granted and not
+#: yet collected by the request that waits for it. ``owner`` is the server process holding the
+#: request; its ``heartbeat`` says the request is still there.
+waiters = sa.Table(
+    "waiters",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("enqueued", sa.Double, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("lease_duration", sa.Double, nullable=False),
+    sa.Column("holder_type", sa.Text, nullable=True),
+    sa.Column("holder_id", sa.Text, nullable=True),
+    sa.Column("deadline", sa.Double, nullable=False),
+    sa.Column("owner", sa.String(36), nullable=False, index=True),
+    sa.Column("heartbeat", sa.Double, nullable=False),
+    sa.Column("lease_id", sa.String(36), nullable=True),
+)
+
+#: The limits one waiter waits for (all found limits of its request).
+waiter_limits = sa.Table(
+    "waiter_limits",
+    metadata,
+    sa.Column("waiter_id", sa.String(36), sa.ForeignKey("waiters.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("limit_id", sa.String(36), sa.ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Index("ix_waiter_limits_limit_id", "limit_id"),
+)

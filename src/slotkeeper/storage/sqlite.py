@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from slotkeeper.events.models import EventRecord
-from slotkeeper.storage.dialect import SQLITE, Tx
+from slotkeeper.errors import StorageClosed
+from slotkeeper.storage.dialect import SQLITE, Commit, Tx
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class SQLiteBackend:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
-        self._subscribers: list[Callable[[list[EventRecord] | None], None]] = []
+        self._subscribers: list[Callable[[Commit | None], None]] = []
         self._thread = threading.Thread(target=self._main, name="slotkeeper-sqlite", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -53,15 +53,16 @@ class SQLiteBackend:
     async def run(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` in the next group; return its result once the group has committed."""
         if self._closed:
-            raise RuntimeError("storage is closed")
+            raise StorageClosed("storage is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((op, loop, future))
         return await future
 
-    def subscribe(self, callback: Callable[[list[EventRecord] | None], None]) -> None:
-        """Call ``callback`` (on the writer thread) with each group's events after its commit."""
+    def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the writer thread) with what each group published, after its commit."""
         self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
 
     async def close(self) -> None:
         """Finish the queued operations, then close the connection."""
@@ -117,13 +118,13 @@ class SQLiteBackend:
             cursor.execute("BEGIN IMMEDIATE")
             for op, _, _ in group:
                 cursor.execute("SAVEPOINT op")
-                mark = len(tx.events)
+                mark = tx.mark()
                 try:
                     result = op(tx)
                 except BaseException as exc:
                     cursor.execute("ROLLBACK TO op")
                     cursor.execute("RELEASE op")
-                    del tx.events[mark:]  # a rolled-back op published nothing
+                    tx.rollback_to(mark)  # a rolled-back op published nothing
                     outcomes.append((False, exc))
                 else:
                     cursor.execute("RELEASE op")
@@ -133,11 +134,12 @@ class SQLiteBackend:
             if conn.in_transaction:
                 conn.rollback()
             outcomes = [(False, exc)] * len(group)
-            tx.events.clear()
-        if tx.events:
-            committed, tx.events = tx.events, []
-            for callback in self._subscribers:
-                callback(committed)
+            tx.committed()  # dropped: nothing of the group holds
+        else:
+            committed = tx.committed()
+            if committed is not None:
+                for callback in self._subscribers:
+                    callback(committed)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, loop, future), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((future, ok, value))

@@ -1,0 +1,215 @@
+"""Prefect's event websockets: ``/api/events/in`` (ingest) and ``/api/events/out`` (subscribe).
+
+Handshake as Prefect (reference §6.8): a client offering the ``prefect`` subprotocol must send
+``{"type": "auth", "token": ...}`` first and gets ``{"type": "auth_success"}``; without the
+subprotocol it is accepted in legacy mode only when no auth is configured.
+
+``/out`` subscribes to the live stream *before* it backfills from the store, then skips live
+events it already sent, so nothing falls in between and nothing is sent twice. Unlike Prefect,
+the whole filter (``related`` included) applies to the live stream. A subscriber that falls
+``events_subscriber_queue_size`` events behind is disconnected with close code 1013 and a
+reason, and counted; it never slows the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from slotkeeper.events import filters
+from slotkeeper.events.broker import OVERFLOWED, Broker, Subscription
+from slotkeeper.events.models import Event, EventFilter, EventOrder, EventRecord, check_size
+from slotkeeper.settings import Settings
+from slotkeeper.storage.events import EventStore, unstorable
+
+log = logging.getLogger("slotkeeper.api.websockets")
+
+router = APIRouter(tags=["Events"])
+
+POLICY_VIOLATION = 1008
+PROTOCOL_ERROR = 1002
+INVALID_DATA = 1007
+TRY_AGAIN_LATER = 1013
+BACKFILL_PAGE_SIZE = 250
+
+
+def _reason(text: str) -> str:
+    """Close reasons are limited to 123 bytes."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state != WebSocketState.DISCONNECTED:
+        await websocket.close(code, reason=_reason(reason))
+
+
+async def accept(websocket: WebSocket, settings: Settings) -> bool:
+    """Prefect's handshake; True when the socket is open and authenticated."""
+    offered = [
+        part.strip()
+        for header in websocket.headers.getlist("sec-websocket-protocol")
+        for part in header.split(",")
+    ]
+    secret = settings.api_auth_string
+    if "prefect" not in offered:
+        if secret:
+            await websocket.close(PROTOCOL_ERROR)
+            return False
+        await websocket.accept()  # legacy clients: no handshake messages
+        return True
+    await websocket.accept(subprotocol="prefect")
+    message = await _receive_json(websocket)
+    if not isinstance(message, dict) or message.get("type") != "auth":
+        await _close(websocket, POLICY_VIOLATION, "Expected 'auth' message")
+        return False
+    if secret:
+        token = message.get("token")
+        if not token:
+            await _close(websocket, POLICY_VIOLATION, "Auth required but no token provided")
+            return False
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), secret.encode()):
+            await _close(websocket, POLICY_VIOLATION, "Invalid token")
+            return False
+    await websocket.send_json({"type": "auth_success"})
+    return True
+
+
+async def _receive_json(websocket: WebSocket) -> Any:
+    text = await websocket.receive_text()
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+@router.websocket("/events/in")
+async def events_in(websocket: WebSocket) -> None:
+    """Ingest events, one JSON event per text frame; an invalid one closes with 1007."""
+    settings: Settings = websocket.app.state.settings
+    store: EventStore = websocket.app.state.events
+    try:
+        if not await accept(websocket, settings):
+            return
+        while True:
+            text = await websocket.receive_text()
+            try:
+                event = Event.model_validate_json(text)
+                check_size(event)
+            except (ValidationError, ValueError) as exc:
+                await _close(websocket, INVALID_DATA, f"Invalid event: {_first_error(exc)}")
+                return
+            record = EventRecord.from_event(event, time.time())
+            problem = unstorable(record)
+            if problem:
+                await _close(websocket, INVALID_DATA, f"Invalid event: {problem}")
+                return
+            await store.ingest([record])
+    except WebSocketDisconnect:
+        return
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        return f"{where}: {error['msg']}" if where else str(error["msg"])
+    return str(exc)
+
+
+@router.websocket("/events/out")
+async def events_out(websocket: WebSocket) -> None:
+    """Stream events matching a filter: optional backfill, then live, each event once."""
+    settings: Settings = websocket.app.state.settings
+    store: EventStore = websocket.app.state.events
+    broker: Broker = websocket.app.state.broker
+    try:
+        if not await accept(websocket, settings):
+            return
+        message = await _receive_json(websocket)
+        if not isinstance(message, dict) or message.get("type") != "filter":
+            await _close(websocket, PROTOCOL_ERROR, "Expected 'filter' message")
+            return
+        try:
+            event_filter = EventFilter.model_validate(message.get("filter") or {})
+        except ValidationError as exc:
+            await _close(websocket, PROTOCOL_ERROR, f"Invalid filter: {_first_error(exc)}")
+            return
+        if "until" not in ((message.get("filter") or {}).get("occurred") or {}):
+            # An unbounded subscription: Prefect's default ``until`` (now) would end the live
+            # stream before it starts; its own subscriber sends now + 365 days for this reason.
+            event_filter.occurred.until = datetime.now(UTC) + timedelta(days=365 * 100)
+        earliest = datetime.now(UTC) - timedelta(seconds=settings.events_max_backfill_seconds)
+        event_filter.occurred.since = max(event_filter.occurred.since, earliest)
+        event_filter.order = EventOrder.ASC
+
+        subscription = broker.subscribe(lambda record: filters.matches(event_filter, record))
+        try:
+            sent: set[str] = set()
+            if message.get("backfill", True):
+                backfill = event_filter.model_copy(deep=True)
+                backfill.occurred.until = min(backfill.occurred.until, datetime.now(UTC))
+                offset = 0
+                while True:
+                    page, _ = await store.query(backfill, BACKFILL_PAGE_SIZE, offset)
+                    for record in page:
+                        sent.add(record.id)
+                        await websocket.send_text(_frame(record))
+                    if len(page) < BACKFILL_PAGE_SIZE:
+                        break
+                    offset += len(page)
+            await _stream(websocket, broker, subscription, sent)
+        finally:
+            broker.unsubscribe(subscription)
+    except WebSocketDisconnect:
+        return
+
+
+async def _stream(websocket: WebSocket, broker: Broker, subscription: Subscription, sent: set[str]) -> None:
+    """Send live events until the subscription ends or the client leaves.
+
+    A receive is kept pending beside the wait for events, so a client that disconnects while no
+    event flows is noticed at once (its subscription would leak otherwise). Frames the client
+    sends are ignored, as Prefect does.
+    """
+    gone: asyncio.Future[Any] = asyncio.ensure_future(websocket.receive())
+    try:
+        while True:
+            try:
+                record = subscription.get_nowait()
+            except asyncio.QueueEmpty:
+                nxt = asyncio.ensure_future(subscription.next())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # cancelling a queue get loses nothing
+                    nxt.cancel()
+                    if gone.result()["type"] == "websocket.disconnect":
+                        return
+                    gone = asyncio.ensure_future(websocket.receive())
+                    continue
+                record = nxt.result()
+            if record is None:
+                if subscription.ended == OVERFLOWED:
+                    reason = f"Subscriber too slow: more than {broker.queue_size} events queued"
+                else:
+                    reason = "Event stream interrupted; subscribe again to backfill"
+                await _close(websocket, TRY_AGAIN_LATER, reason)
+                return
+            if record.id in sent:
+                sent.discard(record.id)
+                continue
+            await websocket.send_text(_frame(record))
+    finally:
+        gone.cancel()
+
+
+def _frame(record: EventRecord) -> str:
+    return orjson.dumps({"type": "event", "event": record.wire()}).decode()
