@@ -61,6 +61,10 @@ class Backend(Protocol):
 
     async def run(self, op: Callable[[Tx], T]) -> T: ...
 
+    async def read(self, op: Callable[[Tx], T]) -> T:
+        """Run a read-only op, possibly beside the writes (queries that may scan)."""
+        ...
+
     async def close(self) -> None: ...
 
     def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:

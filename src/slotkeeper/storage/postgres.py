@@ -140,6 +140,10 @@ class PostgresBackend:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def read(self, op: Callable[[Tx], T]) -> T:
+        """Read-only ops run like any other: every pool thread reads beside the others."""
+        return await self.run(op)
+
     async def close(self) -> None:
         """Wait for running operations, then close every connection."""
         self._stop.set()
