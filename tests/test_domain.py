@@ -15,7 +15,10 @@ from slotkeeper.domain import (
     Limit,
     Mode,
     RetryPolicy,
+    Waiter,
+    admit,
     check_name,
+    check_request,
     decay_pool,
     decide_acquire,
     looks_like_uuid,
@@ -271,6 +274,80 @@ def test_invalid_requests_are_refused_before_full_limits() -> None:
         acquire([full_and_small], mode=Mode.RATE_LIMIT)
 
 
+def test_check_request_lets_through_what_can_succeed_some_day() -> None:
+    full = make_limit(limit=2, leased_slots=2, slot_decay_per_second=1.0)
+    check_request([full], 2, Mode.RATE_LIMIT)  # full now, but it decays: not refused
+    check_request([], 9, Mode.RATE_LIMIT)
+    check_request([make_limit(limit=0, active=False)], 9, Mode.RATE_LIMIT)
+
+
+def test_check_request_refuses_in_prefects_order() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_request([make_limit("a", limit=1)], 2, Mode.RATE_LIMIT)
+    assert info.value.detail == SLOTS_TOO_MANY
+    with pytest.raises(InvalidRequest) as info:
+        check_request([make_limit("a"), make_limit("b")], 1, Mode.RATE_LIMIT)
+    assert info.value.detail == NO_DECAY + "'a,b'"
+
+
+# --- admit (the server-side wait queue) -----------------------------------------------------------
+
+
+def waiter(name: str, *limits: Limit, slots: int = 1) -> Waiter:
+    return Waiter(id=name, limit_ids=tuple(lim.id for lim in limits), slots=slots, priority=0, enqueued=NOW)
+
+
+def by_id(*limits: Limit) -> dict[str, Limit]:
+    return {lim.id: lim for lim in limits}
+
+
+def test_admit_grants_in_order_while_slots_last() -> None:
+    a = make_limit("a", limit=3)
+    w1, w2, w3 = waiter("w1", a), waiter("w2", a, slots=2), waiter("w3", a)
+    assert admit([w1, w2, w3], by_id(a), NOW) == [w1, w2]
+
+
+def test_admit_is_fifo_without_barging() -> None:
+    # w1 takes one of the 2 free slots; w2 wants 2 and must wait; w3 must not take the slot w2
+    # is waiting for.
+    a = make_limit("a", limit=2)
+    w1, w2, w3 = waiter("w1", a), waiter("w2", a, slots=2), waiter("w3", a)
+    assert admit([w1, w2, w3], by_id(a), NOW) == [w1]
+
+
+def test_admit_is_all_or_nothing_across_limits() -> None:
+    a = make_limit("a", limit=1)
+    b = make_limit("b", limit=1, leased_slots=1)
+    c = make_limit("c", limit=1)
+    both, only_a, only_c = waiter("both", a, b), waiter("only_a", a), waiter("only_c", c)
+    # "both" cannot have b, so it takes nothing, and blocks a for those behind it; c is apart.
+    assert admit([both, only_a, only_c], by_id(a, b, c), NOW) == [only_c]
+
+
+def test_admit_skips_a_waiter_that_can_never_fit() -> None:
+    a = make_limit("a", limit=2)
+    too_big, small = waiter("too_big", a, slots=3), waiter("small", a)
+    assert admit([too_big, small], by_id(a), NOW) == [small]
+
+
+def test_admit_ignores_inactive_and_missing_limits() -> None:
+    asleep = make_limit("asleep", active=False, limit=1, pool_slots=1)
+    gone = make_limit("gone")
+    w = waiter("w", asleep, gone)
+    assert admit([w], by_id(asleep), NOW) == [w]
+
+
+def test_admit_counts_decay_up_to_now() -> None:
+    a = make_limit("a", limit=2, pool_slots=2, pool_clock=NOW - 1.0, slot_decay_per_second=1.0)
+    w1, w2 = waiter("w1", a), waiter("w2", a)
+    assert admit([w1, w2], by_id(a), NOW) == [w1]
+    assert admit([w1, w2], by_id(a), NOW + 1.0) == [w1, w2]
+
+
+def test_admit_of_nobody_is_nobody() -> None:
+    assert admit([], by_id(make_limit()), NOW) == []
+
+
 # --- release_pool ---------------------------------------------------------------------------------
 
 
@@ -351,7 +428,7 @@ def test_retry_estimate_is_the_average_scaled_by_the_share_asked() -> None:
     # Prefect's worked example: limit 2, avg 2.0, no decay → 1.0 before jitter.
     lim = make_limit(limit=2, leased_slots=2)
     assert policy().seconds([lim], 1, NOW) == pytest.approx(1.0)
-    # Denied slots count in the share: avg 2.0, limit 10, denied 10 → 2.0 × 11 / 10.
+    # Denied slots count in the share: avg 2.0, limit 10, denied 10 → 2.0 * 11 / 10.
     lim = make_limit(limit=10, leased_slots=10, denied_slots=10)
     assert policy().seconds([lim], 1, NOW) == pytest.approx(2.2)
 
@@ -362,6 +439,9 @@ def test_retry_is_capped_at_max_wait() -> None:
     # A huge backlog of denied slots stays capped too.
     lim = make_limit("db", limit=30, leased_slots=30, denied_slots=16_000)
     assert policy(max_wait=30.0).seconds([lim], 1, NOW) == pytest.approx(30.0)
+    # The cap holds after the jitter too: the top of the jitter does not take it to 39 s.
+    assert policy(1.3, max_wait=30.0).seconds([lim], 1, NOW) == pytest.approx(30.0)
+    assert policy(JITTER_LOW, max_wait=30.0).seconds([lim], 1, NOW) == pytest.approx(30.0 * JITTER_LOW)
 
 
 def test_retry_of_tag_limits_is_capped_at_tag_max_wait() -> None:
@@ -396,6 +476,19 @@ def test_retry_waits_for_the_slowest_blocking_limit_and_skips_free_ones() -> Non
     slow = make_limit("slow", limit=1, leased_slots=1, avg_slot_occupancy_seconds=6.0)
     free = make_limit("free", limit=100, avg_slot_occupancy_seconds=29.0)
     assert policy().seconds([quick, slow, free], 1, NOW) == pytest.approx(6.0)
+
+
+def test_retry_counts_the_slots_queued_ahead() -> None:
+    lim = make_limit(limit=2, leased_slots=2)
+    # Two slots queued ahead: the share is (1 + 2) / 2 of the 2 s average.
+    assert policy().seconds([lim], 1, NOW, queued={lim.id: 2}) == pytest.approx(3.0)
+    # A limit with a free slot still blocks a poller when a waiter is queued for that slot.
+    lim = make_limit(limit=2, leased_slots=1)
+    assert policy().seconds([lim], 1, NOW) == pytest.approx(MIN_RETRY_AFTER_SECONDS)
+    assert policy().seconds([lim], 1, NOW, queued={lim.id: 1}) == pytest.approx(2.0 * 2 / 2)
+    assert policy().seconds([lim], 1, NOW, queued={"another-limit": 5}) == pytest.approx(
+        MIN_RETRY_AFTER_SECONDS
+    )
 
 
 def test_retry_is_jittered_within_prefect_bounds() -> None:

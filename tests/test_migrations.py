@@ -36,9 +36,14 @@ def _engine(url: str) -> sa.Engine:
     return sa.create_engine("postgresql+psycopg://" + url.split("://", 1)[1], poolclass=sa.pool.NullPool)
 
 
-def _config(connection: sa.Connection) -> Config:
+def _config_without_connection() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def _config(connection: sa.Connection) -> Config:
+    config = _config_without_connection()
     config.attributes["connection"] = connection
     return config
 
@@ -186,9 +191,3 @@ def test_each_revision_upgrades_from_the_previous(empty_url: str) -> None:
         migrate(empty_url, revision)
         assert _snapshot(empty_url)["version"] == revision
     assert _diff(empty_url) == []
-
-
-def _config_without_connection() -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return config

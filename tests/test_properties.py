@@ -145,7 +145,7 @@ class StorageMachine(RuleBasedStateMachine):
 
     def pick_names(self, data: st.DataObject) -> list[str]:
         """One to three names: mostly existing limits, sometimes repeated or unknown."""
-        choices = sorted(self.limits) + [UNKNOWN]
+        choices = [*sorted(self.limits), UNKNOWN]
         return data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3), label="names")
 
     @initialize(
@@ -186,9 +186,9 @@ class StorageMachine(RuleBasedStateMachine):
         request = AcquireRequest(names, slots, mode, lease)
 
         expected: type[Exception] | None = None
-        if any(self.limits[n].limit < slots for n in active):
-            expected = InvalidRequest
-        elif rate_limit and any(self.limits[n].decay <= 0 for n in active):
+        too_many = any(self.limits[n].limit < slots for n in active)
+        no_decay = rate_limit and any(self.limits[n].decay <= 0 for n in active)
+        if too_many or no_decay:
             expected = InvalidRequest
         elif any(self.occupancy(n) + slots > self.limits[n].limit for n in active):
             expected = SlotsUnavailable
@@ -336,10 +336,11 @@ class StorageMachine(RuleBasedStateMachine):
 
     @invariant()
     def storage_agrees_with_the_model(self) -> None:
-        listed = {v.limit.name for v in self.run(self.storage.list_limits(100, 0))}
-        assert listed == set(self.limits)
+        # One listing reads every limit's occupancy at once (the same rule as a single read).
+        views = {v.limit.name: v for v in self.run(self.storage.list_limits(100, 0))}
+        assert set(views) == set(self.limits)
         for name, lim in self.limits.items():
-            view = self.run(self.storage.read_limit(name))
+            view = views[name]
             expected = self.occupancy(name)
             assert view.active_slots == expected, (name, view.active_slots, expected)
             assert (view.limit.limit, view.limit.active) == (lim.limit, lim.active)
@@ -382,7 +383,7 @@ def test_storage_keeps_its_invariants_on_sqlite(tmp_path: Path) -> None:
         shutil.copyfile(template, path)
         return f"sqlite:///{path}"
 
-    _run(fresh, examples=150, steps=40)
+    _run(fresh, examples=100, steps=40)
 
 
 @pytest.fixture
@@ -406,4 +407,4 @@ def test_storage_keeps_its_invariants_on_postgres(private_postgres_url: str) -> 
         truncate_postgres(private_postgres_url)
         return private_postgres_url
 
-    _run(fresh, examples=40, steps=30)
+    _run(fresh, examples=30, steps=30)
