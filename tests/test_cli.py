@@ -489,3 +489,140 @@ def test_relative_time() -> None:
     assert relative_time("2026-01-01T14:00:00.000000Z", now) == "in 2 hours"
     assert relative_time("2025-12-30T12:00:00.000000Z", now) == "2 days ago"
     assert relative_time("not a time", now) == "not a time"
+
+
+# --- tag-limit (tag-based, v1) ----------------------------------------------------------------------
+
+
+def _no_tag(tag: str) -> str:
+    return f"No concurrency limit found for the tag: {tag}"
+
+
+@pytest.mark.slow
+def test_tag_limit_lifecycle(server: ServerProcess) -> None:
+    tag = "etl db"
+    created = _ok(server.cli("tag-limit", "create", tag, "2")).stdout
+    assert created == (
+        "Created concurrency limit with properties:\n"
+        "    tag - 'etl db'\n"
+        "    concurrency_limit - 2\n\n"
+        "Delete the concurrency limit:\n"
+        "    slotkeeper tag-limit delete 'etl db'\n\n"
+        "Inspect the concurrency limit:\n"
+        "    slotkeeper tag-limit inspect 'etl db'\n"
+    )
+    assert _ok(server.cli("tag-limit", "create", tag, "3")).stdout.startswith(
+        "Updated concurrency limit with properties:\n    tag - 'etl db'\n    concurrency_limit - 3\n"
+    )
+    inspected = json.loads(_ok(server.cli("tag-limit", "inspect", tag, "-o", "json")).stdout)
+    assert (inspected["tag"], inspected["concurrency_limit"], inspected["active_slots"]) == (tag, 3, [])
+    # It is the global limit "tag:<tag>".
+    assert (
+        json.loads(server.cli("limit", "inspect", f"tag:{tag}", "-o", "json").stdout)["id"] == inspected["id"]
+    )
+
+    runs = sorted(str(uuid.uuid4()) for _ in range(2))
+    for run in reversed(runs):
+        held = server.post("/concurrency_limits/increment", {"names": [tag], "task_run_id": run})
+        assert held == [{"id": inspected["id"], "name": tag, "limit": 3}]
+    shown = _ok(server.cli("tag-limit", "inspect", tag)).stdout
+    assert f"Concurrency Limit ID: {inspected['id']}" in shown
+    assert re.search(rf"│ {tag} +│ +3 │ .* │ .* │", shown), shown
+    assert "Active Task Run IDs" in shown
+    assert shown.index(runs[0]) < shown.index(runs[1])  # sorted
+
+    listed = json.loads(_ok(server.cli("tag-limit", "ls", "-o", "json")).stdout)
+    (mine,) = [lim for lim in listed if lim["tag"] == tag]
+    assert sorted(mine["active_slots"]) == runs
+    table = _ok(server.cli("tag-limit", "ls")).stdout
+    assert "Concurrency Limits" in table
+    assert "inspect a concurrency limit to show active task run IDs" in table
+    row = next(line for line in table.splitlines() if inspected["id"] in line)
+    assert re.search(rf"│ {tag} +│ {inspected['id']} │ +3 │ +2 │", row), row
+
+    holders = json.loads(_ok(server.cli("tag-limit", "holders", tag, "-o", "json")).stdout)
+    assert sorted(h["holder"]["id"] for h in holders) == runs
+    assert {h["holder"]["type"] for h in holders} == {"task_run"}
+    holder_table = _ok(server.cli("tag-limit", "holders", tag)).stdout
+    assert f"Holders of the tag '{tag}'" in holder_table
+    row = next(line for line in holder_table.splitlines() if runs[0] in line)
+    assert re.search(r"│ +(just now|\d+ seconds?) │ +1 │ in \d+ (years|days)", row), row
+
+    _ok(server.cli("tag-limit", "reset", tag), f"Reset concurrency limit set on the tag: {tag}")
+    assert json.loads(server.cli("tag-limit", "inspect", tag, "-o", "json").stdout)["active_slots"] == []
+    _ok(server.cli("tag-limit", "holders", tag), f"Nobody holds the tag: {tag}")
+    assert json.loads(_ok(server.cli("tag-limit", "holders", tag, "-o", "json")).stdout) == []
+
+    _ok(server.cli("tag-limit", "delete", tag), f"Deleted concurrency limit set on the tag: {tag}")
+    _error(server.cli("tag-limit", "inspect", tag), _no_tag(tag))
+    assert tag not in [lim["tag"] for lim in json.loads(server.cli("tag-limit", "ls", "-o", "json").stdout)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "missing"],
+        ["inspect", "missing", "-o", "json"],
+        ["reset", "missing"],
+        ["delete", "missing", "--yes"],
+        ["holders", "missing"],
+    ],
+)
+def test_missing_tag_limit(server: ServerProcess, command: list[str]) -> None:
+    _error(server.cli("tag-limit", *command), _no_tag("missing"))
+
+
+@pytest.mark.slow
+def test_tag_limit_ls_pages_and_orders_by_update(server: ServerProcess) -> None:
+    tags = ["page-a", "page-b", "page-c"]
+    for tag in tags:
+        _ok(server.cli("tag-limit", "create", tag, "1"))
+    _ok(server.cli("tag-limit", "create", "page-a", "4"))  # now the most recently updated
+    page = json.loads(_ok(server.cli("tag-limit", "ls", "--limit", "200", "-o", "json")).stdout)
+    mine = [lim["tag"] for lim in page if lim["tag"].startswith("page-")]
+    assert mine == ["page-a", "page-c", "page-b"]
+    # --limit/--offset page over tag limits ordered by tag, plain limits never in the way.
+    everything = json.loads(server.cli("tag-limit", "ls", "--limit", "200", "-o", "json").stdout)
+    by_tag = sorted(lim["tag"] for lim in everything)
+    index = by_tag.index("page-b")
+    window = json.loads(
+        _ok(server.cli("tag-limit", "ls", "--limit", "1", "--offset", str(index), "-o", "json")).stdout
+    )
+    assert [lim["tag"] for lim in window] == ["page-b"]
+    _error(
+        server.cli("tag-limit", "create", "a/b", "1"),
+        "Invalid arguments provided: tag: String should match pattern '^[^/%&><]+$'",
+    )
+    for tag in tags:
+        _ok(server.cli("tag-limit", "delete", tag, "-y"))
+
+
+@pytest.mark.slow
+def test_tag_limit_delete_asks_on_a_terminal(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ok(server.cli("tag-limit", "create", "kept", "1"))
+    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    question = "Are you sure you want to delete concurrency limit with tag 'kept'? [y/N]: "
+    kept = server.cli("tag-limit", "delete", "kept", input="n\n")
+    assert (kept.exit_code, kept.stdout, kept.stderr) == (1, question + "n\n", "Deletion aborted.\n")
+    gone = server.cli("tag-limit", "delete", "kept", input="y\n")
+    assert gone.exit_code == 0
+    assert gone.stdout == question + "y\nDeleted concurrency limit set on the tag: kept\n"
+    _error(server.cli("tag-limit", "delete", "kept", input="y\n"), _no_tag("kept"))
+
+
+@pytest.mark.parametrize("command", [["ls"], ["inspect", "db"], ["holders", "db"]])
+def test_tag_limit_only_json_output(command: list[str]) -> None:
+    _error(run("tag-limit", *command, "-o", "yaml"), "Only 'json' output format is supported.")
+
+
+def test_tag_limit_usage_errors_exit_2() -> None:
+    assert run("tag-limit", "create", "db").exit_code == 2  # CONCURRENCY_LIMIT is required
+    assert run("tag-limit", "create", "db", "many").exit_code == 2
+    assert run("tag-limit", "ls", "--limit", "-1").exit_code == 2
+
+
+def test_held_for() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert cli.held_for("2026-01-01T11:57:00.000000Z", now) == "3 minutes"
+    assert cli.held_for("2026-01-01T12:00:00.000000Z", now) == "just now"

@@ -4,6 +4,7 @@
     slotkeeper db upgrade
     slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases
     slotkeeper gcl ...            (the same commands, under Prefect's name)
+    slotkeeper tag-limit create | inspect | ls | reset | delete | holders   (tag-based, v1)
 
 The limit commands mirror ``prefect global-concurrency-limit`` (messages included) and talk to
 the server over HTTP through :class:`slotkeeper.client.SlotkeeperClient`; ``--api-url`` (env
@@ -60,9 +61,16 @@ app.add_typer(server_app, name="server")
 app.add_typer(db_app, name="db")
 app.add_typer(limit_app, name="limit")
 app.add_typer(limit_app, name="gcl", help="Alias of `slotkeeper limit` (Prefect's name).")
+tag_app = typer.Typer(
+    help="Manage tag-based (v1) concurrency limits (as `prefect concurrency-limit`).",
+    no_args_is_help=True,
+)
+app.add_typer(tag_app, name="tag-limit")
 
 #: How the hints printed by the commands name the limit group.
 LIMIT_COMMAND = "slotkeeper limit"
+#: How the hints printed by the tag-limit commands name their group.
+TAG_COMMAND = "slotkeeper tag-limit"
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -452,6 +460,179 @@ def leases(ctx: typer.Context, name: NameArgument, output: OutputOption = None) 
             _cell(lease["fencing_token"]),
         )
     _print_table(table)
+
+
+# --- tag-limit commands (tag-based, v1) -----------------------------------------------------------
+
+
+def no_tag_limit(tag: str) -> str:
+    """Prefect's message for a tag without a limit."""
+    return f"No concurrency limit found for the tag: {tag}"
+
+
+TagArgument = Annotated[str, typer.Argument(metavar="TAG", help="The tag.", show_default=False)]
+
+
+def _tag_errors(tag: str) -> ErrorMessages:
+    return {404: lambda _: no_tag_limit(tag)}
+
+
+@tag_app.command("create")
+def tag_create(
+    ctx: typer.Context,
+    tag: TagArgument,
+    concurrency_limit: Annotated[
+        int,
+        typer.Argument(
+            metavar="CONCURRENCY_LIMIT", help="How many task runs may hold the tag at once.", min=0
+        ),
+    ],
+) -> None:
+    """Create the limit of a tag, or change its size (an upsert, as Prefect's)."""
+
+    async def work(client: SlotkeeperClient) -> bool:
+        try:
+            await client.read_tag_limit(tag)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            existed = False
+        else:
+            existed = True
+        await client.upsert_tag_limit(tag, concurrency_limit)
+        return existed
+
+    existed = _call(ctx, work, errors={422: lambda exc: f"Invalid arguments provided: {exc.detail}"})
+    quoted = shlex.quote(tag)
+    _ok(
+        f"{'Updated' if existed else 'Created'} concurrency limit with properties:\n"
+        f"    tag - {tag!r}\n"
+        f"    concurrency_limit - {concurrency_limit}\n\n"
+        f"Delete the concurrency limit:\n    {TAG_COMMAND} delete {quoted}\n\n"
+        f"Inspect the concurrency limit:\n    {TAG_COMMAND} inspect {quoted}"
+    )
+
+
+@tag_app.command("inspect")
+def tag_inspect(ctx: typer.Context, tag: TagArgument, output: OutputOption = None) -> None:
+    """Show the limit of a tag and the task runs holding it."""
+    as_json = _check_output(output)
+    lim = _call(ctx, lambda client: client.read_tag_limit(tag), errors=_tag_errors(tag))
+    if as_json:
+        _print_json(lim)
+        return
+    title = f"Concurrency Limit ID: {lim['id']}"
+    table = Table(title=Text(title), min_width=len(title))  # the id in the title, whole
+    table.add_column("Tag", style="green")
+    table.add_column("Concurrency Limit", justify="right")
+    table.add_column("Created")
+    table.add_column("Updated")
+    table.add_row(
+        _cell(lim["tag"]),
+        _cell(lim["concurrency_limit"]),
+        _cell(relative_time(lim["created"])),
+        _cell(relative_time(lim["updated"])),
+    )
+    _print_table(table)
+    runs = Table(title="Active Task Run IDs")
+    runs.add_column("Task Run ID", style="cyan", no_wrap=True)
+    for task_run_id in sorted(lim["active_slots"]):
+        runs.add_row(_cell(task_run_id))
+    _print_table(runs)
+
+
+@tag_app.command("ls")
+def tag_ls(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", help="How many tag limits to read.", min=0)] = 15,
+    offset: Annotated[int, typer.Option("--offset", help="How many to skip (ordered by tag).", min=0)] = 0,
+    output: OutputOption = None,
+) -> None:
+    """List tag limits (one page, ordered by tag), most recently updated first."""
+    as_json = _check_output(output)
+    page = _call(ctx, lambda client: client.list_tag_limits(limit, offset))
+    page.sort(key=lambda lim: lim.get("updated") or lim.get("created") or "", reverse=True)
+    if as_json:
+        _print_json(page)
+        return
+    if not page:
+        _print("No concurrency limits found.")
+        return
+    table = Table(
+        title="Concurrency Limits", caption="inspect a concurrency limit to show active task run IDs"
+    )
+    table.add_column("Tag", style="green")
+    table.add_column("ID", style="cyan", no_wrap=True)
+    table.add_column("Concurrency Limit", justify="right")
+    table.add_column("Active Task Runs", justify="right")
+    for lim in page:
+        table.add_row(
+            _cell(lim["tag"]),
+            _cell(lim["id"]),
+            _cell(lim["concurrency_limit"]),
+            _cell(len(lim["active_slots"])),
+        )
+    _print_table(table)
+
+
+@tag_app.command("reset")
+def tag_reset(ctx: typer.Context, tag: TagArgument) -> None:
+    """Free every slot of a tag: every holder loses it (each release is recorded)."""
+    _call(ctx, lambda client: client.reset_tag_limit(tag), errors=_tag_errors(tag))
+    _ok(f"Reset concurrency limit set on the tag: {tag}")
+
+
+@tag_app.command("delete")
+def tag_delete(
+    ctx: typer.Context,
+    tag: TagArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete the limit of a tag (asks first on a terminal); its holders lose it."""
+    if not yes and _interactive():
+        _call(ctx, lambda client: client.read_tag_limit(tag), errors=_tag_errors(tag))
+        if not typer.confirm(
+            f"Are you sure you want to delete concurrency limit with tag '{tag}'?", default=False
+        ):
+            _fail("Deletion aborted.")
+    _call(ctx, lambda client: client.delete_tag_limit(tag), errors=_tag_errors(tag))
+    _ok(f"Deleted concurrency limit set on the tag: {tag}")
+
+
+@tag_app.command("holders")
+def tag_holders(ctx: typer.Context, tag: TagArgument, output: OutputOption = None) -> None:
+    """List who holds a tag now (v1 holds and v2 leases), oldest first, and for how long."""
+    as_json = _check_output(output)
+    found = _call(ctx, lambda client: client.list_leases(f"tag:{tag}"), errors=_tag_errors(tag))
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        _print(f"Nobody holds the tag: {tag}")
+        return
+    now = datetime.now(UTC)
+    table = Table(title=Text(f"Holders of the tag '{tag}'"))
+    table.add_column("Holder")
+    table.add_column("Held For", justify="right")
+    table.add_column("Slots", justify="right")
+    table.add_column("Expires")
+    table.add_column("Lease ID", style="cyan", no_wrap=True)
+    for lease in found:
+        holder = lease.get("holder")
+        table.add_row(
+            _cell(f"{holder['type']} {holder['id']}" if holder else None),
+            _cell(held_for(lease["created"], now)),
+            _cell(lease["slots"]),
+            _cell(relative_time(lease["expires"], now)),
+            _cell(lease["lease_id"]),
+        )
+    _print_table(table)
+
+
+def held_for(since: str, now: datetime | None = None) -> str:
+    """How long ago ``since`` (ISO-8601) was, as a duration: ``"3 minutes"``, ``"just now"``."""
+    ago = relative_time(since, now)
+    return ago.removesuffix(" ago") if ago.endswith(" ago") else ago
 
 
 # --- server and database --------------------------------------------------------------------------

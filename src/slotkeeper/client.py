@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_API_URL", "SlotkeeperClient", "error_detail", "limit_path"]
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
 _LIMITS = "/v2/concurrency_limits"
+_TAG_LIMITS = "/concurrency_limits"
 _JSON_BODY = {"Content-Type": "application/json"}
 
 
@@ -166,12 +167,57 @@ class SlotkeeperClient:
         leases: list[dict[str, Any]] = await self.request("GET", limit_path(id_or_name) + "/leases")
         return leases
 
+    # --- tag-based (v1) limits: /concurrency_limits, as Prefect's v1 client calls them -----------
+
+    async def upsert_tag_limit(self, tag: str, concurrency_limit: int) -> dict[str, Any]:
+        """Create the limit of ``tag``, or set its size (Prefect's v1 upsert); return it."""
+        body = {"tag": tag, "concurrency_limit": concurrency_limit}
+        found: dict[str, Any] = await self.request("POST", f"{_TAG_LIMITS}/", body)
+        return found
+
+    async def read_tag_limit(self, tag: str) -> dict[str, Any]:
+        """The limit of ``tag`` with the task runs holding it (``active_slots``); 404 if none."""
+        found: dict[str, Any] = await self.request("GET", _tag_path(tag))
+        return found
+
+    async def list_tag_limits(self, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """One page of tag limits ordered by tag. ``limit=None`` asks for the server's page size."""
+        body: dict[str, Any] = {"offset": offset}
+        if limit is not None:
+            body["limit"] = limit
+        page: list[dict[str, Any]] = await self.request("POST", f"{_TAG_LIMITS}/filter", body)
+        return page
+
+    async def reset_tag_limit(self, tag: str, slot_override: list[str] | None = None) -> None:
+        """Free every slot of ``tag``; with ``slot_override``, those task runs hold it after."""
+        await self.request("POST", _tag_path(tag) + "/reset", {"slot_override": slot_override})
+
+    async def delete_tag_limit(self, tag: str) -> None:
+        """Delete the limit of ``tag``; the holds on it end."""
+        await self.request("DELETE", _tag_path(tag))
+
+    async def increment_tags(self, tags: list[str], task_run_id: str) -> list[dict[str, Any]]:
+        """Take one slot on each tag for ``task_run_id`` (423 :class:`ApiError` when one is full)."""
+        body = {"names": tags, "task_run_id": task_run_id}
+        held: list[dict[str, Any]] = await self.request("POST", f"{_TAG_LIMITS}/increment", body)
+        return held
+
+    async def decrement_tags(self, tags: list[str], task_run_id: str) -> list[dict[str, Any]]:
+        """Release what ``task_run_id`` holds on these tags."""
+        body = {"names": tags, "task_run_id": task_run_id}
+        found: list[dict[str, Any]] = await self.request("POST", f"{_TAG_LIMITS}/decrement", body)
+        return found
+
     async def health(self) -> bool:
         """True when the server answers its health check; False when it is down or unwell."""
         try:
             return bool(await self.request("GET", "/health") is True)
         except (ServerUnreachable, ApiError):
             return False
+
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header every request carries, if any (the SDK sends the same)."""
+        return self._headers.get("Authorization")
 
 
 def limit_path(id_or_name: str) -> str:
@@ -183,6 +229,16 @@ def limit_path(id_or_name: str) -> str:
         # A bare dot segment would be resolved away by URL normalisation; %2E is kept as is.
         segment = segment.replace(".", "%2E")
     return f"{_LIMITS}/{segment}"
+
+
+def _tag_path(tag: str) -> str:
+    """The percent-encoded path of one tag limit."""
+    if not tag:
+        raise ValueError("A tag must not be empty")
+    segment = quote(tag, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return f"{_TAG_LIMITS}/tag/{segment}"
 
 
 def error_detail(payload: bytes, fallback: str) -> str:

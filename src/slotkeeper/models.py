@@ -80,3 +80,17 @@ class LimitView:
 
     limit: Limit
     active_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class TagLimitView:
+    """A tag (v1) limit as read: the limit named ``tag:<tag>`` and the task runs holding it now
+    (through v1 holds or v2 leases), in acquisition order, each once."""
+
+    limit: Limit
+    holders: list[str]
+
+    @property
+    def tag(self) -> str:
+        """The tag: the limit's name without its ``tag:`` prefix."""
+        return self.limit.name.removeprefix("tag:")

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     tag_slot_wait_seconds: float = Field(
         default=10.0, ge=0, description="Cap of Retry-After for tag: limits."
     )
+    v1_hold_ttl_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=100 * 365 * 86400,
+        description="Lifetime of a tag-based (v1) hold. v1 clients cannot renew; unset, a hold "
+        "lasts 100 years (Prefect). Set, an abandoned hold expires and the reaper frees its slots.",
+    )
     max_wait_seconds: float = Field(
         default=3600.0, gt=0, description="Longest server-side wait a request may ask for (wait_seconds)."
     )

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, errors, events, limits, websockets
+from slotkeeper.api import admin, errors, events, limits, tags, websockets
 from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.settings = settings
     app.include_router(admin.router, prefix="/api")
     app.include_router(limits.router(settings), prefix="/api")
+    app.include_router(tags.router(settings), prefix="/api")
     app.include_router(events.router, prefix="/api")
     app.include_router(websockets.router, prefix="/api")
     errors.install(app)

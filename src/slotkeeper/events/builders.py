@@ -81,6 +81,78 @@ def slot_event(
     )
 
 
+#: The ``kind`` of a lease that is a tag-based (v1) hold: its slot events are the v1 pair.
+V1_HOLD = "v1"
+#: The name prefix that makes a limit a tag (v1) limit.
+TAG_PREFIX = "tag:"
+
+
+def v1_limit_resource_id(limit_id: str) -> str:
+    """``prefect.concurrency-limit.v1.<uuid>``."""
+    return f"prefect.concurrency-limit.v1.{limit_id}"
+
+
+def v1_slot_event(
+    name: str,
+    limit: Limit,
+    *,
+    batch: Sequence[str],
+    occurred: float,
+    task_run_id: str,
+    follows: str | None = None,
+) -> EventRecord:
+    """A v1 acquired or released event for one tag limit of a v1 hold (one slot each).
+
+    The resource is named by the tag (the limit name without ``tag:``), as Prefect's v1 client
+    names it; each other limit of the same increment is related with role ``concurrency-limit``.
+    """
+    related = [
+        {"prefect.resource.id": v1_limit_resource_id(other), "prefect.resource.role": "concurrency-limit"}
+        for other in batch
+        if other != limit.id
+    ]
+    return EventRecord(
+        id=new_event_id(),
+        occurred=occurred,
+        event=name,
+        resource={
+            "prefect.resource.id": v1_limit_resource_id(limit.id),
+            "prefect.resource.name": limit.name.removeprefix(TAG_PREFIX),
+            "limit": str(limit.limit),
+            "task_run_id": task_run_id,
+        },
+        related=related,
+        payload={},
+        follows=follows,
+        received=occurred,
+    )
+
+
+def released_event(
+    kind: str | None,
+    limit: Limit,
+    *,
+    slots: int,
+    batch: Sequence[str],
+    occurred: float,
+    holder: Holder | None,
+    follows: str | None,
+) -> EventRecord:
+    """The released event of one grant of a lease of this ``kind`` (v1 holds get the v1 event)."""
+    if kind == V1_HOLD:
+        return v1_slot_event(
+            V1_RELEASED,
+            limit,
+            batch=batch,
+            occurred=occurred,
+            task_run_id=holder.id if holder else "",
+            follows=follows,
+        )
+    return slot_event(
+        RELEASED, limit, slots=slots, batch=batch, occurred=occurred, holder=holder, follows=follows
+    )
+
+
 def lifecycle_event(name: str, limit: Limit, occurred: float) -> EventRecord:
     """A created, updated or deleted event, with the limit's state as payload."""
     return EventRecord(

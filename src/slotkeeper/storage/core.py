@@ -335,8 +335,8 @@ class Storage:
         for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id, "now": now}):
             batches.setdefault(row[0], ([], row))[0].append(row[5])
         released = [
-            builders.slot_event(
-                builders.RELEASED,
+            builders.released_event(
+                row[6],
                 lim,
                 slots=row[1],
                 batch=batch,
@@ -360,6 +360,8 @@ class Storage:
         # Waiters that also wait for other limits now wait for those only.
         others = [r[0] for r in tx.all(q.SELECT_CO_WAITED_LIMITS, {"id": lim.id})]
         tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
+        if batches:  # a v1 hold of this limit alone can never be released by its task run now
+            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": list(batches)})
         tx.run(q.DELETE_LIMIT, {"id": lim.id})
         write_events(tx, [*released, builders.lifecycle_event(builders.DELETED, lim, now)])
         self._admit(tx, others)
@@ -646,7 +648,7 @@ class Storage:
             tokens: dict[str, int] = dict(tx.all(q.SELECT_LEASE_TOKENS, {"lease_id": lease_id}))
             rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(tokens)}) if tokens else []
             by_id = {r[0]: _limit(r, 0) for r in rows}
-            order = [r[0] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
+            order = [r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
             tx.run(q.DELETE_WAITER, {"id": waiter_id})
             limits = [replace(by_id[i], fencing_token=tokens[i]) for i in order if i in by_id]
             return Granted(limits, lease_id)
@@ -723,7 +725,7 @@ class Storage:
             row = tx.one(q.DELETE_LEASE, {"id": lease_id})
         if row is None:
             return False
-        created, expires, slots, holder_type, holder_id = row
+        created, expires, slots, holder_type, holder_id, kind = row
         tx.run(q.DELETE_LEASE_GRANTS, {"id": lease_id})
         ended = min(now, expires)  # an expired lease gave its slots back at its expiry
         held = ended - created
@@ -743,8 +745,8 @@ class Storage:
         write_events(
             tx,
             [
-                builders.slot_event(
-                    builders.RELEASED,
+                builders.released_event(
+                    kind,
                     lim,
                     slots=slots,
                     batch=batch,

@@ -97,12 +97,12 @@ SELECT limit_id, acquired_event_id FROM grants WHERE lease_id = :id ORDER BY lim
 
 #: Deleting the lease is the release: the grants go with it, in the same transaction.
 DELETE_LEASE = """
-DELETE FROM leases WHERE id = :id RETURNING created, expires, slots, holder_type, holder_id
+DELETE FROM leases WHERE id = :id RETURNING created, expires, slots, holder_type, holder_id, kind
 """
 
 DELETE_LEASE_IF_EXPIRED = """
 DELETE FROM leases WHERE id = :id AND expires <= :now
-RETURNING created, expires, slots, holder_type, holder_id
+RETURNING created, expires, slots, holder_type, holder_id, kind
 """
 
 DELETE_LEASE_GRANTS = "DELETE FROM grants WHERE lease_id = :id"
@@ -120,7 +120,7 @@ SELECT id FROM leases WHERE expires <= :now ORDER BY expires LIMIT :batch
 
 #: The live grants on one limit, with each lease's other limits: what deleting the limit releases.
 SELECT_LIMIT_GRANTS = """
-SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id
+SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id, l.kind
 FROM grants g JOIN leases l ON l.id = g.lease_id JOIN grants o ON o.lease_id = g.lease_id
 WHERE g.limit_id = :id AND l.expires > :now
 ORDER BY g.lease_id, o.limit_id
@@ -278,4 +278,49 @@ SELECT_LEASE_TOKENS = "SELECT limit_id, fencing_token FROM grants WHERE lease_id
 SELECT_CO_WAITED_LIMITS = """
 SELECT DISTINCT o.limit_id FROM waiter_limits wl JOIN waiter_limits o ON o.waiter_id = wl.waiter_id
 WHERE wl.limit_id = :id AND o.limit_id != :id
+"""
+
+# --- tag-based (v1) holds (slotkeeper.storage.tags) ----------------------------------------------
+
+#: A v1 hold: a lease of kind 'v1' held by one task run (one per increment, one slot per tag).
+INSERT_V1_LEASE = """
+INSERT INTO leases (id, created, expires, slots, holder_type, holder_id, kind)
+VALUES (:id, :created, :expires, 1, 'task_run', :holder_id, 'v1')
+"""
+
+#: The v1 holds of one task run that hold one of the named limits (expired or not: a decrement
+#: ends an expired hold that the reaper has not reached yet, exactly once either way).
+SELECT_V1_HOLDS_OF = """
+SELECT DISTINCT l.id, l.created FROM leases l
+JOIN grants g ON g.lease_id = l.id JOIN limits m ON m.id = g.limit_id
+WHERE l.kind = 'v1' AND l.holder_type = 'task_run' AND l.holder_id = :holder_id
+    AND m.name IN_LIST(names)
+ORDER BY l.created, l.id
+"""
+
+#: Lock, in id order, the named limits and every limit the given leases hold: what a v1
+#: decrement changes, locked up front so the lock order stays limits-by-id.
+LOCK_LIMITS_OF_HOLDS = """
+SELECT id FROM limits
+WHERE name IN_LIST(names) OR id IN (SELECT limit_id FROM grants WHERE lease_id IN_LIST(leases))
+ORDER BY id FOR_UPDATE
+"""
+
+#: The task runs holding each limit through a live lease (v1 holds and v2 leases alike), in the
+#: order they acquired it (fencing tokens increase with every acquisition of a limit): the
+#: ``active_slots`` of the v1 view.
+SELECT_TASK_RUN_HOLDERS = """
+SELECT g.limit_id, l.holder_id FROM grants g JOIN leases l ON l.id = g.lease_id
+WHERE g.limit_id IN_LIST(ids) AND l.expires > :now AND l.holder_type = 'task_run'
+ORDER BY g.limit_id, g.fencing_token
+"""
+
+#: A reset takes the live grants off one limit (expired ones are left to the reaper).
+DELETE_LIMIT_GRANTS_OF = "DELETE FROM grants WHERE limit_id = :id AND lease_id IN_LIST(leases)"
+
+#: A v1 hold left without any grant (its tags were reset or deleted) can never be released by
+#: its task run: it goes. A v2 lease stays, for its holder to renew or release by id.
+DELETE_EMPTY_V1_LEASES = """
+DELETE FROM leases WHERE kind = 'v1' AND id IN_LIST(ids)
+    AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.lease_id = leases.id)
 """

@@ -49,6 +49,9 @@ leases = sa.Table(
     sa.Column("slots", sa.Integer, nullable=False),
     sa.Column("holder_type", sa.Text, nullable=True),
     sa.Column("holder_id", sa.Text, nullable=True),
+    # NULL: a v2 lease (renewed and released by id). 'v1': a tag-based hold of one task run,
+    # released by task run and tags; its slot events are the v1 pair (storage/tags.py).
+    sa.Column("kind", sa.Text, nullable=True),
 )
 
 #: A grant ties a lease to one limit. Occupancy is the sum of live grants: no counter exists.
