@@ -16,8 +16,11 @@ log = logging.getLogger("slotkeeper.reaper")
 
 
 async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
-    """Reap forever: a full batch goes again at once, otherwise sleep ``interval``."""
+    """Reap forever: a full batch goes again at once, otherwise the next pass starts
+    ``interval`` after this one started (not after it ended), so lateness stays near the interval."""
+    loop = asyncio.get_running_loop()
     while True:
+        started = loop.time()
         try:
             ended = await storage.reap_expired(batch)
             await storage.sweep_waiters()
@@ -29,4 +32,4 @@ async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
         if ended:
             log.debug("reaped %d expired lease(s)", ended)
         if ended < batch:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))

@@ -191,7 +191,7 @@ def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
         )
     if request.mode is not Mode.CONCURRENCY:
         raise InvalidRequest(
-            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is exact"
+            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is computed from its decay"
         )
 
 
@@ -742,17 +742,22 @@ class Storage:
         )
         holder = _holder(holder_type, holder_id)
         batch = [lim.id for lim in limits]
+        # ``occurred`` is when the slots came back (the expiry, for a reaped lease); ``received``
+        # is when the server recorded it, so it never precedes the event's existence.
         write_events(
             tx,
             [
-                builders.released_event(
-                    kind,
-                    lim,
-                    slots=slots,
-                    batch=batch,
-                    occurred=ended,
-                    holder=holder,
-                    follows=grants.get(lim.id),
+                replace(
+                    builders.released_event(
+                        kind,
+                        lim,
+                        slots=slots,
+                        batch=batch,
+                        occurred=ended,
+                        holder=holder,
+                        follows=grants.get(lim.id),
+                    ),
+                    received=now,
                 )
                 for lim in limits
             ],
