@@ -36,11 +36,13 @@ from typing import Any, Literal
 
 import aiohttp
 
-Kind = Literal["pairs", "health"]
+Kind = Literal["pairs", "health", "handoff", "rate", "random-pairs", "events"]
 
 ACQUIRE = "/api/v2/concurrency_limits/increment-with-lease"
 RELEASE = "/api/v2/concurrency_limits/decrement-with-lease"
 HEALTH = "/api/health"
+INCREMENT = "/api/v2/concurrency_limits/increment"
+EVENTS_IN = "/api/events/in"
 JSON_HEADERS = {"Content-Type": "application/json"}
 #: Lease length asked for by every acquire: long enough that no lease expires during a run.
 LEASE_SECONDS = 300
@@ -62,6 +64,8 @@ class Job:
     request_timeout: float
     #: Upper bound on operations per client (the time bound normally ends the loop first).
     max_ops: int
+    #: What the other kinds need (limit names, hold time, pacing...): plain JSON-like values.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +84,10 @@ class WorkerResult:
     unfinished: int = 0
     #: Problems outside the window (priming), for the log only.
     notes: list[str] = field(default_factory=list)
+    #: Per-operation records of the other kinds (tuples of numbers and strings, see each client).
+    records: list[tuple[Any, ...]] = field(default_factory=list)
+    #: ``Retry-After`` values received (seconds), packed ``array('d')`` bytes.
+    retry_afters: bytes = b""
 
 
 @dataclass
@@ -92,16 +100,20 @@ class Merged:
     errors: dict[str, int]
     unfinished: int
     notes: list[str]
+    records: list[tuple[Any, ...]] = field(default_factory=list)
+    retry_afters: list[float] = field(default_factory=list)
 
 
 def merge(results: list[WorkerResult]) -> Merged:
-    """Merge worker results: sum the counts, concatenate the latencies."""
+    """Merge worker results: sum the counts, concatenate the latencies and records."""
     latencies: array[float] = array("d")
     releases: array[float] = array("d")
+    retry_afters: array[float] = array("d")
     errors: Counter[str] = Counter()
     for r in results:
         latencies.frombytes(r.latencies)
         releases.frombytes(r.release_latencies)
+        retry_afters.frombytes(r.retry_afters)
         errors.update(r.errors)
     return Merged(
         completed=sum(r.completed for r in results),
@@ -110,6 +122,8 @@ def merge(results: list[WorkerResult]) -> Merged:
         errors=dict(sorted(errors.items())),
         unfinished=sum(r.unfinished for r in results),
         notes=[n for r in results for n in r.notes],
+        records=[rec for r in results for rec in r.records],
+        retry_afters=retry_afters.tolist(),
     )
 
 
@@ -135,6 +149,10 @@ class _Tally:
         self.latencies: array[float] = array("d")
         self.release_latencies: array[float] = array("d")
         self.errors: Counter[str] = Counter()
+        self.records: list[tuple[Any, ...]] = []
+        self.retry_afters: array[float] = array("d")
+        #: Per-worker shared state of a kind (the events emitter's websocket).
+        self.shared: dict[str, Any] = {}
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -226,9 +244,286 @@ async def _health_client(
             tally.latencies.append(t1 - t0)
 
 
+# --- the scenarios beyond pairs -----------------------------------------------------------------
+#
+# Their clients keep raw records (``tally.records``) that the parent analyses; times in records
+# are ``time.time()`` (the same clock in every process of the machine), so records of several
+# workers, and of the parent's event subscriber, can be put on one timeline.
+
+_IO_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+
+
+async def _post(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, bytes, str | None]:
+    async with session.post(url, data=data, headers=JSON_HEADERS) as resp:
+        return resp.status, await resp.read(), resp.headers.get("Retry-After")
+
+
+async def _release(
+    session: aiohttp.ClientSession, base: str, lease_id: str, window: _Window, tally: _Tally
+) -> bool:
+    """Release a lease (always, also after the window: the next measurement needs the slot)."""
+    try:
+        async with session.post(
+            base + RELEASE, data=json.dumps({"lease_id": lease_id}).encode(), headers=JSON_HEADERS
+        ) as resp:
+            status = resp.status
+            await resp.read()
+    except _IO_ERRORS as exc:
+        if time.perf_counter() in window:
+            tally.errors[f"release:{_failure_kind(exc)}"] += 1
+        return False
+    if status != 204 and time.perf_counter() in window:
+        tally.errors[f"release:{status}"] += 1
+    return status == 204
+
+
+async def _handoff_client(
+    session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """Contended hand-off: acquire the one shared limit, hold it ``hold`` s, release; repeat.
+
+    ``params``: ``limit`` (name), ``hold`` (s), ``wait_seconds`` (None: poll as Prefect's client
+    does, sleeping exactly ``Retry-After`` after each 423). No new acquisition starts after the
+    window; a poll that would retry after the window gives up. Record per acquisition:
+    ``(client, requested, granted or None, released or None, attempts, release answered or None)``
+    (wall-clock seconds; "released" is when the release request was sent).
+    """
+    p = job.params
+    body: dict[str, Any] = {"names": [p["limit"]], "slots": 1, "lease_duration": LEASE_SECONDS}
+    if p.get("wait_seconds"):
+        body["wait_seconds"] = p["wait_seconds"]
+    data, url, hold = json.dumps(body).encode(), base + ACQUIRE, float(p["hold"])
+    clock, wall = time.perf_counter, time.time
+    for _ in range(job.max_ops):
+        if clock() >= window.end:
+            return
+        requested, attempts, lease_id, granted = wall(), 0, None, 0.0
+        while clock() < window.end + job.grace:
+            attempts += 1
+            try:
+                status, payload, retry = await _post(session, url, data)
+            except _IO_ERRORS as exc:
+                if clock() in window:
+                    tally.errors[f"acquire:{_failure_kind(exc)}"] += 1
+                if clock() >= window.end:
+                    break
+                await asyncio.sleep(0.01)
+                continue
+            if status == 200:
+                lease_id, granted = json.loads(payload)["lease_id"], wall()
+                break
+            if status == 423 and retry is not None:
+                delay = float(retry)
+                if p.get("wait_seconds"):  # a server-side wait that timed out: queue again
+                    tally.errors["acquire:423 (wait timed out)"] += 1
+                    continue
+                tally.retry_afters.append(delay)
+                if clock() + delay >= window.end:
+                    break  # the next poll would come after the window: give up
+                await asyncio.sleep(delay)
+                continue
+            if clock() in window:
+                tally.errors[f"acquire:{status}"] += 1
+            if clock() >= window.end:
+                break
+            await asyncio.sleep(0.01)
+        if lease_id is None:
+            tally.records.append((client, requested, None, None, attempts, None))
+            return
+        await asyncio.sleep(hold)
+        released = wall()
+        await _release(session, base, lease_id, window, tally)
+        tally.records.append((client, requested, granted, released, attempts, wall()))
+
+
+async def _rate_client(
+    session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """Rate limit: ``POST /increment`` in ``rate_limit`` mode as fast as ``Retry-After`` allows.
+
+    Record per grant: ``(client, granted)`` (wall clock). A 423 sleeps its ``Retry-After``
+    exactly (Prefect's client does the same).
+    """
+    data = json.dumps({"names": [job.params["limit"]], "slots": 1, "mode": "rate_limit"}).encode()
+    url, clock, wall = base + INCREMENT, time.perf_counter, time.time
+    for _ in range(job.max_ops):
+        if clock() >= window.end:
+            return
+        try:
+            status, _, retry = await _post(session, url, data)
+        except _IO_ERRORS as exc:
+            if clock() in window:
+                tally.errors[f"increment:{_failure_kind(exc)}"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        if status == 200:
+            if clock() in window:
+                tally.records.append((client, wall()))
+            continue
+        if status == 423 and retry is not None:
+            delay = float(retry)
+            tally.retry_afters.append(delay)
+            await asyncio.sleep(min(delay, max(0.0, window.end - clock())))
+            continue
+        if clock() in window:
+            tally.errors[f"increment:{status}"] += 1
+        await asyncio.sleep(0.01)
+
+
+async def _random_pairs_client(
+    session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """Pairs on random limits ``{prefix}0`` .. ``{prefix}{count-1}`` (the scale scenario)."""
+    import random
+
+    rng = random.Random(job.params.get("seed", 0) * 1000 + client)
+    prefix, count = job.params["prefix"], int(job.params["count"])
+    clock = time.perf_counter
+    for _ in range(job.max_ops):
+        t0 = clock()
+        if t0 >= window.end:
+            return
+        body = {"names": [f"{prefix}{rng.randrange(count)}"], "slots": 1, "lease_duration": LEASE_SECONDS}
+        try:
+            status, payload, _ = await _post(session, base + ACQUIRE, json.dumps(body).encode())
+        except _IO_ERRORS as exc:
+            if clock() in window:
+                tally.errors[f"acquire:{_failure_kind(exc)}"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        t1 = clock()
+        if status != 200:
+            if t1 in window:
+                tally.errors[f"acquire:{status}"] += 1
+            continue
+        if t0 in window:
+            tally.latencies.append(t1 - t0)
+        if await _release(session, base, json.loads(payload)["lease_id"], window, tally):
+            t2 = clock()
+            if t2 in window:
+                tally.completed += 1
+                tally.release_latencies.append(t2 - t1)
+
+
+def client_event(name: str, limit: dict[str, Any], holder: str) -> str:
+    """A slot event as Prefect's client emits it around a ``concurrency()`` block."""
+    import datetime as dt
+    import uuid
+
+    return json.dumps(
+        {
+            "id": str(uuid.uuid4()),
+            "occurred": dt.datetime.now(dt.UTC).isoformat(),
+            "event": name,
+            "resource": {
+                "prefect.resource.id": f"prefect.concurrency-limit.{limit['id']}",
+                "prefect.resource.name": limit["name"],
+                "slots-acquired": "1",
+                "limit": str(limit["limit"]),
+            },
+            "related": [
+                {"prefect.resource.id": f"prefect.task-run.{holder}", "prefect.resource.role": "task-run"}
+            ],
+            "payload": {},
+        }
+    )
+
+
+async def _emit(tally: _Tally, frame: str) -> None:
+    ws: aiohttp.ClientWebSocketResponse[bool] | None = tally.shared.get("emitter")
+    if ws is None or ws.closed:
+        tally.errors["emit:closed"] += 1
+        return
+    async with tally.shared["emit_lock"]:
+        await ws.send_str(frame)
+
+
+async def _events_client(
+    session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """Paced pairs on ``bench-<client>``, each acquisition with its own holder id.
+
+    ``params``: ``interval`` (s between this client's pair starts), ``emit`` (also send the
+    acquired and released events over ``/api/events/in``, as Prefect's client does: for a
+    server that does not write slot events itself). Record per acquisition answered inside the
+    window: ``(holder id, answered)`` (wall clock).
+    """
+    import uuid
+
+    interval, emit = float(job.params["interval"]), bool(job.params.get("emit"))
+    clock, wall = time.perf_counter, time.time
+    next_start = clock()
+    for _ in range(job.max_ops):
+        now = clock()
+        if now >= window.end:
+            return
+        if next_start > now:
+            await asyncio.sleep(next_start - now)
+        # Paced, without bursts to catch up: at most one start per interval.
+        next_start = max(next_start + interval, clock())
+        holder = str(uuid.uuid4())
+        body = {
+            "names": [f"bench-{client}"],
+            "slots": 1,
+            "lease_duration": LEASE_SECONDS,
+            "holder": {"type": "task_run", "id": holder},
+        }
+        t0 = clock()
+        try:
+            status, payload, _ = await _post(session, base + ACQUIRE, json.dumps(body).encode())
+        except _IO_ERRORS as exc:
+            if clock() in window:
+                tally.errors[f"acquire:{_failure_kind(exc)}"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        answered, t1 = wall(), clock()
+        if status != 200:
+            if t1 in window:
+                tally.errors[f"acquire:{status}"] += 1
+            continue
+        granted = json.loads(payload)
+        if t0 in window:
+            tally.records.append((holder, answered))
+            tally.latencies.append(t1 - t0)
+        if emit and granted["limits"]:
+            await _emit(
+                tally, client_event("prefect.concurrency-limit.acquired", granted["limits"][0], holder)
+            )
+        if await _release(session, base, granted["lease_id"], window, tally):
+            if clock() in window:
+                tally.completed += 1
+            if emit and granted["limits"]:
+                await _emit(
+                    tally, client_event("prefect.concurrency-limit.released", granted["limits"][0], holder)
+                )
+
+
+async def _open_emitter(job: Job, tally: _Tally) -> aiohttp.ClientSession | None:
+    """The ``/api/events/in`` websocket of an emitting events job (Prefect's handshake)."""
+    if job.kind != "events" or not job.params.get("emit") or not job.clients:
+        return None
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    ws = await session.ws_connect(
+        job.base_url.replace("http://", "ws://", 1) + EVENTS_IN,
+        protocols=("prefect",),
+        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+    )
+    await ws.send_json({"type": "auth", "token": None})
+    answer = await ws.receive_json(timeout=10)
+    if answer.get("type") != "auth_success":
+        raise RuntimeError(f"events/in handshake answered {answer!r}")
+    tally.shared["emitter"] = ws
+    tally.shared["emit_lock"] = asyncio.Lock()
+    return session
+
+
 _CLIENTS: dict[Kind, Callable[..., Coroutine[Any, Any, None]]] = {
     "pairs": _pairs_client,
     "health": _health_client,
+    "handoff": _handoff_client,
+    "rate": _rate_client,
+    "random-pairs": _random_pairs_client,
+    "events": _events_client,
 }
 
 
@@ -258,7 +553,10 @@ async def _open_sessions(job: Job) -> tuple[list[aiohttp.ClientSession], list[st
 async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerResult:
     """Run one job: open and prime, report ready, wait for the start time, load, collect."""
     sessions, notes = await _open_sessions(job)
+    tally = _Tally()
+    emitter: aiohttp.ClientSession | None = None
     try:
+        emitter = await _open_emitter(job, tally)
         conn.send(("ready", None))
         loop = asyncio.get_running_loop()
         # The parent answers with the common start time (wall clock), or None to abort.
@@ -270,7 +568,6 @@ async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerR
         window = _Window(start + job.warmup, start + job.warmup + job.duration)
         if delay > 0:
             await asyncio.sleep(delay)
-        tally = _Tally()
         client = _CLIENTS[job.kind]
         tasks = [
             asyncio.create_task(client(s, job.base_url, c, job, window, tally))
@@ -291,10 +588,15 @@ async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerR
             errors=dict(tally.errors),
             unfinished=len(pending),
             notes=notes,
+            records=tally.records,
+            retry_afters=tally.retry_afters.tobytes(),
         )
     finally:
+        closing = [s.close() for s in sessions]
+        if emitter is not None:
+            closing.append(emitter.close())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*(s.close() for s in sessions)), timeout=5)
+            await asyncio.wait_for(asyncio.gather(*closing), timeout=5)
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:

@@ -41,8 +41,9 @@ work through the same API, on the same machine, in the same run.
 ## Running it
 
 ```bash
-benchmarks/run --short      # 2 rounds of 0.5 + 3.5 s per measurement: under 2 minutes on a quiet machine
-benchmarks/run --full       # 3 rounds of 2 + 15 s per measurement (about 12 minutes)
+benchmarks/run --short      # every scenario, short windows (pairs: 2 rounds of 0.5 + 2.5 s): about 4 minutes on this shared 2-core machine
+benchmarks/run --full       # 3 rounds of 2 + 15 s for pairs, long windows and full scale for the rest
+benchmarks/run --short --scenarios handoff,rate   # only some scenarios (see below)
 benchmarks/run --servers slotkeeper-sqlite,prefect-sqlite --out /tmp/bench.json --no-docs
 python benchmarks/run.py --from-json benchmarks/results/latest.json   # re-render this page only
 ```
@@ -99,6 +100,28 @@ The issue's targets for slotkeeper on SQLite at 64 clients are: at least 1,500 p
 error, p99 acquire latency under 50 ms. The generated section checks them; on a machine that
 other work keeps busy (see the note it prints) they say more about the machine than about
 slotkeeper, so judge them on a quiet machine.
+
+## The other scenarios (contended hand-off, Prefect's client, rate limits, events, scale)
+
+`--scenarios` picks among `pairs,handoff,client,rate,events,scale` (default: all of them, in that
+order). Each is measured on every server in turn with the turn order rotating from round to
+round and the other servers frozen, as "pairs"; each measurement creates fresh limits, so no
+round inherits another's state (leases, queues, occupancy averages). Limits whose `Retry-After`
+matters (hand-off, Prefect's client) are first taught their hold time with a few acquire, hold
+10 ms, release cycles, on every server alike: a fresh limit's occupancy average starts at 2 s.
+The code is in `benchmarks/scenarios.py` (and `scale.py`, `prefect_client.py`); the tables below
+explain each figure.
+
+| scenario | what runs | `--short` | `--full` |
+|---|---|---|---|
+| handoff | limit 1, 8 workers in one load-generator process, 10 ms holds; slotkeeper with `wait_seconds` (server-side FIFO) on SQLite and PostgreSQL, and polling clients (Prefect's protocol: sleep exactly `Retry-After` after a 423) on slotkeeper and Prefect | 2 rounds, 0.5 + 2 s; polling on slotkeeper-SQLite only | 3 rounds, 2 + 10 s; polling on both slotkeeper backends |
+| client | Prefect 3.8.8's own `concurrency()` (asyncio), 16 tasks x 5 blocks, on a limit of 1 and of 4, from `.venv-prefect` | 1 round, runs cut off after 6 s | 2 rounds, cut off after 60 s |
+| rate | limit 10 decaying 10 slots/s, 4 clients on `POST /increment` in `rate_limit` mode, as fast as `Retry-After` allows | 2 rounds of 3 s | 3 rounds of 10 s |
+| events | 16 clients pacing 500 acquire + release pairs/s in all, one websocket subscriber on `/api/events/out` | 2 rounds, 0.5 + 2 s | 3 rounds, 2 + 10 s |
+| scale | slotkeeper only, its own server per backend: limits and live leases inserted beforehand, 16 clients on random limits, then short leases for the reaper | 1,000 limits, 10,000 leases, 200 short leases of 1.5 s | 10,000 limits, 100,000 leases, 1,000 short leases of 3 s |
+
+Prefect's server answers `503` under concurrent writes here too; the hand-off, rate and events
+clients retry a 503 after 10 ms (Prefect's own client backs off longer), and count it.
 """
 
 
@@ -264,16 +287,21 @@ def _label(target: str) -> str:
     return LABELS.get(target, target)
 
 
-def render(results: dict[str, Any], plot: str | None = None) -> str:
+def render(
+    results: dict[str, Any], plot: str | None = None, extra_plots: dict[str, str] | None = None
+) -> str:
     """The generated section of ``docs/benchmarks.md`` (between the markers)."""
+    import report_scenarios
+
     meta, summary = results["meta"], results["summary"]
     cells = summary["cells"]
     lines: list[str] = [BEGIN, "", "## Results", ""]
     status = "" if meta.get("complete", True) else " **(interrupted: partial results)**"
+    scenarios = meta.get("scenarios", ["pairs"])
     lines += [
-        f"Run of {meta['started']} ({meta['mode']} mode, {meta['rounds']} rounds, "
-        f"{meta['warmup']:g} s warm-up + {meta['duration']:g} s measured per server, clients and round; "
-        f"{meta['elapsed_s']:.0f} s in all){status}. Command:",
+        f"Run of {meta['started']} ({meta['mode']} mode, {meta['rounds']} rounds; scenarios "
+        f"{', '.join(scenarios)}; pairs: {meta['warmup']:g} s warm-up + {meta['duration']:g} s measured "
+        f"per server, clients and round; {meta['elapsed_s']:.0f} s in all){status}. Command:",
         "",
         "```bash",
         meta["command"],
@@ -294,6 +322,57 @@ def render(results: dict[str, Any], plot: str | None = None) -> str:
     ratios = {(r["target"], r["clients"]): r for r in summary["ratios"]}
     rounds = meta["rounds"]
 
+    if pair_targets:
+        lines += _render_pairs(results, plot, pair_targets, clients_list, lookup, ratios, rounds)
+    lines += report_scenarios.render(results, extra_plots or {}, cells)
+
+    # --- machine and setup
+    mc = meta["machine"]
+    lines += [
+        "### Machine and versions",
+        "",
+        f"- CPU: {mc['cpu_model']}, {mc['cores']} cores usable ({mc['logical_cpus']} logical CPUs)",
+        f"- Memory: {mc['memory_gib']:.1f} GiB; kernel {mc['kernel']}",
+        f"- Load average before / after the run: {mc['loadavg_before']} / {mc.get('loadavg_after', '-')}",
+        f"- Machine busy outside the servers and the generator during the windows: median "
+        f"{_num(spread(_other_cores(results))['median'], 2)} cores",
+    ]
+    for venv, versions in meta["versions"].items():
+        lines.append(f"- {venv}: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines += [
+        "",
+        "Servers as started (`$TMP`: a fresh temporary folder; `$PORT`: a free port; `$ID`: random):",
+        "",
+    ]
+    for key, srv in meta["servers"].items():
+        env = " ".join(f"{k}={v}" for k, v in srv["env"].items())
+        lines.append(f"- {_label(key)}: `{_generic(env + ' ' + srv['command'])}`")
+    for key, why in meta.get("skipped", {}).items():
+        lines.append(f"- {_label(key)}: skipped ({why})")
+    lines += [
+        "",
+        f"Load generator: {meta['procs']} worker processes, aiohttp {meta['versions'].get('.venv', {}).get('aiohttp', '?')}, "
+        "one keep-alive connection per client; other servers frozen while one is measured: "
+        f"{'yes' if meta['pause_others'] else 'no'}.",
+        "",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _render_pairs(
+    results: dict[str, Any],
+    plot: str | None,
+    pair_targets: list[str],
+    clients_list: list[int],
+    lookup: dict[tuple[str, str, int], dict[str, Any]],
+    ratios: dict[tuple[str, int], dict[str, Any]],
+    rounds: int,
+) -> list[str]:
+    """The tables of the "pairs" scenario, its ceiling, CPU and targets."""
+    meta, summary = results["meta"], results["summary"]
+    cells = summary["cells"]
+    lines: list[str] = []
     # --- throughput
     lines += ["### Pairs per second (acquire-with-lease + release, each client on its own limit)", ""]
     ratio_targets = [t for t in pair_targets if t != "prefect-sqlite" and "prefect-sqlite" in pair_targets]
@@ -442,38 +521,7 @@ def render(results: dict[str, Any], plot: str | None = None) -> str:
             "",
         ]
 
-    # --- machine and setup
-    mc = meta["machine"]
-    lines += [
-        "### Machine and versions",
-        "",
-        f"- CPU: {mc['cpu_model']}, {mc['cores']} cores usable ({mc['logical_cpus']} logical CPUs)",
-        f"- Memory: {mc['memory_gib']:.1f} GiB; kernel {mc['kernel']}",
-        f"- Load average before / after the run: {mc['loadavg_before']} / {mc.get('loadavg_after', '-')}",
-        f"- Machine busy outside the servers and the generator during the windows: median "
-        f"{_num(spread(m['cpu']['other_cores'] for m in results['measurements'])['median'], 2)} cores",
-    ]
-    for venv, versions in meta["versions"].items():
-        lines.append(f"- {venv}: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    lines += [
-        "",
-        "Servers as started (`$TMP`: a fresh temporary folder; `$PORT`: a free port; `$ID`: random):",
-        "",
-    ]
-    for key, srv in meta["servers"].items():
-        env = " ".join(f"{k}={v}" for k, v in srv["env"].items())
-        lines.append(f"- {_label(key)}: `{_generic(env + ' ' + srv['command'])}`")
-    for key, why in meta.get("skipped", {}).items():
-        lines.append(f"- {_label(key)}: skipped ({why})")
-    lines += [
-        "",
-        f"Load generator: {meta['procs']} worker processes, aiohttp {meta['versions'].get('.venv', {}).get('aiohttp', '?')}, "
-        "one keep-alive connection per client; other servers frozen while one is measured: "
-        f"{'yes' if meta['pause_others'] else 'no'}.",
-        "",
-        END,
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _generic(command: str) -> str:
@@ -484,10 +532,19 @@ def _generic(command: str) -> str:
     return command.replace(str(Path(__file__).resolve().parent.parent) + "/", "")
 
 
+def _other_cores(results: dict[str, Any]) -> list[float]:
+    """Cores busy outside the server and the generator, in every measured window of the run."""
+    return [
+        m["cpu"]["other_cores"]
+        for m in [*results["measurements"], *results.get("scenarios", [])]
+        if m.get("cpu") and m["cpu"].get("other_cores") is not None
+    ]
+
+
 def _auto_notes(results: dict[str, Any]) -> list[str]:
     """Warnings the figures themselves call for: a busy machine, windows shorter than latencies."""
     notes = []
-    other = spread(m["cpu"]["other_cores"] for m in results["measurements"])["median"]
+    other = spread(_other_cores(results))["median"]
     cores = results["meta"]["machine"]["cores"]
     if other is not None and other > 0.25:
         notes.append(

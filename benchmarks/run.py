@@ -29,13 +29,16 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import report
+import report_scenarios
+import scale
+import scenarios
 import servers
 
 if TYPE_CHECKING:
@@ -63,11 +66,13 @@ class Mode:
     ceiling_clients: tuple[int, ...]
     #: Longest wait for a server to go idle after a measurement, before it is frozen.
     settle_max: float
+    #: The scenarios beyond "pairs" (see ``scenarios.Extra``).
+    extra: scenarios.Extra = field(default_factory=scenarios.Extra)
 
 
 MODES = {
-    "short": Mode("short", 2, 0.5, 3.5, 0.2, (1, 16, 64), (64,), 1.5),
-    "full": Mode("full", 3, 2.0, 15.0, 1.0, (1, 16, 64), (1, 16, 64), 10.0),
+    "short": Mode("short", 2, 0.5, 2.5, 0.2, (1, 16, 64), (64,), 1.5, scenarios.EXTRA["short"]),
+    "full": Mode("full", 3, 2.0, 15.0, 1.0, (1, 16, 64), (1, 16, 64), 10.0, scenarios.EXTRA["full"]),
 }
 
 
@@ -171,8 +176,10 @@ def _post_json(url: str, body: dict[str, Any], timeout: float = 30.0) -> int:
         return int(exc.code)
 
 
-def create_limits(server: servers.Server, count: int) -> None:
-    """Create ``bench-0`` .. ``bench-{count-1}`` with limit 1000 (an existing one is fine)."""
+def create_limits(server: servers.Server, count: int) -> float:
+    """Create ``bench-0`` .. ``bench-{count-1}`` with limit 1000 (an existing one is fine);
+    return the seconds it took."""
+    began = time.monotonic()
     for i in range(count):
         status = 0
         for _ in range(5):  # bounded: Prefect may answer 503 while it settles after start-up
@@ -184,6 +191,7 @@ def create_limits(server: servers.Server, count: int) -> None:
             time.sleep(0.5)
         else:
             raise servers.ServerError(f"{server.key}: creating limit bench-{i} answered {status}")
+    return time.monotonic() - began
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -336,26 +344,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
-        "--short", dest="mode", action="store_const", const="short", help="2 rounds, ~5 s each (default)"
+        "--short",
+        dest="mode",
+        action="store_const",
+        const="short",
+        help="2 rounds of short windows, every scenario (default)",
     )
-    g.add_argument("--full", dest="mode", action="store_const", const="full", help="3 rounds, ~17 s each")
+    g.add_argument(
+        "--full", dest="mode", action="store_const", const="full", help="3 rounds of long windows, full scale"
+    )
     p.set_defaults(mode="short")
     p.add_argument(
         "--servers",
         default=",".join(servers.SERVER_KEYS),
         help=f"comma-separated, from {', '.join(servers.SERVER_KEYS)} (default: all)",
     )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(scenarios.SCENARIOS),
+        help=f"comma-separated, from {', '.join(scenarios.SCENARIOS)} (default: all)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
-    p.add_argument("--rounds", type=int, help="override the mode's number of rounds")
-    p.add_argument("--duration", type=float, help="override the measured seconds per measurement")
-    p.add_argument("--warmup", type=float, help="override the warm-up seconds per measurement")
+    p.add_argument("--rounds", type=int, help="override the number of rounds (pairs, handoff, rate, events)")
+    p.add_argument("--duration", type=float, help="override the measured seconds per pairs measurement")
+    p.add_argument("--warmup", type=float, help="override the warm-up seconds per pairs measurement")
     p.add_argument("--clients", help="override the client counts, e.g. 1,16,64 (at most 64)")
     p.add_argument(
         "--procs", type=int, default=max(1, len(os.sched_getaffinity(0))), help="load-generator processes"
     )
     p.add_argument("--no-pause", dest="pause", action="store_false", help="do not freeze idle servers")
     p.add_argument("--no-docs", dest="docs", action="store_false", help="do not rewrite docs/benchmarks.md")
-    p.add_argument("--check", action="store_true", help="exit 1 if slotkeeper-sqlite misses the targets")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if slotkeeper misses a target of the scenarios run"
+    )
     p.add_argument("--from-json", type=Path, help="only re-render docs/benchmarks.md from these results")
     return p.parse_args(argv)
 
@@ -391,15 +412,77 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def publish(results: dict[str, Any], docs: bool) -> None:
-    """Regenerate the plot (when matplotlib is there) and the generated part of the docs."""
+    """Regenerate the plots (when matplotlib is there) and the generated part of the docs."""
     if not docs:
         return
     plot = PLOT.name if report.plot_pairs(results, PLOT) else None
-    report.update_docs(DOCS, report.render(results, plot=plot))
+    plots = report_scenarios.plot_all(results, DOCS.parent)
+    report.update_docs(DOCS, report.render(results, plot=plot, extra_plots=plots))
+    written = [p for p in ([plot] if plot else []) + list(plots.values())]
     print(
-        f"[bench] wrote {DOCS.relative_to(ROOT)}" + (f" and {PLOT.relative_to(ROOT)}" if plot else ""),
+        f"[bench] wrote {DOCS.relative_to(ROOT)}"
+        + (f" and docs/{', docs/'.join(written)}" if written else ""),
         flush=True,
     )
+
+
+def _scenarios(args: argparse.Namespace) -> list[str]:
+    chosen = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in scenarios.SCENARIOS]
+    if unknown or not chosen:
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(scenarios.SCENARIOS)}")
+    return [k for k in scenarios.SCENARIOS if k in chosen]
+
+
+def _rotated(items: list[Any], rnd: int) -> list[Any]:
+    """The turn order of round ``rnd``: A B C, then B C A, then C A B..."""
+    if not items:
+        return []
+    shift = (rnd - 1) % len(items)
+    return items[shift:] + items[:shift]
+
+
+def run_scenarios(
+    ctx: scenarios.Context,
+    chosen: list[str],
+    mode: Mode,
+    out: list[dict[str, Any]],
+    scale_backends: list[str],
+) -> None:
+    """Every scenario beyond "pairs", server after server in rotating order, round after round."""
+    x = mode.extra
+    keys = list(ctx.servers)
+    for scenario in chosen:
+        if scenario == "handoff":
+            targets = scenarios.handoff_targets(ctx)
+            for rnd in range(1, mode.rounds + 1):
+                for key, variant in _rotated(targets, rnd):
+                    m = scenarios.measure_handoff(ctx, ctx.servers[key], variant, rnd)
+                    out.append(m)
+                    ctx.log(report_scenarios.progress(m))
+        elif scenario == "client":
+            for rnd in range(1, x.client_rounds + 1):
+                for key in _rotated(keys, rnd):
+                    for m in scenarios.measure_client(ctx, ctx.servers[key], rnd):
+                        out.append(m)
+                        ctx.log(report_scenarios.progress(m))
+        elif scenario == "rate":
+            for rnd in range(1, mode.rounds + 1):
+                for key in _rotated(keys, rnd):
+                    m = scenarios.measure_rate(ctx, ctx.servers[key], rnd)
+                    out.append(m)
+                    ctx.log(report_scenarios.progress(m))
+        elif scenario == "events":
+            for rnd in range(1, mode.rounds + 1):
+                for key in _rotated(keys, rnd):
+                    m = scenarios.measure_events(ctx, ctx.servers[key], rnd)
+                    out.append(m)
+                    ctx.log(report_scenarios.progress(m))
+        elif scenario == "scale":
+            for backend in scale_backends:
+                m = scale.measure_scale(ctx, backend)
+                out.append(m)
+                ctx.log(report_scenarios.progress(m))
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -407,6 +490,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from loadgen import WorkerPool
 
     mode = _mode(args)
+    chosen = _scenarios(args)
     keys = [k.strip() for k in args.servers.split(",") if k.strip()]
     unknown = [k for k in keys if k not in servers.SERVER_KEYS]
     if unknown:
@@ -417,11 +501,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "command": _command(argv),
         "mode": mode.name,
         **{k: v for k, v in asdict(mode).items() if k != "name"},
+        "scenarios": chosen,
         "procs": args.procs,
         "pause_others": args.pause,
         "machine": describe_machine(),
         "versions": {},
         "servers": {},
+        "setup": {},
         "skipped": {},
         "notes": [],
         "targets": [],
@@ -438,14 +524,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             keys.remove("slotkeeper-postgres")
     if not keys:
         raise SystemExit("no server left to measure")
+    # The scale scenario starts servers of its own, on the backends of the slotkeeper servers chosen.
+    scale_backends = (
+        [k.split("-", 1)[1] for k in keys if k.startswith("slotkeeper")] if "scale" in chosen else []
+    )
+    # The others need the servers running side by side.
+    alternated = [k for k in keys if any(c != "scale" for c in chosen)]
     started: list[servers.Server] = []
     pool: WorkerPool | None = None
     measurements: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
     failed = False
     previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        print(f"[bench] starting {', '.join(keys)}", flush=True)
-        for key in keys:
+        print(
+            f"[bench] scenarios {', '.join(chosen)}; starting {', '.join(alternated) or 'no shared server'}",
+            flush=True,
+        )
+        for key in alternated:
             started.append(servers.start(key))
         pool = WorkerPool(args.procs)
         # While the servers boot (Prefect takes a while): note the versions.
@@ -457,7 +553,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         servers.wait_healthy(started, timeout=180)
         print(f"[bench] healthy after {time.monotonic() - began:.1f} s; creating limits", flush=True)
         for server in started:
-            create_limits(server, max(mode.clients))
+            count = max(max(mode.clients), mode.extra.events_clients)
+            meta["setup"][server.key] = {"limits": count, "seconds": create_limits(server, count)}
             meta["servers"][server.key] = {
                 "env": server.env_shown,
                 "command": " ".join(shlex.quote(c) for c in server.command),
@@ -467,17 +564,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             for server in started:
                 server.pause()
         by_key = {s.key: s for s in started}
-        ceiling_key = next((k for k in ("slotkeeper-sqlite", "slotkeeper-postgres") if k in by_key), None)
-        if ceiling_key is None:
-            meta["notes"].append(
-                "no slotkeeper server in this run, so the generator ceiling was not measured"
+        if "pairs" in chosen:
+            ceiling_key = next((k for k in ("slotkeeper-sqlite", "slotkeeper-postgres") if k in by_key), None)
+            if ceiling_key is None:
+                meta["notes"].append(
+                    "no slotkeeper server in this run, so the generator ceiling was not measured"
+                )
+            plan = schedule(list(by_key), ceiling_key, mode)
+            print(
+                f"[bench] pairs: {len(plan)} measurements of {mode.warmup:g}+{mode.duration:g} s", flush=True
             )
-        plan = schedule(list(by_key), ceiling_key, mode)
-        print(f"[bench] {len(plan)} measurements of {mode.warmup:g}+{mode.duration:g} s", flush=True)
-        for rnd, key, scenario, clients in plan:
-            m = measure(pool, by_key[key], scenario, clients, mode, rnd, pause_after=args.pause)
-            measurements.append(m)
-            _progress(m, time.monotonic() - began)
+            for rnd, key, scenario, clients in plan:
+                m = measure(pool, by_key[key], scenario, clients, mode, rnd, pause_after=args.pause)
+                measurements.append(m)
+                _progress(m, time.monotonic() - began)
+        ctx = scenarios.Context(
+            pool=pool,
+            servers=by_key,
+            extra=mode.extra,
+            pause=args.pause,
+            settle_max=mode.settle_max,
+            began=began,
+        )
+        run_scenarios(ctx, [c for c in chosen if c != "pairs"], mode, others, scale_backends)
         meta["complete"] = True
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"[bench] interrupted ({type(exc).__name__}); stopping everything", flush=True)
@@ -494,14 +603,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             pool.close()
         servers.stop_all(started)
         print(f"[bench] stopped {len(started)} server(s)", flush=True)
-    if not measurements:
+    if not measurements and not others:
         return 1 if failed else 130
     meta["machine"]["loadavg_after"] = _loadavg()
     meta["elapsed_s"] = time.monotonic() - began
+    summary = report.summarize(measurements)
+    if "scale" in chosen:
+        meta["prefect_scale_note"] = scale.prefect_note(meta, summary["cells"], mode.extra)
     results: dict[str, Any] = {
         "meta": meta,
         "measurements": measurements,
-        "summary": report.summarize(measurements),
+        "summary": summary,
+        "scenarios": others,
+        "scenario_summary": report_scenarios.summarize(others),
     }
     write_json(results, args.out)
     print(f"[bench] wrote {args.out} ({meta['elapsed_s']:.0f} s in all)", flush=True)
@@ -509,10 +623,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     _print_summary(results)
     if not meta["complete"]:
         return 1 if failed else 130
-    targets = results["summary"]["targets"]
-    if args.check and targets and not (targets["pairs_ok"] and targets["errors_ok"] and targets["p99_ok"]):
+    if args.check and not _targets_met(results):
         return 1
     return 0
+
+
+def _targets_met(results: dict[str, Any]) -> bool:
+    """Whether slotkeeper met every target of the scenarios measured."""
+    ok = True
+    targets = results["summary"]["targets"]
+    if targets and not (targets["pairs_ok"] and targets["errors_ok"] and targets["p99_ok"]):
+        ok = False
+    for target in results["scenario_summary"].get("targets", []):
+        if target["met"] is False:
+            ok = False
+    return ok
 
 
 def _print_summary(results: dict[str, Any]) -> None:
@@ -531,6 +656,8 @@ def _print_summary(results: dict[str, Any]) -> None:
                 f"[{s['min']:.1f}-{s['max']:.1f}]",
                 flush=True,
             )
+    for line in report_scenarios.summary_lines(results["scenario_summary"]):
+        print(f"[bench] {line}", flush=True)
 
 
 def _reexec_in_venv() -> None:
@@ -554,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         results["summary"] = report.summarize(results["measurements"])
+        results["scenario_summary"] = report_scenarios.summarize(results.get("scenarios", []))
         publish(results, True)
         return 0
     return run(args, argv)

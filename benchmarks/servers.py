@@ -267,6 +267,36 @@ def start_slotkeeper(key: str) -> Server:
     return server
 
 
+def postgres_url(database: str) -> str:
+    """The URL of ``database`` on the benchmark's PostgreSQL server."""
+    return f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
+
+
+def create_database() -> str:
+    """Create a fresh PostgreSQL database for one server; its name."""
+    database = f"slotkeeper_bench_{uuid.uuid4().hex[:12]}"
+    _admin_sql(f'CREATE DATABASE "{database}"')
+    return database
+
+
+def drop_database(database: str) -> None:
+    """Drop a database made by :func:`create_database` (also while connections are open)."""
+    _admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def start_slotkeeper_prepared(
+    key: str, home: Path, database: str | None, extra_env: dict[str, str]
+) -> Server:
+    """Start slotkeeper on a home (SQLite: its ``slotkeeper.db``) or database prepared beforehand,
+    with extra settings; :func:`stop_all` drops the database and removes the home afterwards."""
+    shown = {"SLOTKEEPER_HOME": str(home), **extra_env}
+    if database:
+        shown["SLOTKEEPER_DATABASE_URL"] = postgres_url(database)
+    server = _spawn(key, slotkeeper_command(free_port()), _clean_env(**shown), home, shown)
+    server.database = database
+    return server
+
+
 def start_prefect() -> Server:
     """Start ``prefect server start`` on SQLite in a fresh PREFECT_HOME."""
     home = Path(tempfile.mkdtemp(prefix="bench-prefect-"))
