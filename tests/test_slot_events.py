@@ -561,16 +561,6 @@ async def test_refused_acquisitions_write_nothing(storage: Storage) -> None:
 # --- bugs found -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deleting a limit drops the grants of leases that have expired but were not yet "
-    "reaped without a released event. _delete selects only live grants "
-    "(SELECT_LIMIT_GRANTS: l.expires > :now) but DELETE_LIMIT_GRANTS removes every grant of the "
-    "limit, so when the reaper later ends the lease, _end_lease no longer sees that limit and "
-    "writes no released event for it: its acquired event is never followed. Expected: one "
-    "released event at the lease's expiry (as the reaper writes), e.g. by also releasing the "
-    "expired grants in _delete with occurred = the lease's expiry.",
-)
 async def test_deleting_a_limit_after_an_unreaped_expiry_still_releases_it(
     storage: Storage, clock: FakeClock
 ) -> None:
@@ -588,14 +578,6 @@ async def test_deleting_a_limit_after_an_unreaped_expiry_still_releases_it(
     assert released.occurred == start + 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (documented invariant 'every released follows its acquired' broken): slots put in "
-    "the pool by an operator (create or PATCH active_slots) have no acquired event, yet a plain "
-    "decrement (or deleting the limit) writes a released event for them with follows = null "
-    "(_release_slots/_delete use pool_event_id, which is None here). Either no released event "
-    "should be written for slots nobody acquired, or the docs must allow a null follows.",
-)
 async def test_releasing_operator_set_slots_has_no_orphan_released_event(storage: Storage) -> None:
     db = (await make(storage, "db", 5, active_slots=2)).limit.id
     await storage.release_slots(["db"], 2, None)
@@ -831,17 +813,13 @@ async def test_every_grant_and_every_end_has_exactly_its_events(
             lim = model.get(op[1])
             if lim is None:
                 continue
-            if any(lim.id in lease.grants and lease.expires <= clock.now for lease in leases.values()):
-                # An expired grant the reaper has not ended yet: deleting now loses its released
-                # event (the xfail test above). Skipped so this property checks everything else.
-                tally("delete skipped: unreaped expired grant")
-                continue
             await storage.delete_limit(lim.name)
             del model[op[1]]
             expected = []
             for lease in leases.values():
                 if lim.id in lease.grants:
-                    expected.append(lease_release(lease, lim.id, clock.now))
+                    # An expired grant the reaper has not ended yet ended at its expiry.
+                    expected.append(lease_release(lease, lim.id, min(clock.now, lease.expires)))
                     del lease.grants[lim.id]
                     tally("delete released a holder's grant")
             if lim.pool:

@@ -329,24 +329,28 @@ class Storage:
     def _delete(self, tx: Tx, key: str) -> LimitView:
         lim, now = self._find(tx, key)
         settled = lim.settled(now)
-        # Every holder loses its slots on this limit: one released event per live grant, and one
-        # for unleased slots that would not come back by decay.
+        # Every holder loses its slots on this limit: one released event per grant (a grant whose
+        # lease expired but was not reaped yet ended at the expiry), and one for unleased slots
+        # that would not come back by decay.
         batches: dict[str, tuple[list[str], Row]] = {}
-        for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id, "now": now}):
+        for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id}):
             batches.setdefault(row[0], ([], row))[0].append(row[5])
         released = [
-            builders.released_event(
-                row[6],
-                lim,
-                slots=row[1],
-                batch=batch,
-                occurred=now,
-                holder=_holder(row[3], row[4]),
-                follows=row[2],
+            replace(
+                builders.released_event(
+                    row[6],
+                    lim,
+                    slots=row[1],
+                    batch=batch,
+                    occurred=min(now, row[7]),
+                    holder=_holder(row[3], row[4]),
+                    follows=row[2],
+                ),
+                received=now,
             )
             for batch, row in batches.values()
         ]
-        if settled.pool_slots and lim.slot_decay_per_second <= 0:
+        if settled.pool_slots and lim.slot_decay_per_second <= 0 and lim.pool_event_id:
             released.append(
                 builders.slot_event(
                     builders.RELEASED,
@@ -689,7 +693,8 @@ class Storage:
                 avg = domain.next_avg_occupancy(avg, occupancy_seconds, slots, new.limit)
             changed.append((new, avg))
             freed = lim.settled(now).pool_slots - new.pool_slots
-            if freed:
+            # Slots an operator set (active_slots) were never acquired: no event to follow.
+            if freed and lim.pool_event_id:
                 released.append(
                     builders.slot_event(
                         builders.RELEASED,

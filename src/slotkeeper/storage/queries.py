@@ -118,11 +118,12 @@ SELECT_EXPIRED_LEASES = """
 SELECT id FROM leases WHERE expires <= :now ORDER BY expires LIMIT :batch
 """
 
-#: The live grants on one limit, with each lease's other limits: what deleting the limit releases.
+#: Every grant on one limit (expired ones not yet reaped too), with each lease's other limits: what deleting the limit releases.
 SELECT_LIMIT_GRANTS = """
-SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id, l.kind
+SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id, l.kind,
+    l.expires
 FROM grants g JOIN leases l ON l.id = g.lease_id JOIN grants o ON o.lease_id = g.lease_id
-WHERE g.limit_id = :id AND l.expires > :now
+WHERE g.limit_id = :id
 ORDER BY g.lease_id, o.limit_id
 """
 
