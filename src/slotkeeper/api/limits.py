@@ -32,19 +32,26 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
     """Await a waiting acquisition, or withdraw it if the client disconnects first.
 
     The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
-    storage call, which leaves the queue and releases a grant that raced the disconnect.
+    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
+    that completed in the same loop iteration as the disconnect is released here.
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        left = gone.done() and not gone.cancelled()
         gone.cancel()
-    if task.done():
+    if not left:
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if task.done() and not task.cancelled() and task.exception() is None:
+        granted = task.result()
+        if granted.lease_id is not None:  # nobody is there to hold it
+            await _storage(request).release_lease(granted.lease_id)
     return None
 
 

@@ -1,0 +1,314 @@
+"""The SDK's one background thread: a private event loop that does every HTTP call and renewal.
+
+Both forms of the SDK (``async with`` and ``with``) hand their coroutines to this loop, so the
+logic exists once, renewals keep running whatever the caller's thread or loop is doing (a
+blocked event loop cannot starve them), and one pool of keep-alive connections per server (see
+:mod:`._wire`) is reused by every block of the process: no thread or connection is created per
+block.
+
+:class:`Call` is the bridge: a coroutine running here whose result a caller (a thread, or a task
+on another loop) waits for, and may abandon when it is cancelled. An abandoned call that still
+produced a result (a granted lease) hands it to its ``orphan`` coroutine, which releases it: the
+caller's cancellation and the grant can race in any order without leaving slots held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+from slotkeeper.sdk._wire import Origin, Pool
+
+T = TypeVar("T")
+log = logging.getLogger("slotkeeper.sdk")
+
+#: How long the process's exit waits for the release of leases still held (best effort).
+EXIT_RELEASE_SECONDS = 2.0
+
+
+class Endpoint:
+    """One server as the SDK reaches it: its connection pool, and what was learnt of it."""
+
+    def __init__(self, base_url: str, authorization: str | None) -> None:
+        self.pool = Pool(Origin(base_url, authorization))
+        self.base_url = self.pool.origin.base_url
+        #: False once the server refused ``wait_seconds`` (a Prefect server): poll instead.
+        self.waits = True
+        #: The longest wait asked of this server at once (lowered if the server's maximum is).
+        self.wait_chunk: float | None = None
+
+
+class Runtime:
+    """The background loop. Created on first use, once per process (again in a forked child)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = _new_loop()
+        self.endpoints: dict[tuple[str, str | None], Endpoint] = {}
+        #: Leases held by this process (their renewals), for the release at exit.
+        self.held: set[Any] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready,), name="slotkeeper-sdk", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def _main(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        self.loop.run_forever()
+
+    # --- from any thread --------------------------------------------------------------------------
+
+    def call(
+        self,
+        coro: Coroutine[Any, Any, T],
+        orphan: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+    ) -> Call[T]:
+        """Run ``coro`` here; the caller waits with :meth:`Call.result` or :meth:`Call.aresult`."""
+        if threading.get_ident() == self.thread.ident:
+            coro.close()
+            raise RuntimeError("slotkeeper's SDK cannot be called from its own background thread")
+        return Call(self, coro, orphan)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` here in the background (a release nobody waits for)."""
+        try:
+            self.loop.call_soon_threadsafe(self.background, coro)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            coro.close()
+
+    # --- on the loop ------------------------------------------------------------------------------
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("slotkeeper SDK background work failed: %s", task.exception())
+
+    def endpoint(self, key: tuple[str, str | None]) -> Endpoint:
+        """The endpoint of one (API URL, ``Authorization`` header) pair, made on first use."""
+        found = self.endpoints.get(key)
+        if found is None:
+            found = self.endpoints[key] = Endpoint(*key)
+        return found
+
+    async def _shutdown(self) -> None:
+        # Leases still held now belong to blocks that will never exit (daemon threads, a loop
+        # that was abandoned): release them, so the slots do not wait for the lease to expire.
+        for renewal in list(self.held):
+            renewal.stop()
+            self.background(renewal.release_at_exit())
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=EXIT_RELEASE_SECONDS)
+        for endpoint in self.endpoints.values():
+            endpoint.pool.close()
+
+    def shutdown(self) -> None:
+        """Release what is still held, close the connections, stop the loop (at interpreter exit)."""
+        if not self.thread.is_alive():
+            return
+        done = threading.Event()
+
+        def stop(_: Any) -> None:
+            self.loop.stop()
+            done.set()
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        except RuntimeError:
+            return
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(stop, f))
+        done.wait(EXIT_RELEASE_SECONDS + 1.0)
+
+
+_PENDING, _DONE, _ABANDONED = 0, 1, 2
+
+
+class Call(Generic[T]):
+    """A coroutine on the runtime loop, and the one caller waiting for its outcome.
+
+    The state (pending, done, abandoned) changes under a lock, so "the caller gave up" and "the
+    coroutine finished" are ordered: whichever comes second sees the first. A result that
+    nobody will read goes to ``orphan``.
+    """
+
+    __slots__ = (
+        "_afuture",
+        "_aloop",
+        "_error",
+        "_event",
+        "_lock",
+        "_orphan",
+        "_result",
+        "_rt",
+        "_state",
+        "_task",
+    )
+
+    def __init__(
+        self,
+        rt: Runtime,
+        coro: Coroutine[Any, Any, T],
+        orphan: Callable[[T], Coroutine[Any, Any, None]] | None,
+    ) -> None:
+        self._rt = rt
+        self._orphan = orphan
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[T] | None = None
+        self._event: threading.Lock | None = None  # held until the outcome is in
+        self._afuture: asyncio.Future[None] | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        rt.loop.call_soon_threadsafe(self._start, coro)
+
+    # --- the runtime side -------------------------------------------------------------------------
+
+    def _start(self, coro: Coroutine[Any, Any, T]) -> None:
+        if self._state == _ABANDONED:
+            coro.close()
+            return
+        self._task = self._rt.loop.create_task(coro)
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[T]) -> None:
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        with self._lock:
+            abandoned = self._state == _ABANDONED
+            if not abandoned:
+                self._state = _DONE
+                self._error = error
+                self._result = None if error is not None else task.result()
+            event, afuture, aloop = self._event, self._afuture, self._aloop
+        if abandoned:
+            if error is None:
+                self._adopt(task.result())
+            return
+        if event is not None:
+            event.release()
+        if afuture is not None and aloop is not None:
+            try:
+                aloop.call_soon_threadsafe(_settle, afuture)
+            except RuntimeError:  # the caller's loop is closed: nobody will read the result
+                if error is None:
+                    self._adopt(task.result())
+
+    def _adopt(self, result: T) -> None:
+        if self._orphan is not None:
+            self._rt.background(self._orphan(result))
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # --- the caller side --------------------------------------------------------------------------
+
+    def _outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def abandon(self) -> None:
+        """The caller gives up: cancel the coroutine, and let ``orphan`` have any result."""
+        with self._lock:
+            state = self._state
+            if state == _PENDING:
+                self._state = _ABANDONED
+        if state == _PENDING:
+            self._rt.loop.call_soon_threadsafe(self._cancel)
+        elif state == _DONE and self._error is None and self._orphan is not None:
+            self._rt.spawn(self._orphan(self._result))  # type: ignore[arg-type]
+
+    def result(self, *, abandon: bool = True) -> T:
+        """Block this thread until the outcome. An exception while waiting (KeyboardInterrupt)
+        abandons the call unless ``abandon`` is False (a release must go on regardless)."""
+        with self._lock:
+            if self._state == _PENDING:
+                self._event = event = threading.Lock()
+                event.acquire()
+            else:
+                return self._outcome()
+        try:
+            event.acquire()  # until the runtime releases it (a signal interrupts it)
+        except BaseException:
+            if abandon:
+                self.abandon()
+            raise
+        return self._outcome()
+
+    async def aresult(self, *, abandon: bool = True) -> T:
+        """Await the outcome from any event loop. Cancelling the awaiting task abandons the call
+        unless ``abandon`` is False."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._state == _PENDING:
+                self._afuture = future = loop.create_future()
+                self._aloop = loop
+            else:
+                return self._outcome()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if abandon:
+                self.abandon()
+            raise
+        return self._outcome()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] on Linux and macOS
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process's runtime, started on first use (and again in a forked child)."""
+    global _runtime
+    rt = _runtime
+    if rt is not None and rt.pid == os.getpid():
+        return rt
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = Runtime()
+        return _runtime
+
+
+def _forget_after_fork() -> None:
+    # The child has no runtime thread: it starts its own on first use. The parent's leases are
+    # the parent's: the child neither renews nor releases them.
+    global _runtime, _lock
+    _runtime = None
+    _lock = threading.Lock()
+
+
+def _at_exit() -> None:
+    rt = _runtime
+    if rt is not None and rt.pid == os.getpid():
+        rt.shutdown()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_at_exit)
