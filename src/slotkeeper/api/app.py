@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from slotkeeper import __version__
 from slotkeeper.api import admin, errors, events, limits, tags, websockets
+from slotkeeper.api.fastroute import FastRoute
+from slotkeeper.api.hotpath import HotPaths
 from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
@@ -19,12 +23,37 @@ from slotkeeper.storage import Storage, migrate, open_storage
 from slotkeeper.storage.dialect import Commit
 from slotkeeper.storage.events import EventStore, run_retention
 
+API_PREFIX = "/api"
+
 
 def retry_policy(settings: Settings) -> RetryPolicy:
     """The Retry-After policy these settings describe."""
     return RetryPolicy(
         max_wait=settings.maximum_slot_wait_seconds, tag_max_wait=settings.tag_slot_wait_seconds
     )
+
+
+class App(FastAPI):
+    """FastAPI, with the hot routes served ahead of its middleware stack.
+
+    The ASGI app, from the outside in: basic auth (when set), the body cap, then
+    :class:`~slotkeeper.api.hotpath.HotPaths`, which serves acquire/release/renew/health itself and
+    hands every other request to FastAPI's own stack.
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state.settings = settings
+        #: (full path, route) of every FastRoute, filled in by :func:`create_app`.
+        self.hot_routes: list[tuple[str, FastRoute]] = []
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings: Settings = self.state.settings
+        app: ASGIApp = HotPaths(self.hot_routes, super().build_middleware_stack())
+        app = BodyLimit(app, max_bytes=settings.max_body_bytes)
+        if settings.api_auth_string:
+            app = BasicAuth(app, auth_string=settings.api_auth_string)
+        return app
 
 
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> FastAPI:
@@ -86,7 +115,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             if owned:
                 await app.state.storage.close()
 
-    app = FastAPI(
+    app = App(
+        settings,
         title="slotkeeper",
         version=__version__,
         description="Named concurrency limits with durable leases; speaks Prefect's API.",
@@ -95,14 +125,21 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.include_router(admin.router, prefix="/api")
-    app.include_router(limits.router(settings), prefix="/api")
-    app.include_router(tags.router(settings), prefix="/api")
-    app.include_router(events.router, prefix="/api")
-    app.include_router(websockets.router, prefix="/api")
+    routers = [
+        admin.router,
+        admin.hot,
+        *limits.routers(settings),
+        *tags.routers(settings),
+        events.router,
+        websockets.router,
+    ]
+    for router in routers:
+        app.include_router(router, prefix=API_PREFIX)
+    app.hot_routes = [
+        (API_PREFIX + route.path, route)
+        for router in routers
+        for route in router.routes
+        if isinstance(route, FastRoute)
+    ]
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_auth_string:
-        app.add_middleware(BasicAuth, auth_string=settings.api_auth_string)
     return app

@@ -6,7 +6,7 @@ this hardware). ``FastRoute`` keeps everything FastAPI derives from the endpoint
 (OpenAPI, the error shape) but handles a request itself: it validates path parameters and the JSON
 body with pydantic ``TypeAdapter``s built once from the type hints, then calls the endpoint.
 
-Endpoints using it take only ``request: Request``, path parameters, and at most one body
+Endpoints using it take only ``request: Request`` (optional), path parameters, and at most one body
 parameter (a pydantic model, optionally ``| None`` when the body may be omitted). Validation errors
 become FastAPI's ``RequestValidationError`` with FastAPI's ``loc`` (``["body", ...]``,
 ``["path", name]``), so the app's handler renders them as for any other route.
@@ -41,18 +41,30 @@ def _errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[st
 
 
 class FastRoute(APIRoute):
-    """An ``APIRoute`` whose requests skip FastAPI's dependency solving (see the module doc)."""
+    """An ``APIRoute`` whose requests skip FastAPI's dependency solving (see the module doc).
+
+    ``handler`` takes the request and returns the response; :mod:`slotkeeper.api.hotpath` calls it
+    directly, ahead of FastAPI's middleware stack.
+    """
+
+    handler: Callable[[Request], Coroutine[Any, Any, Response]]
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        self.handler = self._build_handler()
+        return self.handler
+
+    def _build_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
         hints = typing.get_type_hints(endpoint)
         path: dict[str, TypeAdapter[Any]] = {}
         body_name: str | None = None
         body_adapter: TypeAdapter[Any] | None = None
         body_optional = False
+        wants_request = False
         for name in inspect.signature(endpoint).parameters:
             annotation = hints[name]
             if annotation is Request:
+                wants_request = True
                 continue
             if name in self.param_convertors:
                 path[name] = TypeAdapter(annotation)
@@ -60,7 +72,7 @@ class FastRoute(APIRoute):
                 body_name, body_adapter, body_optional = name, TypeAdapter(annotation), _optional(annotation)
 
         async def handler(request: Request) -> Response:
-            kwargs: dict[str, Any] = {"request": request}
+            kwargs: dict[str, Any] = {"request": request} if wants_request else {}
             errors: list[dict[str, Any]] = []
             for name, adapter in path.items():
                 try:

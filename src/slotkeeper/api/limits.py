@@ -7,6 +7,7 @@ Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotke
 import asyncio
 import contextlib
 from collections.abc import Coroutine
+from enum import Enum
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +21,8 @@ from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitS
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 
+PREFIX = "/v2/concurrency_limits"
+TAGS: list[str | Enum] = ["Concurrency Limits V2"]
 LEASE_GONE = "Lease not found - it may have expired or been revoked"
 
 
@@ -60,15 +63,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def router(settings: Settings) -> APIRouter:
-    """The v2 routes, with this server's lease bounds and page size."""
-    api = APIRouter(prefix="/v2/concurrency_limits", tags=["Concurrency Limits V2"])
+def routers(settings: Settings) -> list[APIRouter]:
+    """The v2 routes, with this server's lease bounds and page size: the admin routes, and the
+    acquire/release path (served ahead of FastAPI's stack, see :mod:`slotkeeper.api.hotpath`)."""
+    api = APIRouter(prefix=PREFIX, tags=TAGS)
     IncrementWithLease, RenewLease = schemas.lease_models(
         settings.lease_min_seconds, settings.lease_max_seconds, settings.max_wait_seconds
     )
     page_max = settings.api_default_limit
-    # The acquire/release path: same OpenAPI and validation, without dependency solving.
-    hot = APIRouter(route_class=FastRoute)
+    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=FastRoute)
 
     @api.post("/", status_code=201, summary="Create a limit")
     async def create(request: Request, body: schemas.LimitCreate) -> Response:
@@ -155,5 +158,4 @@ def router(settings: Settings) -> APIRouter:
             raise LeaseGone(LEASE_GONE)
         return Response(status_code=204)
 
-    api.include_router(hot)
-    return api
+    return [api, hot]

@@ -9,6 +9,7 @@ does) the route says so; ``docs/tags.md`` lists every difference.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -23,6 +24,9 @@ from slotkeeper.domain import Limit
 from slotkeeper.models import TagLimitView
 from slotkeeper.settings import Settings
 from slotkeeper.storage.tags import TAG_PREFIX, TagStore
+
+PREFIX = "/concurrency_limits"
+TAGS: list[str | Enum] = ["Concurrency Limits"]
 
 #: A tag that forms a valid limit name ``tag:<tag>``: Prefect's name pattern, storable text.
 Tag = Annotated[
@@ -87,10 +91,11 @@ def minimal_tag_json(lim: Limit) -> dict[str, Any]:
     return {"id": lim.id, "name": lim.name.removeprefix(TAG_PREFIX), "limit": lim.limit}
 
 
-def router(settings: Settings) -> APIRouter:
-    """The v1 routes, with this server's v1 hold lifetime and page size."""
-    api = APIRouter(prefix="/concurrency_limits", tags=["Concurrency Limits"])
-    hot = APIRouter(route_class=FastRoute)
+def routers(settings: Settings) -> list[APIRouter]:
+    """The v1 routes, with this server's v1 hold lifetime and page size: the admin routes, and
+    increment/decrement (served ahead of FastAPI's stack, see :mod:`slotkeeper.api.hotpath`)."""
+    api = APIRouter(prefix=PREFIX, tags=TAGS)
+    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=FastRoute)
     page_max = settings.api_default_limit
 
     def tags(request: Request) -> TagStore:
@@ -146,5 +151,4 @@ def router(settings: Settings) -> APIRouter:
         found = await tags(request).release(body.names, str(body.task_run_id))
         return json_response([minimal_tag_json(lim) for lim in found])
 
-    api.include_router(hot)
-    return api
+    return [api, hot]
