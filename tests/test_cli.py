@@ -8,19 +8,11 @@ uvicorn replaced, ``db upgrade`` on a temporary SQLite file.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,26 +24,9 @@ from typer.testing import CliRunner
 
 from slotkeeper import cli
 from slotkeeper.cli import app, redact_url, relative_time
+from tests.conftest import SLOTKEEPER, ServerProcess, clean_env, free_port
 
 AUTH = "admin:s3cret"
-_SCRIPT = Path(sys.executable).with_name("slotkeeper")
-#: The installed console script, or the module when the package is not installed as a script.
-SLOTKEEPER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "slotkeeper.cli"]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any SLOTKEEPER_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTKEEPER_")}
-    env.update(extra)
-    return env
 
 
 def run(*args: str, auth: str | None = AUTH, input: str | None = None) -> Result:
@@ -68,14 +43,8 @@ def run(*args: str, auth: str | None = AUTH, input: str | None = None) -> Result
 # --- the server process ---------------------------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """A ``slotkeeper server start`` process and where it answers."""
-
-    url: str
-    home: Path
-    process: subprocess.Popen[bytes]
-    log: Path
+class Server(ServerProcess):
+    """The module's server (basic auth on), driven by the CLI."""
 
     def cli(self, *args: str, auth: str | None = AUTH, input: str | None = None) -> Result:
         """Run the CLI against this server."""
@@ -83,58 +52,16 @@ class ServerProcess:
 
     def post(self, path: str, body: Any) -> Any:
         """A direct JSON POST to the API (with auth), for what the CLI does not do."""
-        request = urllib.request.Request(
-            self.url + path,
-            data=json.dumps(body).encode(),
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode(),
-            },
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as response:
-            return bool(json.loads(response.read()) is True)
-    except (urllib.error.URLError, OSError):
-        return False
+        status, answer = self.call("POST", path, body)
+        assert status in (200, 201), answer
+        return answer
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One real server on SQLite under a temporary SLOTKEEPER_HOME, for the whole module."""
-    home = tmp_path_factory.mktemp("home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    log = home / "server.log"
-    env = clean_env(SLOTKEEPER_HOME=str(home), SLOTKEEPER_API_AUTH_STRING=AUTH, PYTHONUNBUFFERED="1")
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*SLOTKEEPER, "server", "start", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60  # a bound for a slow machine, not an assertion
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {url}:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield ServerProcess(url, home, process, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with Server(tmp_path_factory.mktemp("home"), SLOTKEEPER_API_AUTH_STRING=AUTH) as running:
+        yield running
 
 
 def _created_id(result: Result, name: str) -> str:
@@ -162,7 +89,7 @@ def _error(result: Result, message: str) -> None:
 
 
 @pytest.mark.slow
-def test_server_prints_where_it_listens(server: ServerProcess) -> None:
+def test_server_prints_where_it_listens(server: Server) -> None:
     banner = server.log.read_text()
     assert f"listening on {server.url}" in banner
     assert f"Database: sqlite:///{server.home / 'slotkeeper.db'}" in banner
@@ -170,7 +97,7 @@ def test_server_prints_where_it_listens(server: ServerProcess) -> None:
 
 
 @pytest.mark.slow
-def test_limit_lifecycle(server: ServerProcess) -> None:
+def test_limit_lifecycle(server: Server) -> None:
     name = "flow-db"
     limit_id = _created_id(_ok(server.cli("limit", "create", name, "--limit", "2")), name)
 
@@ -267,12 +194,12 @@ def test_limit_lifecycle(server: ServerProcess) -> None:
         ["leases", "missing"],
     ],
 )
-def test_missing_limit(server: ServerProcess, command: list[str]) -> None:
+def test_missing_limit(server: Server, command: list[str]) -> None:
     _error(server.cli("limit", *command), "Global concurrency limit 'missing' not found.")
 
 
 @pytest.mark.slow
-def test_invalid_arguments_show_the_server_reason(server: ServerProcess) -> None:
+def test_invalid_arguments_show_the_server_reason(server: Server) -> None:
     _error(
         server.cli("limit", "create", "a/b", "-l", "-1"),
         "Invalid arguments provided: name: String should match pattern '^[^/%&><]+$'; "
@@ -288,7 +215,7 @@ def test_invalid_arguments_show_the_server_reason(server: ServerProcess) -> None
 
 
 @pytest.mark.slow
-def test_names_print_as_typed(server: ServerProcess) -> None:
+def test_names_print_as_typed(server: Server) -> None:
     name = "[bold]odd name? #1"
     result = _ok(server.cli("limit", "create", name, "-l", "1", "--disable"))
     assert result.stdout.startswith(f"Created global concurrency limit with name '{name}' and ID '")
@@ -299,7 +226,7 @@ def test_names_print_as_typed(server: ServerProcess) -> None:
 
 
 @pytest.mark.slow
-def test_delete_asks_on_a_terminal(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_delete_asks_on_a_terminal(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     _ok(server.cli("limit", "create", "precious", "-l", "1"))
     monkeypatch.setattr(cli, "_interactive", lambda: True)
     question = "Are you sure you want to delete global concurrency limit with name 'precious'? [y/N]: "
@@ -319,7 +246,7 @@ def test_delete_asks_on_a_terminal(server: ServerProcess, monkeypatch: pytest.Mo
 
 
 @pytest.mark.slow
-def test_inspect_writes_a_file(server: ServerProcess, tmp_path: Path) -> None:
+def test_inspect_writes_a_file(server: Server, tmp_path: Path) -> None:
     _ok(server.cli("limit", "create", "exported", "-l", "4"))
     target = tmp_path / "exported.json"
     _ok(
@@ -331,7 +258,7 @@ def test_inspect_writes_a_file(server: ServerProcess, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_auth_is_required(server: ServerProcess) -> None:
+def test_auth_is_required(server: Server) -> None:
     _error(
         server.cli("limit", "ls", auth=None),
         f"The server at {server.url} refused the request (401 Unauthorized): set "
@@ -341,7 +268,7 @@ def test_auth_is_required(server: ServerProcess) -> None:
 
 
 @pytest.mark.slow
-def test_console_script_streams_and_exit_codes(server: ServerProcess) -> None:
+def test_console_script_streams_and_exit_codes(server: Server) -> None:
     _ok(server.cli("gcl", "create", "scripted", "-l", "7"))
     env = clean_env(SLOTKEEPER_API_URL=server.url, SLOTKEEPER_API_AUTH_STRING=AUTH)
     listed = subprocess.run(
@@ -499,7 +426,7 @@ def _no_tag(tag: str) -> str:
 
 
 @pytest.mark.slow
-def test_tag_limit_lifecycle(server: ServerProcess) -> None:
+def test_tag_limit_lifecycle(server: Server) -> None:
     tag = "etl db"
     created = _ok(server.cli("tag-limit", "create", tag, "2")).stdout
     assert created == (
@@ -569,12 +496,12 @@ def test_tag_limit_lifecycle(server: ServerProcess) -> None:
         ["holders", "missing"],
     ],
 )
-def test_missing_tag_limit(server: ServerProcess, command: list[str]) -> None:
+def test_missing_tag_limit(server: Server, command: list[str]) -> None:
     _error(server.cli("tag-limit", *command), _no_tag("missing"))
 
 
 @pytest.mark.slow
-def test_tag_limit_ls_pages_and_orders_by_update(server: ServerProcess) -> None:
+def test_tag_limit_ls_pages_and_orders_by_update(server: Server) -> None:
     tags = ["page-a", "page-b", "page-c"]
     for tag in tags:
         _ok(server.cli("tag-limit", "create", tag, "1"))
@@ -599,7 +526,7 @@ def test_tag_limit_ls_pages_and_orders_by_update(server: ServerProcess) -> None:
 
 
 @pytest.mark.slow
-def test_tag_limit_delete_asks_on_a_terminal(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tag_limit_delete_asks_on_a_terminal(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     _ok(server.cli("tag-limit", "create", "kept", "1"))
     monkeypatch.setattr(cli, "_interactive", lambda: True)
     question = "Are you sure you want to delete concurrency limit with tag 'kept'? [y/N]: "

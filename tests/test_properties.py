@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
-import shutil
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -47,8 +43,8 @@ from hypothesis.stateful import (
 from slotkeeper.domain import Mode
 from slotkeeper.errors import Conflict, InvalidRequest, SlotsUnavailable
 from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
-from slotkeeper.storage import Storage, migrate, open_storage
-from tests.conftest import FakeClock, truncate_postgres
+from slotkeeper.storage import Storage, open_storage
+from tests.conftest import FakeClock, sqlite_copies, truncate_postgres
 
 T = TypeVar("T")
 
@@ -374,35 +370,12 @@ def _run(fresh_url: Any, examples: int, steps: int) -> None:
 
 
 def test_storage_keeps_its_invariants_on_sqlite(tmp_path: Path) -> None:
-    template = tmp_path / "template.db"
-    migrate(f"sqlite:///{template}")
-    count = iter(range(1_000_000))
-
-    def fresh() -> str:
-        path = tmp_path / f"example-{next(count)}.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}"
-
-    _run(fresh, examples=100, steps=40)
-
-
-@pytest.fixture
-def private_postgres_url(postgres_url: str) -> Iterator[str]:
-    """A database of its own, so other tests' truncations never meet this machine."""
-    name = f"slotkeeper_prop_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _run(sqlite_copies(tmp_path), examples=100, steps=40)
 
 
 @pytest.mark.postgres
 def test_storage_keeps_its_invariants_on_postgres(private_postgres_url: str) -> None:
+    # A database of its own (tests/conftest.py), so other tests' truncations never meet this machine.
     def fresh() -> str:
         truncate_postgres(private_postgres_url)
         return private_postgres_url

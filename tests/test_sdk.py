@@ -4,7 +4,8 @@ Acceptance tier (``slow``): a ``slotkeeper server start`` process on SQLite (wit
 a 1 s minimum lease so renewals and losses can be shown quickly), shared by the module; tests
 that stop and restart a server get one of their own. The unit tests at the end need no server:
 the bridge between callers and the SDK's loop (:class:`slotkeeper.sdk._runtime.Call`), the reading
-of a server's refusals, and the half-close withdrawal against a scripted fake server.
+of a server's refusals, the retries of the request loops against scripted answers, and the
+half-close withdrawal against a scripted fake server.
 
 Nothing here asserts a duration: waits are bounded only so that a broken SDK fails instead of
 hanging, and "the server queued it" is read from the server's database.
@@ -13,22 +14,17 @@ hanging, and "the server queued it" is read from the server's database.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +32,7 @@ import orjson
 import pytest
 
 from slotkeeper.client import SlotkeeperClient
-from slotkeeper.errors import ClientError
+from slotkeeper.errors import ClientError, ServerUnreachable
 from slotkeeper.sdk import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencyLeaseLostError,
@@ -52,10 +48,9 @@ from slotkeeper.sdk import (
 )
 from slotkeeper.sdk import v1 as sdk_v1
 from slotkeeper.sdk._runtime import Endpoint, runtime
+from tests.conftest import ServerProcess, free_port
 
 AUTH = "sdk:s3cret"
-_SCRIPT = Path(sys.executable).with_name("slotkeeper")
-SLOTKEEPER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "slotkeeper.cli"]
 #: Bound on "until this happens" loops: a broken SDK fails the test instead of hanging it.
 PATIENCE = 60.0
 V2 = "/v2/concurrency_limits"
@@ -64,87 +59,15 @@ V2 = "/v2/concurrency_limits"
 # --- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Server:
-    """A ``slotkeeper server start`` process that a test may stop and start again (same port,
-    same ``SLOTKEEPER_HOME``)."""
+class Server(ServerProcess):
+    """A ``slotkeeper server start`` process (basic auth on, leases from 1 s) that a test may stop
+    and start again (same port, same ``SLOTKEEPER_HOME``)."""
 
     def __init__(self, home: Path, **settings: str) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.log = home / "server.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTKEEPER_")}
-        self.env.update(
-            SLOTKEEPER_HOME=str(home),
-            SLOTKEEPER_API_AUTH_STRING=AUTH,
-            SLOTKEEPER_LEASE_MIN_SECONDS="1",
-            PYTHONUNBUFFERED="1",
-            **settings,
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [*SLOTKEEPER, "server", "start", "--port", str(self.port), "--log-level", "warning"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + PATIENCE
-        while not self.healthy():
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {self.url}:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
-                return bool(json.loads(response.read()) is True)
-        except (urllib.error.URLError, OSError):
-            return False
+        super().__init__(home, SLOTKEEPER_API_AUTH_STRING=AUTH, SLOTKEEPER_LEASE_MIN_SECONDS="1", **settings)
 
     def client(self) -> SlotkeeperClient:
         return SlotkeeperClient(self.url, AUTH)
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """A direct HTTP call (with auth), outside the SDK."""
-        request = urllib.request.Request(
-            self.url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode(),
-            },
-            method=method,
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, json.loads(raw) if raw else None
 
     def create(self, name: str, limit: int, **fields: Any) -> None:
         status, body = self.call("POST", f"{V2}/", {"name": name, "limit": limit, **fields})
@@ -172,23 +95,15 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One real server on SQLite for the module (basic auth on, leases from 1 s)."""
-    running = Server(tmp_path_factory.mktemp("sdk-home"))
-    running.start()
-    try:
+    with Server(tmp_path_factory.mktemp("sdk-home")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[Server]:
     """A server of this test's own, which it may stop and restart."""
-    running = Server(tmp_path)
-    running.start()
-    try:
+    with Server(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
@@ -407,7 +322,9 @@ async def test_a_higher_priority_is_served_first(server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_a_sync_waiter_is_woken_by_the_release(server: Server) -> None:
+def served_after_a_wait(server: Server) -> tuple[str, Lease, Lease]:
+    """A sync block in a thread waits for a limit of 1 that this thread holds; once the server
+    has queued it, the holder leaves. The limit, the holder's lease and the waiter's."""
     name = unique()
     server.create(name, 1)
     got: list[Lease] = []
@@ -423,6 +340,12 @@ def test_a_sync_waiter_is_woken_by_the_release(server: Server) -> None:
     thread.join(PATIENCE)
     assert not thread.is_alive()
     (lease,) = got
+    return name, first, lease
+
+
+@pytest.mark.slow
+def test_a_sync_waiter_is_woken_by_the_release(server: Server) -> None:
+    name, first, lease = served_after_a_wait(server)
     # The grant after a wait names its limits, with the next fencing token.
     assert lease.fencing_tokens == {name: first.fencing_tokens[name] + 1}
 
@@ -482,27 +405,10 @@ async def test_a_limit_that_does_not_exist_beside_a_full_one_is_polled(server: S
 
 @pytest.mark.slow
 def test_a_lower_maximum_wait_is_learnt(tmp_path: Path) -> None:
-    server = Server(tmp_path, SLOTKEEPER_MAX_WAIT_SECONDS="1")
-    server.start()
-    try:
-        name = unique()
-        server.create(name, 1)
-        got: list[Lease] = []
-
-        def waiter() -> None:
-            with concurrency(name, client=server.client()) as lease:
-                got.append(lease)
-
-        with concurrency(name, client=server.client()):
-            thread = threading.Thread(target=waiter)
-            thread.start()
-            until(lambda: server.queued() == 1, "the waiter queued, 1 s at a time")
-        thread.join(PATIENCE)
-        assert len(got) == 1
+    with Server(tmp_path, SLOTKEEPER_MAX_WAIT_SECONDS="1") as server:
+        served_after_a_wait(server)  # waiting 1 s at a time
         key = (server.url, _wire.authorization(AUTH))
         assert runtime().endpoints[key].wait_chunk == 1.0
-    finally:
-        server.stop()
 
 
 # --- cancellation ---------------------------------------------------------------------------------
@@ -832,6 +738,102 @@ def test_what_a_422_to_a_wait_means() -> None:
     prefect = "wait_seconds: Extra inputs are not permitted; priority: Extra inputs are not permitted"
     assert _core.refused(ep, spec, 10.0, prefect) == "again"
     assert ep.waits is False  # a server without the queue: poll Retry-After from now on
+
+
+class Scripted:
+    """Stands in for the SDK's requests (``_core.exchange``): answers from a script (an exception
+    in it is raised, as an unreachable server's), records what was sent (path end, whether it
+    waited) and the attempt number of every backoff asked for (each pause is 0)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[str, float | None]] = []
+        self.backoffs: list[int] = []
+        self.key = (f"http://scripted-{uuid.uuid4().hex[:8]}:1/api", None)  # an endpoint of its own
+        monkeypatch.setattr(_core, "exchange", self.exchange)
+        monkeypatch.setattr(_core, "backoff", self.backoff)
+
+    async def exchange(
+        self, ep: Endpoint, path: str, body: dict[str, Any], wait: float | None, remaining: float | None
+    ) -> tuple[_wire.Answer, bool]:
+        self.sent.append((path.rsplit("/", 1)[-1], wait))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        status, headers, body = answer
+        return (status, HTTPStatus(status).phrase, headers, orjson.dumps(body)), False
+
+    def backoff(self, attempt: int) -> float:
+        self.backoffs.append(attempt)
+        return 0.0
+
+    def acquire(self, max_retries: int | None = None, timeout_seconds: float | None = None) -> Lease:
+        spec = _core.Spec(["a"], 1, timeout_seconds, max_retries, 60.0, None, 0, False, self.key)
+        rt = runtime()
+        return rt.call(_core.acquire(rt, spec)).result()
+
+    def take_rate(self) -> list[_core.GrantedLimit]:
+        rt = runtime()
+        return rt.call(_core.take_rate(rt, self.key, ["a"], 1, None)).result()
+
+    def acquire_v1(self, timeout_seconds: float | None = None) -> _core.V1Grant:
+        rt = runtime()
+        return rt.call(_core.acquire_v1(rt, self.key, ["a"], "run", timeout_seconds)).result()
+
+
+DOWN = ServerUnreachable("No answer from the server")
+LOCKED = (423, {"retry-after": "0"}, {"detail": "Locked"})
+BUSY = (503, {}, {"detail": "busy"})
+
+
+def test_acquire_retries_in_a_row_what_is_not_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unreachable and 408/429/5xx count together, 5 in a row at most; a 423 is an answer (the
+    # count starts again), a 422 to a wait is not (it goes on).
+    refused = (422, {}, {"detail": "wait_seconds: Extra inputs are not permitted"})
+    nothing = (200, {}, {"lease_id": "x", "limits": []})
+    script = Scripted(monkeypatch, DOWN, BUSY, DOWN, DOWN, LOCKED, refused, DOWN, BUSY, DOWN, DOWN, nothing)
+    assert script.acquire().lease_id is None
+    assert script.backoffs == [1, 2, 3, 4, 1, 2, 3, 4]
+    waited = [wait for _, wait in script.sent]
+    assert waited == [None] * 5 + [_core.WAIT_CHUNK_SECONDS] + [None] * 5  # then polls (Prefect's)
+
+    for last, detail in [(DOWN, "No answer from the server"), (BUSY, "503 Service Unavailable: busy")]:
+        script = Scripted(monkeypatch, DOWN, BUSY, LOCKED, DOWN, BUSY, DOWN, DOWN, last)
+        with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
+            script.acquire()
+        assert str(failed.value) == f"Unable to acquire concurrency slots on ['a']: {detail}"
+        assert failed.value.__cause__ is (DOWN if last is DOWN else None)
+        assert script.answers == []
+
+
+def test_acquire_counts_refusals_and_keeps_to_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Scripted(monkeypatch, LOCKED, DOWN, LOCKED)
+    with pytest.raises(ConcurrencySlotAcquisitionError, match=r"^Unable .* \['a'\]: 423 Locked: Locked$"):
+        script.acquire(max_retries=1)
+    assert script.sent == [("increment-with-lease", None), *[("increment-with-lease", 55.0)] * 2]
+    with pytest.raises(AcquireConcurrencySlotTimeoutError, match=r"slots timed out after 0 second"):
+        Scripted(monkeypatch, DOWN).acquire(timeout_seconds=0)
+
+
+def test_rate_limit_and_v1_retry_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Scripted(monkeypatch, DOWN, LOCKED, BUSY, DOWN, DOWN, DOWN, (200, {}, []))
+    assert script.take_rate() == []
+    assert script.backoffs == [1, 1, 2, 3, 4]
+    grant = [{"id": "i", "name": "a", "limit": 1}]
+    script = Scripted(monkeypatch, DOWN, LOCKED, BUSY, DOWN, DOWN, DOWN, (200, {}, grant))
+    assert [lim.name for lim in script.acquire_v1().limits] == ["a"]
+    assert script.backoffs == [1, 1, 2, 3, 4]
+
+    for take, what in [(Scripted.take_rate, "slots on"), (Scripted.acquire_v1, "limits")]:
+        with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
+            take(Scripted(monkeypatch, DOWN, DOWN, DOWN, DOWN, DOWN))
+        assert str(failed.value) == f"Unable to acquire concurrency {what} ['a']: No answer from the server"
+        # A 423 without Retry-After (a limit of 0) fails at once.
+        with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
+            take(Scripted(monkeypatch, (423, {}, {"detail": "Locked"})))
+        assert str(failed.value) == f"Unable to acquire concurrency {what} ['a']: 423 Locked: Locked"
+    with pytest.raises(AcquireConcurrencySlotTimeoutError, match=r"limits timed out after 0\.5 second"):
+        Scripted(monkeypatch, (423, {"retry-after": "1"}, {})).acquire_v1(timeout_seconds=0.5)
 
 
 class FakeServer:

@@ -14,34 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import secrets
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import psycopg
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from slotkeeper.api.app import create_app
 from slotkeeper.events import builders
 from slotkeeper.settings import Settings
-from slotkeeper.storage import Storage, migrate
+from slotkeeper.storage import Storage
+from tests.conftest import ServerProcess, serving
 
 BOUND = 30.0  # seconds: a bound on a broken server, never an expectation
 AUTH = "admin:s3cret"
@@ -116,37 +107,12 @@ def _iso(moment: datetime) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn (websockets as ``slotkeeper server start`` has them)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", ws="auto", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(int(BOUND / 0.005)):
-            if server.started:
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("uvicorn did not start")
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-@contextlib.asynccontextmanager
 async def served_app(storage: Storage, tmp_path: Path, **settings: Any) -> AsyncIterator[Served]:
     # Real time: the websocket clamps its backfill with the wall clock, as Prefect does.
     storage.clock = time.time
     app = create_app(Settings(home=tmp_path, **settings), storage=storage)
-    async with serving(app) as url, aiohttp.ClientSession() as http:
+    # Websockets as ``slotkeeper server start`` has them.
+    async with serving(app, ws="auto") as url, aiohttp.ClientSession() as http:
         yield Served(app, url, http)
 
 
@@ -655,78 +621,17 @@ async def test_client_copies_of_slot_events_are_not_stored_twice(served: Served)
 # --- two server processes on PostgreSQL --------------------------------------------------------------
 
 
-_SCRIPT = Path(sys.executable).with_name("slotkeeper")
-SLOTKEEPER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "slotkeeper.cli"]
-
-
-@pytest.fixture
-def private_postgres_url(postgres_url: str) -> Iterator[str]:
-    """A database of its own: other tests' truncations never meet these servers."""
-    name = f"slotkeeper_ws_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as response:
-            return bool(json.loads(response.read()) is True)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@contextlib.contextmanager
-def server_process(database_url: str, home: Path) -> Iterator[str]:
-    """``slotkeeper server start`` on a free port; yields its ``/api`` URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTKEEPER_")}
-    env.update(SLOTKEEPER_HOME=str(home), SLOTKEEPER_DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
-    home.mkdir(parents=True, exist_ok=True)
-    log = home / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*SLOTKEEPER, "server", "start", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60  # a bound for a slow machine, not an assertion
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {url}:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.postgres
 async def test_a_subscriber_on_one_process_sees_what_another_commits(
     private_postgres_url: str, tmp_path: Path
 ) -> None:
+    # A database of their own (tests/conftest.py): other tests' truncations never meet these servers.
     with (
-        server_process(private_postgres_url, tmp_path / "a") as url_a,
-        server_process(private_postgres_url, tmp_path / "b") as url_b,
+        ServerProcess(tmp_path / "a", SLOTKEEPER_DATABASE_URL=private_postgres_url) as server_a,
+        ServerProcess(tmp_path / "b", SLOTKEEPER_DATABASE_URL=private_postgres_url) as server_b,
     ):
+        url_a, url_b = server_a.url, server_b.url
         async with aiohttp.ClientSession() as http:
             a, b = Served(None, url_a, http), Served(None, url_b, http)
             ws_url = "ws" + url_a.removeprefix("http") + "/events/out"

@@ -16,13 +16,11 @@ Importing Prefect costs seconds, so each script groups many checks.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +32,8 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
+
+from tests.conftest import ServerProcess, basic_auth, clean_env
 
 REPO = Path(__file__).parents[2]
 PREFECT_VENV = REPO / ".venv-prefect"
@@ -195,73 +195,20 @@ def prefect_python(pytestconfig: pytest.Config) -> Path:
 # --- the slotkeeper server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _clean_env(prefixes: tuple[str, ...]) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-
-
-class Server:
+class Server(ServerProcess):
     """A ``slotkeeper server start`` process on SQLite under ``home``; ``restart()`` keeps its port.
 
-    ``settings`` are extra ``SLOTKEEPER_*`` environment variables.
+    ``settings`` are extra ``SLOTKEEPER_*`` environment variables; ``http`` is an HTTP client on
+    its API with the auth Prefect's client sends.
     """
 
     def __init__(self, home: Path, auth: str | None = None, settings: dict[str, str] | None = None) -> None:
-        self.home = home
-        self.auth = auth
-        self.port = free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"  # with the /api prefix, as PREFECT_API_URL
-        self.log = home / "server.log"
-        self.env = _clean_env(("SLOTKEEPER_",))
-        self.env.update(SLOTKEEPER_HOME=str(home), PYTHONUNBUFFERED="1", **(settings or {}))
         if auth is not None:
-            self.env["SLOTKEEPER_API_AUTH_STRING"] = auth
+            settings = {**(settings or {}), "SLOTKEEPER_API_AUTH_STRING": auth}
+        super().__init__(home, **(settings or {}))
         # As Prefect's client: ``Basic base64(<auth string>)``, whatever the string holds.
-        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-        self.http = httpx.Client(base_url=self.api_url, headers=headers, timeout=10)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-c", "from slotkeeper.cli import main; main()"]
-        with self.log.open("ab") as out:
-            self.process = process = subprocess.Popen(
-                [*command, "server", "start", "--port", str(self.port), "--log-level", "warning"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60  # a bound for a slow machine, not an assertion
-        while not _healthy(self.api_url):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {self.api_url}:\n{self.log_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        """A new process on the same port and database (what a deploy or a crash does)."""
-        self.stop()
-        self.start()
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        headers = {"Authorization": basic_auth(auth)} if auth else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=10)
 
     def events(self, event_filter: dict[str, Any], limit: int = 50) -> list[dict[str, Any]]:
         """Every stored event matching ``event_filter`` (following ``next_page``), oldest first."""
@@ -279,13 +226,6 @@ class Server:
         return found
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).json() is True
-    except (httpx.HTTPError, ValueError):
-        return False
-
-
 @contextlib.contextmanager
 def running_server(
     home: Path, auth: str | None = None, settings: dict[str, str] | None = None
@@ -293,10 +233,9 @@ def running_server(
     """A real server process on SQLite under ``home``, until the block ends."""
     server = Server(home, auth, settings)
     try:
-        server.start()
-        yield server
+        with server:
+            yield server
     finally:
-        server.stop()
         server.http.close()
 
 
@@ -311,9 +250,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _prefect_env(server: Server, prefect_home: Path, env_extra: dict[str, str] | None) -> dict[str, str]:
-    env = _clean_env(("PREFECT_", "SLOTKEEPER_"))
-    env.update(
-        PREFECT_API_URL=server.api_url,
+    env = clean_env(
+        ("PREFECT_", "SLOTKEEPER_"),
+        PREFECT_API_URL=server.url,  # with the /api prefix, as PREFECT_API_URL wants
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.sdk import _core, _wire
-from slotkeeper.sdk._core import NOTHING_HELD, Lease, Spec
-from slotkeeper.sdk._runtime import runtime
+from slotkeeper.sdk._core import NOTHING_HELD, GrantedLimit, Lease, Spec
+from slotkeeper.sdk._runtime import Call, Runtime, runtime
 from slotkeeper.sdk._wire import Origin
 from slotkeeper.sdk.errors import ConcurrencyLeaseLostError, ConcurrencySlotAcquisitionError
 
@@ -75,6 +75,50 @@ def as_holder(holder: Holder | None) -> dict[str, str] | None:
     return {"type": str(kind), "id": str(ident)}
 
 
+def none_exist(names: list[str], strict: bool) -> None:
+    """None of the limits exists: raise (strict) or warn, as Prefect."""
+    if strict:
+        raise ConcurrencySlotAcquisitionError(
+            f"Concurrency limits {names!r} must be created before acquiring slots"
+        )
+    log.warning("Concurrency limits %r do not exist - skipping acquisition.", names)
+
+
+def release_failed(message: str, exc: BaseException, body_failed: bool) -> None:
+    """A block could not give back what it held: log it if the body raised (its exception goes
+    on), else raise it."""
+    if body_failed:
+        log.error("%s", message)
+        return
+    raise ConcurrencySlotAcquisitionError(message) from exc
+
+
+class RateLimit:
+    """One ``rate_limit(...)``, what both forms share: the call on the runtime (None without
+    names: nothing is sent), and the check of its outcome."""
+
+    def __init__(
+        self,
+        names: Names,
+        occupy: int,
+        timeout_seconds: float | None,
+        strict: bool,
+        client: SlotkeeperClient | None,
+        api_url: str | None,
+    ) -> None:
+        self.names = as_names(names)
+        self.strict = strict
+        self.call: Call[list[GrantedLimit]] | None = None
+        if self.names:
+            key = target(client, api_url)
+            rt = runtime()
+            self.call = rt.call(_core.take_rate(rt, key, self.names, occupy, timeout_seconds))
+
+    def check(self, limits: list[GrantedLimit]) -> None:
+        if not limits:
+            none_exist(self.names, self.strict)
+
+
 class _Concurrency:
     """What both forms share: the request, and what to do with its outcome."""
 
@@ -115,16 +159,18 @@ class _Concurrency:
             raise RuntimeError("a concurrency block cannot be entered twice; call concurrency() again")
         self._entered = True
 
-    def _check(self, lease: Lease) -> Lease:
-        """A grant of nothing: raise (strict) or warn, as Prefect."""
-        if lease.lease_id is None:
-            if self.strict:
-                raise ConcurrencySlotAcquisitionError(
-                    f"Concurrency limits {self.spec.names!r} must be created before acquiring slots"
-                )
-            log.warning("Concurrency limits %r do not exist - skipping acquisition.", self.spec.names)
+    def _acquisition(self, rt: Runtime) -> Call[Lease]:
+        return rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan)
+
+    def _accept(self, rt: Runtime, lease: Lease) -> None:
+        """Hold ``lease``; a grant of nothing raises (strict, and then nothing stays held) or warns."""
+        try:
+            if lease.lease_id is None:
+                none_exist(self.spec.names, self.strict)
+        except BaseException:
+            rt.spawn(_core.release(lease))
+            raise
         self.lease = lease
-        return lease
 
     def _on_lost(self, reason: str) -> None:
         self.lost = reason
@@ -136,11 +182,7 @@ class _Concurrency:
         )
 
     def _release_failed(self, exc: BaseException, body_failed: bool) -> None:
-        message = f"Unable to release concurrency slots on {self.spec.names!r}: {exc}"
-        if body_failed:
-            log.error("%s", message)
-            return
-        raise ConcurrencySlotAcquisitionError(message) from exc
+        release_failed(f"Unable to release concurrency slots on {self.spec.names!r}: {exc}", exc, body_failed)
 
 
 class AsyncConcurrency(_Concurrency):
@@ -157,12 +199,8 @@ class AsyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        lease = await rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan).aresult()
-        try:
-            self._check(lease)
-        except BaseException:
-            rt.spawn(_core.release(lease))
-            raise
+        lease = await self._acquisition(rt).aresult()
+        self._accept(rt, lease)
         if lease._renewal is not None:
             self._task = asyncio.current_task()
             self._loop = asyncio.get_running_loop()
@@ -229,12 +267,8 @@ class SyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        lease = rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan).result()
-        try:
-            self._check(lease)
-        except BaseException:
-            rt.spawn(_core.release(lease))
-            raise
+        lease = self._acquisition(rt).result()
+        self._accept(rt, lease)
         if lease._renewal is not None:
             self._thread_id = threading.get_ident()
             self._exit_lock = threading.Lock()

@@ -213,13 +213,116 @@ async def post(ep: Endpoint, path: str, body: dict[str, Any], timeout: float = Q
         raise ApiError(status, error_detail(payload, reason or str(status)))
 
 
+async def post_retried(ep: Endpoint, path: str, body: dict[str, Any], retry: bool = True) -> None:
+    """:func:`post`, tried up to :data:`RELEASE_ATTEMPTS` times (once unless ``retry``) while it
+    fails transiently (an unreachable server, :data:`TRANSIENT_STATUSES`); raises the last error."""
+    attempts = RELEASE_ATTEMPTS if retry else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            await post(ep, path, body)
+            return
+        except (ApiError, ServerUnreachable) as exc:
+            transient = isinstance(exc, ServerUnreachable) or exc.status in TRANSIENT_STATUSES
+            if not transient or attempt == attempts:
+                raise
+        await asyncio.sleep(backoff(attempt - 1))
+
+
+# --- acquisitions: what every kind shares ----------------------------------------------------------
+
+
+class Attempts:
+    """The request loop of one acquisition (``concurrency``, ``rate_limit`` or v1), the same for
+    every kind: ``timeout_seconds`` (:attr:`clock`), refusals (423) against ``max_retries``, and
+    the failures in a row that are not answers (an unreachable server, :data:`TRANSIENT_STATUSES`),
+    retried with backoff :data:`TRANSIENT_ATTEMPTS` times at most; a refusal starts that count
+    again. Errors read as Prefect's: ``Unable to acquire concurrency slots on ['db']: ...`` (v1:
+    ``Unable to acquire concurrency limits ['db']: ...``).
+    """
+
+    def __init__(
+        self, names: list[str], timeout: float | None, max_retries: int | None = None, v1: bool = False
+    ) -> None:
+        self.clock = Clock(timeout, "limits" if v1 else "slots")
+        self.names = names
+        self.retries = max_retries
+        self.failed = f"Unable to acquire concurrency {'limits' if v1 else 'slots on'} {names!r}"
+        self.in_a_row = 0
+
+    def error(self, detail: str) -> ConcurrencySlotAcquisitionError:
+        return ConcurrencySlotAcquisitionError(f"{self.failed}: {detail}")
+
+    def rejection(self, answer: _wire.Answer) -> ConcurrencySlotAcquisitionError:
+        status, reason, _, payload = answer
+        return self.error(failure(status, reason, payload))
+
+    async def send(
+        self, ep: Endpoint, path: str, body: dict[str, Any], wait: float | None = None
+    ) -> tuple[_wire.Answer, bool] | None:
+        """:func:`exchange`, or None when the server could not be reached: then the pause before
+        the next attempt is over (send again), unless that was one attempt too many (raised)."""
+        try:
+            return await exchange(ep, path, body, wait, self.clock.remaining())
+        except ServerUnreachable as exc:
+            self.in_a_row += 1
+            if self.in_a_row >= TRANSIENT_ATTEMPTS:
+                raise self.error(str(exc)) from exc
+            log.warning("Could not reach the server to acquire %r (%s); retrying", self.names, exc)
+            await self.clock.pause(backoff(self.in_a_row))
+            return None
+
+    def refused(self, answer: _wire.Answer) -> None:
+        """A 423: one refusal more (raised if ``max_retries`` were already used up)."""
+        self.in_a_row = 0
+        if self.retries is not None:
+            if self.retries <= 0:
+                raise self.rejection(answer)
+            self.retries -= 1
+
+    async def retry_or_raise(self, answer: _wire.Answer) -> None:
+        """Any other error answer: pause before the next attempt if it only says "not now" (and
+        attempts remain), else raise it."""
+        if answer[0] in TRANSIENT_STATUSES:
+            self.in_a_row += 1
+            if self.in_a_row < TRANSIENT_ATTEMPTS:
+                await self.clock.pause(retry_after(answer[2]) or backoff(self.in_a_row))
+                return
+        raise self.rejection(answer)
+
+
+async def poll(ep: Endpoint, path: str, body: dict[str, Any], attempts: Attempts) -> tuple[bytes, bool]:
+    """Prefect's way to wait: POST until 200, sleeping the server's ``Retry-After`` after each
+    423 (a 423 without it, for a limit of 0 that would never grant, fails at once).
+
+    Gives the payload of the 200, and whether the caller was cancelled while it was out; any other
+    answer to a cancelled caller raises :class:`asyncio.CancelledError`.
+    """
+    while True:
+        answered = await attempts.send(ep, path, body)
+        if answered is None:
+            continue
+        answer, cancelled = answered
+        status, _, headers, payload = answer
+        if status == 200:
+            return payload, cancelled
+        if cancelled:
+            raise asyncio.CancelledError
+        pause = retry_after(headers)
+        if status == 423 and pause is not None:
+            attempts.refused(answer)
+            await attempts.clock.pause(pause)
+            continue
+        await attempts.retry_or_raise(answer)
+
+
 # --- concurrency: acquire -----------------------------------------------------------------------------
 
 
 async def acquire(rt: Runtime, spec: Spec) -> Lease:
     """Acquire ``spec`` (see the module's docstring); start renewing what was granted."""
     ep = rt.endpoint(spec.key)
-    clock = Clock(spec.timeout_seconds)
+    attempts = Attempts(spec.names, spec.timeout_seconds, spec.max_retries)
+    clock = attempts.clock
     body: dict[str, Any] = {
         "names": sorted(set(spec.names)),
         "slots": spec.slots,
@@ -228,14 +331,12 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
     }
     if spec.holder is not None:
         body["holder"] = spec.holder
-    retries = spec.max_retries
     contended = False  # a 423 was seen: wait on the server from now on
-    poll = False  # the server will not queue this request: poll with Retry-After
-    transient = 0
+    polling = False  # the server will not queue this request: poll with Retry-After
     while True:
         wait: float | None = None
         sent_body = body
-        if contended and ep.waits and not poll:
+        if contended and ep.waits and not polling:
             remaining = clock.remaining()
             if remaining is not None and remaining <= 0:
                 raise timed_out(spec.timeout_seconds)
@@ -244,41 +345,25 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
                 wait = min(wait, remaining)
             sent_body = {**body, "wait_seconds": wait, "priority": spec.priority}
         sent = clock.loop.time()
-        try:
-            (status, reason, headers, payload), cancelled = await exchange(
-                ep, f"{V2}/increment-with-lease", sent_body, wait, clock.remaining()
-            )
-        except ServerUnreachable as exc:
-            transient += 1
-            if transient >= TRANSIENT_ATTEMPTS:
-                raise ConcurrencySlotAcquisitionError(
-                    f"Unable to acquire concurrency slots on {spec.names!r}: {exc}"
-                ) from exc
-            log.warning("Could not reach the server to acquire %r (%s); retrying", spec.names, exc)
-            await clock.pause(backoff(transient))
+        answered = await attempts.send(ep, f"{V2}/increment-with-lease", sent_body, wait)
+        if answered is None:
             continue
+        answer, cancelled = answered
+        status, _, headers, payload = answer
         if status == 200:
             return granted(rt, ep, spec, payload, sent, wait is not None)
         if cancelled:
             raise asyncio.CancelledError
         if status == 423:
-            transient = 0
-            if retries is not None:
-                if retries <= 0:
-                    raise ConcurrencySlotAcquisitionError(
-                        f"Unable to acquire concurrency slots on {spec.names!r}: {failure(status, reason, payload)}"
-                    )
-                retries -= 1
+            attempts.refused(answer)
             if clock.expired():
                 raise timed_out(spec.timeout_seconds)
             contended = True
-            if ep.waits and not poll:
+            if ep.waits and not polling:
                 continue  # the next request waits on the server
             pause = retry_after(headers)
             if pause is None:
-                raise ConcurrencySlotAcquisitionError(
-                    f"Unable to acquire concurrency slots on {spec.names!r}: 423 without Retry-After"
-                )
+                raise attempts.error("423 without Retry-After")
             await clock.pause(pause)
             continue
         if status == 422 and wait is not None:
@@ -286,18 +371,11 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             if action == "poll":
                 # The server does not queue requests naming a limit that does not exist or is
                 # inactive (Prefect answers those at once): this one polls, Prefect's way.
-                poll = True
+                polling = True
                 continue
             if action == "again":
                 continue
-        if status in TRANSIENT_STATUSES:
-            transient += 1
-            if transient < TRANSIENT_ATTEMPTS:
-                await clock.pause(retry_after(headers) or backoff(transient))
-                continue
-        raise ConcurrencySlotAcquisitionError(
-            f"Unable to acquire concurrency slots on {spec.names!r}: {failure(status, reason, payload)}"
-        )
+        await attempts.retry_or_raise(answer)
 
 
 def refused(ep: Endpoint, spec: Spec, wait: float, detail: str) -> str:
@@ -506,18 +584,18 @@ class Renewal:
         self.stop()
         if self.gone:
             return
-        for attempt in range(1, RELEASE_ATTEMPTS + 1):
-            try:
-                await post(self.ep, f"{V2}/decrement-with-lease", {"lease_id": self.lease_id})
-                return
-            except (ApiError, ServerUnreachable) as exc:
-                transient = isinstance(exc, ServerUnreachable) or exc.status in TRANSIENT_STATUSES
-                if self.lost is not None:
-                    log.debug("Could not release lost lease %s: %s", self.lease_id, exc)
-                    return
-                if not transient or attempt == RELEASE_ATTEMPTS:
-                    raise
-                await asyncio.sleep(backoff(attempt - 1))
+        lost = self.lost is not None  # final: a stopped renewal is never lost
+        try:
+            await post_retried(
+                self.ep,
+                f"{V2}/decrement-with-lease",
+                {"lease_id": self.lease_id},
+                retry=not lost,
+            )
+        except (ApiError, ServerUnreachable) as exc:
+            if not lost:
+                raise
+            log.debug("Could not release lost lease %s: %s", self.lease_id, exc)
 
     async def release_at_exit(self) -> None:
         try:
@@ -553,42 +631,14 @@ async def take_rate(
 ) -> list[GrantedLimit]:
     """``rate_limit``: ``/increment`` in ``rate_limit`` mode, sleeping the (exact) Retry-After."""
     ep = rt.endpoint(key)
-    clock = Clock(timeout_seconds)
     body = {"names": sorted(set(names)), "slots": slots, "mode": "rate_limit"}
-    transient = 0
-    while True:
-        try:
-            (status, reason, headers, payload), cancelled = await exchange(
-                ep, f"{V2}/increment", body, None, clock.remaining()
-            )
-        except ServerUnreachable as exc:
-            transient += 1
-            if transient >= TRANSIENT_ATTEMPTS:
-                raise ConcurrencySlotAcquisitionError(
-                    f"Unable to acquire concurrency slots on {names!r}: {exc}"
-                ) from exc
-            await clock.pause(backoff(transient))
-            continue
-        if cancelled:  # rate-limit slots are never released: they decay
-            raise asyncio.CancelledError
-        if status == 200:
-            return [
-                GrantedLimit(str(lim["id"]), str(lim["name"]), int(lim["limit"]), lim.get("fencing_token"))
-                for lim in orjson.loads(payload)
-            ]
-        pause = retry_after(headers)
-        if status == 423 and pause is not None:
-            transient = 0
-            await clock.pause(pause)
-            continue
-        if status in TRANSIENT_STATUSES:
-            transient += 1
-            if transient < TRANSIENT_ATTEMPTS:
-                await clock.pause(pause or backoff(transient))
-                continue
-        raise ConcurrencySlotAcquisitionError(
-            f"Unable to acquire concurrency slots on {names!r}: {failure(status, reason, payload)}"
-        )
+    payload, cancelled = await poll(ep, f"{V2}/increment", body, Attempts(names, timeout_seconds))
+    if cancelled:  # rate-limit slots are never released: they decay
+        raise asyncio.CancelledError
+    return [
+        GrantedLimit(str(lim["id"]), str(lim["name"]), int(lim["limit"]), lim.get("fencing_token"))
+        for lim in orjson.loads(payload)
+    ]
 
 
 # --- v1 (tags) ---------------------------------------------------------------------------------------------
@@ -617,43 +667,13 @@ async def acquire_v1(
     A 423 without Retry-After (a limit of 0: it would never be granted) fails at once.
     """
     ep = rt.endpoint(key)
-    clock = Clock(timeout_seconds, "limits")
+    attempts = Attempts(names, timeout_seconds, v1=True)
     body = {"names": sorted(set(names)), "task_run_id": task_run_id}
-    transient = 0
-    while True:
-        try:
-            (status, reason, headers, payload), cancelled = await exchange(
-                ep, f"{V1}/increment", body, None, clock.remaining()
-            )
-        except ServerUnreachable as exc:
-            transient += 1
-            if transient >= TRANSIENT_ATTEMPTS:
-                raise ConcurrencySlotAcquisitionError(
-                    f"Unable to acquire concurrency limits {names!r}: {exc}"
-                ) from exc
-            await clock.pause(backoff(transient))
-            continue
-        if status == 200:
-            limits = tuple(
-                GrantedLimit(str(lim["id"]), str(lim["name"]), int(lim["limit"]))
-                for lim in orjson.loads(payload)
-            )
-            return V1Grant(names, task_run_id, limits, key, clock.loop.time())
-        if cancelled:
-            raise asyncio.CancelledError
-        pause = retry_after(headers)
-        if status == 423 and pause is not None:
-            transient = 0
-            await clock.pause(pause)
-            continue
-        if status in TRANSIENT_STATUSES:
-            transient += 1
-            if transient < TRANSIENT_ATTEMPTS:
-                await clock.pause(pause or backoff(transient))
-                continue
-        raise ConcurrencySlotAcquisitionError(
-            f"Unable to acquire concurrency limits {names!r}: {failure(status, reason, payload)}"
-        )
+    payload, _ = await poll(ep, f"{V1}/increment", body, attempts)  # a cancelled caller's grant is released
+    limits = tuple(
+        GrantedLimit(str(lim["id"]), str(lim["name"]), int(lim["limit"])) for lim in orjson.loads(payload)
+    )
+    return V1Grant(names, task_run_id, limits, key, attempts.clock.loop.time())
 
 
 async def release_v1(rt: Runtime, grant: V1Grant) -> None:
@@ -664,12 +684,4 @@ async def release_v1(rt: Runtime, grant: V1Grant) -> None:
         "task_run_id": grant.task_run_id,
         "occupancy_seconds": max(rt.loop.time() - grant.started, 0.0),
     }
-    for attempt in range(1, RELEASE_ATTEMPTS + 1):
-        try:
-            await post(ep, f"{V1}/decrement", body)
-            return
-        except (ApiError, ServerUnreachable) as exc:
-            transient = isinstance(exc, ServerUnreachable) or exc.status in TRANSIENT_STATUSES
-            if not transient or attempt == RELEASE_ATTEMPTS:
-                raise
-        await asyncio.sleep(backoff(attempt - 1))
+    await post_retried(ep, f"{V1}/decrement", body)

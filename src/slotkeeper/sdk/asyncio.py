@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from slotkeeper.sdk import _core
-from slotkeeper.sdk._blocks import AsyncConcurrency, Holder, Names, as_names, target
+from slotkeeper.sdk._blocks import AsyncConcurrency, Holder, Names, RateLimit
 from slotkeeper.sdk._core import GrantedLimit, Lease
-from slotkeeper.sdk._runtime import runtime
 from slotkeeper.sdk.errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencyLeaseLostError,
@@ -110,19 +108,6 @@ async def rate_limit(
     sleeping the server's ``Retry-After``, which is exact for rate limits. ``strict``: raise
     ``ConcurrencySlotAcquisitionError`` if none of the limits exists. As Prefect's.
     """
-    wanted = as_names(names)
-    if not wanted:
-        return
-    key = target(client, api_url)
-    rt = runtime()
-    limits = await rt.call(_core.take_rate(rt, key, wanted, occupy, timeout_seconds)).aresult()
-    _rate_checked(wanted, limits, strict)
-
-
-def _rate_checked(names: list[str], limits: list[GrantedLimit], strict: bool) -> None:
-    if not limits and strict:
-        raise ConcurrencySlotAcquisitionError(
-            f"Concurrency limits {names!r} must be created before acquiring slots"
-        )
-    if not limits:
-        _core.log.warning("Concurrency limits %r do not exist - skipping acquisition.", names)
+    taking = RateLimit(names, occupy, timeout_seconds, strict, client, api_url)
+    if taking.call is not None:
+        taking.check(await taking.call.aresult())

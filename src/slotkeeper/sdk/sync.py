@@ -5,15 +5,22 @@ The work runs on the SDK's background loop (one per process); this thread only w
 See :mod:`slotkeeper.sdk.asyncio` for the parameters and ``docs/sdk.md`` for the design.
 """
 
+# Why the signatures of this module repeat those of ``slotkeeper.sdk.asyncio``: they are the
+# public API, and written out they are what IDEs, ``help()`` and type checkers show (names,
+# defaults, the keyword-only marker, each form's return type). The alternatives lose some of it:
+# a signature copied by a decorator (a ``ParamSpec`` trick) reaches only the tools that evaluate
+# types, and neither it nor a docstring assigned at import (``__doc__ = ...``) is seen by a reader
+# of the source or by static tools. Prefect's own sync and async modules repeat theirs too. What
+# is behind the signatures is written once: the parameters are documented in
+# ``asyncio.concurrency``, and both forms only hand them to ``_blocks`` (``SyncConcurrency`` and
+# ``AsyncConcurrency``, ``RateLimit``), which share everything but the waiting.
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from slotkeeper.sdk import _core
-from slotkeeper.sdk._blocks import Holder, Names, SyncConcurrency, as_names, target
+from slotkeeper.sdk._blocks import Holder, Names, RateLimit, SyncConcurrency
 from slotkeeper.sdk._core import GrantedLimit, Lease
-from slotkeeper.sdk._runtime import runtime
-from slotkeeper.sdk.asyncio import _rate_checked
 from slotkeeper.sdk.errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencyLeaseLostError,
@@ -80,10 +87,6 @@ def rate_limit(
 ) -> None:
     """Block until ``occupy`` slots of every limit in ``names`` are taken in ``rate_limit`` mode
     (see :func:`slotkeeper.sdk.asyncio.rate_limit`)."""
-    wanted = as_names(names)
-    if not wanted:
-        return
-    key = target(client, api_url)
-    rt = runtime()
-    limits = rt.call(_core.take_rate(rt, key, wanted, occupy, timeout_seconds)).result()
-    _rate_checked(wanted, limits, strict)
+    taking = RateLimit(names, occupy, timeout_seconds, strict, client, api_url)
+    if taking.call is not None:
+        taking.check(taking.call.result())

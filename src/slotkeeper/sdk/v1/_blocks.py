@@ -16,10 +16,9 @@ from uuid import UUID
 
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.sdk import _core
-from slotkeeper.sdk._blocks import Names, as_names, target
+from slotkeeper.sdk._blocks import Names, as_names, release_failed, target
 from slotkeeper.sdk._core import GrantedLimit, V1Grant
 from slotkeeper.sdk._runtime import Runtime, runtime
-from slotkeeper.sdk.errors import ConcurrencySlotAcquisitionError
 
 if TYPE_CHECKING:
     from slotkeeper.client import SlotkeeperClient
@@ -55,11 +54,7 @@ class _V1:
         return release
 
     def _release_failed(self, exc: BaseException, body_failed: bool) -> None:
-        message = f"Unable to release concurrency limits {self.names!r}: {exc}"
-        if body_failed:
-            log.error("%s", message)
-            return
-        raise ConcurrencySlotAcquisitionError(message) from exc
+        release_failed(f"Unable to release concurrency limits {self.names!r}: {exc}", exc, body_failed)
 
 
 class AsyncV1Concurrency(_V1):
