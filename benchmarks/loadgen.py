@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-Kind = Literal["pairs", "health", "handoff", "rate", "random-pairs", "events"]
+Kind = Literal["pairs", "health", "handoff", "handoff-sdk", "rate", "random-pairs", "events"]
 
 ACQUIRE = "/api/v2/concurrency_limits/increment-with-lease"
 RELEASE = "/api/v2/concurrency_limits/decrement-with-lease"
@@ -336,6 +336,38 @@ async def _handoff_client(
         tally.records.append((client, requested, granted, released, attempts, wall()))
 
 
+async def _handoff_sdk_client(
+    session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """The hand-off of :func:`_handoff_client` through slotkeeper's SDK: ``async with
+    concurrency(limit)``, hold ``hold`` s, leave the block; repeat (``session`` is not used: the
+    SDK has its own connections, on its own thread, shared by the workers of this process).
+
+    Same records, except ``attempts``: None (the SDK does not tell how many requests an
+    acquisition took). "released" is when the body ended, "release answered" when the block
+    was left. An error of the SDK is counted as ``acquire:<its class>`` and ends the worker.
+    """
+    from slotkeeper.sdk.asyncio import concurrency
+
+    p = job.params
+    api_url, hold = base + "/api", float(p["hold"])
+    clock, wall = time.perf_counter, time.time
+    for _ in range(job.max_ops):
+        if clock() >= window.end:
+            return
+        requested, granted, released = wall(), None, None
+        try:
+            async with concurrency(p["limit"], strict=True, api_url=api_url):
+                granted = wall()
+                await asyncio.sleep(hold)
+                released = wall()
+        except Exception as exc:
+            tally.errors[f"acquire:{type(exc).__name__}"] += 1
+            tally.records.append((client, requested, granted, released, None, None))
+            return
+        tally.records.append((client, requested, granted, released, None, wall()))
+
+
 async def _rate_client(
     session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
 ) -> None:
@@ -521,6 +553,7 @@ _CLIENTS: dict[Kind, Callable[..., Coroutine[Any, Any, None]]] = {
     "pairs": _pairs_client,
     "health": _health_client,
     "handoff": _handoff_client,
+    "handoff-sdk": _handoff_sdk_client,
     "rate": _rate_client,
     "random-pairs": _random_pairs_client,
     "events": _events_client,

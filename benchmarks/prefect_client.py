@@ -62,8 +62,10 @@ async def _one_run(
     cpu = time.process_time() - cpu0
     for w in pending:
         w.cancel()
-    if pending:  # Prefect's cancellation path may wait on its service: bounded, then left behind
-        await asyncio.wait(pending, timeout=5.0)
+    # Prefect's cancellation path may wait on its service: bounded (by half the cut-off in short
+    # runs, where 5 s would double the run), then left behind.
+    if pending:
+        await asyncio.wait(pending, timeout=min(5.0, timeout / 2))
     return {
         "name": name,
         "limit": limit,

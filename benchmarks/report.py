@@ -41,8 +41,10 @@ work through the same API, on the same machine, in the same run.
 ## Running it
 
 ```bash
-benchmarks/run --short      # every scenario, short windows (pairs: 2 rounds of 0.5 + 2.5 s): about 4 minutes on this shared 2-core machine
-benchmarks/run --full       # 3 rounds of 2 + 15 s for pairs, long windows and full scale for the rest
+benchmarks/run --short      # every scenario, short windows (pairs: 2 rounds of 0.25 + 1 s): under 2 minutes on this shared 2-core machine
+benchmarks/run --full       # 3 rounds of 2 + 15 s for pairs, long windows and full scale for the rest: about 25 minutes
+benchmarks/run --full --plan    # the plan and its estimated duration, phase by phase; starts nothing
+benchmarks/run --full --smoke   # that plan with every window cut short (about 2.5 minutes): checks each step runs
 benchmarks/run --short --scenarios handoff,rate   # only some scenarios (see below)
 benchmarks/run --servers slotkeeper-sqlite,prefect-sqlite --out /tmp/bench.json --no-docs
 python benchmarks/run.py --from-json benchmarks/results/latest.json   # re-render this page only
@@ -54,7 +56,16 @@ Each server gets a free port on 127.0.0.1, a fresh temporary home and, for Postg
 database (created and dropped by the run; the PostgreSQL variant is skipped with a note when
 `postgresql://postgres@127.0.0.1:5432` does not answer). Every process the run starts is
 stopped at the end, also on Ctrl-C or an error. Results go to `benchmarks/results/latest.json`
-and the generated part of this page is rewritten; the text above the marker is kept.
+and the generated part of this page is rewritten; the text above the marker is kept. A run
+prints its plan with an estimate first, and at the end its wall time from the start of
+`benchmarks/run` to the written report, phase by phase. `--smoke` writes neither this page nor
+`latest.json` (its results go to the temporary folder): its figures mean nothing.
+
+The short mode is for development: its 1 s windows leave Prefect's server, which completes a
+handful of pairs per second at 16 and 64 clients, with a few samples per window, and its 2 s
+runs of Prefect's client flatter Prefect's server, which serves the start of a run faster than
+the rest (against a limit of 1: about 7 to 8 blocks/s over 2 to 3 s, about 5 over 6 s). Publish
+figures from `--full`.
 
 ## How it measures
 
@@ -75,7 +86,11 @@ and the generated part of this page is rewritten; the text above the marker is k
 - **Alternation**: servers are measured in turn (A B C, then B C A, ...) for several rounds, so
   that the machine's drift hits every server alike. While one server is measured the others are
   frozen (SIGSTOP) so their background work cannot steal CPU; after each measurement the server
-  gets a moment to finish leftover requests before it is frozen.
+  gets a moment to finish leftover requests before it is frozen. Every server starts at the
+  beginning; Prefect's takes about 10 s to boot (imports, the migrations of its fresh
+  database). The scale scenario, which measures slotkeeper alone on servers of its own, runs
+  meanwhile, and Prefect's booting server is frozen during its measurements as an idle server
+  is (its setup, inserting rows and starting its server, overlaps the boot).
 - **CPU columns**: cores used during the window by the server's processes, by the load
   generator, and by everything else on the machine (PostgreSQL itself lands there).
 
@@ -103,22 +118,23 @@ slotkeeper, so judge them on a quiet machine.
 
 ## The other scenarios (contended hand-off, Prefect's client, rate limits, events, scale)
 
-`--scenarios` picks among `pairs,handoff,client,rate,events,scale` (default: all of them, in that
-order). Each is measured on every server in turn with the turn order rotating from round to
-round and the other servers frozen, as "pairs"; each measurement creates fresh limits, so no
-round inherits another's state (leases, queues, occupancy averages). Limits whose `Retry-After`
-matters (hand-off, Prefect's client) are first taught their hold time with a few acquire, hold
-10 ms, release cycles, on every server alike: a fresh limit's occupancy average starts at 2 s.
+`--scenarios` picks among `pairs,handoff,client,rate,events,scale` (default: all of them; scale
+runs first, while Prefect's server boots, then the others in that order). Each is measured on
+every server in turn with the turn order rotating from round to round and the other servers
+frozen, as "pairs"; each measurement creates fresh limits, so no round inherits another's state
+(leases, queues, occupancy averages). Limits whose `Retry-After` matters (hand-off, Prefect's
+client) are first taught their hold time with a few acquire, hold 10 ms, release cycles, on
+every server alike: a fresh limit's occupancy average starts at 2 s.
 The code is in `benchmarks/scenarios.py` (and `scale.py`, `prefect_client.py`); the tables below
 explain each figure.
 
 | scenario | what runs | `--short` | `--full` |
 |---|---|---|---|
-| handoff | limit 1, 8 workers in one load-generator process, 10 ms holds; slotkeeper with `wait_seconds` (server-side FIFO) on SQLite and PostgreSQL, and polling clients (Prefect's protocol: sleep exactly `Retry-After` after a 423) on slotkeeper and Prefect | 2 rounds, 0.5 + 2 s; polling on slotkeeper-SQLite only | 3 rounds, 2 + 10 s; polling on both slotkeeper backends |
-| client | Prefect 3.8.8's own `concurrency()` (asyncio), 16 tasks x 5 blocks, on a limit of 1 and of 4, from `.venv-prefect` | 1 round, runs cut off after 6 s | 2 rounds, cut off after 60 s |
-| rate | limit 10 decaying 10 slots/s, 4 clients on `POST /increment` in `rate_limit` mode, as fast as `Retry-After` allows | 2 rounds of 3 s | 3 rounds of 10 s |
-| events | 16 clients pacing 500 acquire + release pairs/s in all, one websocket subscriber on `/api/events/out` | 2 rounds, 0.5 + 2 s | 3 rounds, 2 + 10 s |
-| scale | slotkeeper only, its own server per backend: limits and live leases inserted beforehand, 16 clients on random limits, then short leases for the reaper | 1,000 limits, 10,000 leases, 200 short leases of 1.5 s | 10,000 limits, 100,000 leases, 1,000 short leases of 3 s |
+| handoff | limit 1, 8 workers in one load-generator process, 10 ms holds; on slotkeeper: raw requests with `wait_seconds` (server-side FIFO), slotkeeper's SDK (`async with slotkeeper.sdk.asyncio.concurrency(...)`, which waits there too), and polling clients (Prefect's protocol: sleep exactly `Retry-After` after a 423); on Prefect: polling | 2 rounds, 0.25 + 1 s; SDK and polling on slotkeeper-SQLite only | 3 rounds, 2 + 10 s; every variant on both slotkeeper backends |
+| client | Prefect 3.8.8's own `concurrency()` (asyncio), 16 tasks x 5 blocks, on a limit of 1 and of 4, from `.venv-prefect` | 1 round, runs cut off after 2 s | 2 rounds, cut off after 30 s |
+| rate | limit 10 decaying 10 slots/s, 4 clients on `POST /increment` in `rate_limit` mode, as fast as `Retry-After` allows | 1 round of 2.5 s | 3 rounds of 10 s |
+| events | 16 clients pacing 500 acquire + release pairs/s in all, one websocket subscriber on `/api/events/out` | 2 rounds, 0.25 + 1 s | 3 rounds, 2 + 10 s |
+| scale | slotkeeper only, its own server per backend: limits and live leases inserted beforehand, 16 clients on random limits, then short leases for the reaper | 1,000 limits, 10,000 leases, 0.25 + 1 s of load, 200 short leases of 1.5 s | 10,000 limits, 100,000 leases, 2 + 10 s of load, 1,000 short leases of 3 s |
 
 Prefect's server answers `503` under concurrent writes here too; the hand-off, rate and events
 clients retry a 503 after 10 ms (Prefect's own client backs off longer), and count it.

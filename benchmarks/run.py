@@ -1,16 +1,19 @@
-"""Benchmark slotkeeper against Prefect's server: throughput of acquire + release pairs.
+"""Benchmark slotkeeper against Prefect's server: throughput of acquire + release pairs, and more.
 
 Usage::
 
     python benchmarks/run.py [--short|--full] [--servers slotkeeper-sqlite,slotkeeper-postgres,prefect-sqlite]
-                             [--out benchmarks/results/latest.json] [--no-docs] [--check]
+                             [--scenarios ...] [--out benchmarks/results/latest.json] [--no-docs] [--check]
+    python benchmarks/run.py --full --plan    # the plan and its estimated duration; starts nothing
+    python benchmarks/run.py --full --smoke   # the plan with every window cut short: does each step run?
     python benchmarks/run.py --from-json benchmarks/results/latest.json   # re-render the docs only
 
-It starts every server on a free loopback port, creates the limits, then measures each scenario
-on each server in alternation for several rounds (the order rotates every round; servers not
-being measured are frozen with SIGSTOP), measures the load generator's ceiling the same way,
-writes the JSON results and regenerates the generated part of ``docs/benchmarks.md``. Every
-process it starts is stopped at the end, on Ctrl-C and on errors.
+It starts every server on a free loopback port, creates the limits, then runs the plan
+(``plan.py``): each scenario on each server in alternation for several rounds (the order
+rotates every round; servers not being measured are frozen with SIGSTOP), the load generator's
+ceiling the same way. It writes the JSON results, regenerates the generated part of
+``docs/benchmarks.md`` and prints its wall time phase by phase. Every process it starts is
+stopped at the end, on Ctrl-C and on errors.
 """
 
 from __future__ import annotations
@@ -23,18 +26,17 @@ import platform
 import shlex
 import signal
 import sqlite3
-import subprocess
 import sys
+import tempfile
 import time
 import traceback
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import plan
 import report
 import report_scenarios
 import scale
@@ -48,32 +50,8 @@ ROOT = servers.ROOT
 DOCS = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks-pairs.png"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
+SMOKE_OUT = Path(tempfile.gettempdir()) / "bench-smoke.json"
 LIMITS = 64  # bench-0 .. bench-63, one per client at most
-
-
-@dataclass(frozen=True)
-class Mode:
-    """How long and how often to measure."""
-
-    name: str
-    rounds: int
-    warmup: float
-    duration: float
-    #: Seconds after the window before in-flight requests are cancelled.
-    grace: float
-    clients: tuple[int, ...]
-    #: Client counts at which the generator's ceiling is measured.
-    ceiling_clients: tuple[int, ...]
-    #: Longest wait for a server to go idle after a measurement, before it is frozen.
-    settle_max: float
-    #: The scenarios beyond "pairs" (see ``scenarios.Extra``).
-    extra: scenarios.Extra = field(default_factory=scenarios.Extra)
-
-
-MODES = {
-    "short": Mode("short", 2, 0.5, 2.5, 0.2, (1, 16, 64), (64,), 1.5, scenarios.EXTRA["short"]),
-    "full": Mode("full", 3, 2.0, 15.0, 1.0, (1, 16, 64), (1, 16, 64), 10.0, scenarios.EXTRA["full"]),
-}
 
 
 class Interrupted(Exception):
@@ -144,36 +122,7 @@ def _versions_here(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _versions_prefect() -> dict[str, str]:
-    code = (
-        "import importlib.metadata as m, json, platform, sqlite3, sys\n"
-        "out = {'python': platform.python_version(), 'sqlite': sqlite3.sqlite_version}\n"
-        "for n in sys.argv[1:]:\n"
-        "    try: out[n] = m.version(n)\n"
-        "    except m.PackageNotFoundError: out[n] = 'not installed'\n"
-        "print(json.dumps(out))"
-    )
-    python = servers.PREFECT_VENV / "bin" / "python"
-    done = subprocess.run(
-        [str(python), "-c", code, *PREFECT_PACKAGES], capture_output=True, text=True, check=False
-    )
-    return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-200:]}
-
-
 # --- talking to a server (setup only; the load goes through loadgen) --------------------------
-
-
-def _post_json(url: str, body: dict[str, Any], timeout: float = 30.0) -> int:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            resp.read()
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        exc.read()
-        return int(exc.code)
 
 
 def create_limits(server: servers.Server, count: int) -> float:
@@ -181,103 +130,27 @@ def create_limits(server: servers.Server, count: int) -> float:
     return the seconds it took."""
     began = time.monotonic()
     for i in range(count):
-        status = 0
-        for _ in range(5):  # bounded: Prefect may answer 503 while it settles after start-up
-            status = _post_json(
-                server.base_url + "/api/v2/concurrency_limits/", {"name": f"bench-{i}", "limit": 1000}
-            )
-            if status in (200, 201, 409):
-                break
-            time.sleep(0.5)
-        else:
-            raise servers.ServerError(f"{server.key}: creating limit bench-{i} answered {status}")
+        scenarios.create_limit(server, f"bench-{i}", 1000)
     return time.monotonic() - began
 
 
 # --- measuring --------------------------------------------------------------------------------
 
 
-def _sleep_until(wall: float) -> None:
-    delay = wall - time.time()
-    if delay > 0:
-        time.sleep(delay)
-
-
-def settle(server: servers.Server, max_wait: float) -> float:
-    """Wait (at most ``max_wait`` s) until the server has gone idle; return the seconds waited."""
-    began = time.monotonic()
-    pids = server.pids()
-    while time.monotonic() - began < max_wait:
-        c0, t0 = servers.cpu_seconds(pids), time.monotonic()
-        time.sleep(0.1)
-        if (servers.cpu_seconds(pids) - c0) / (time.monotonic() - t0) < 0.15:
-            break
-    return time.monotonic() - began
-
-
-def measure(
-    pool: WorkerPool,
-    server: servers.Server,
-    scenario: str,
-    clients: int,
-    mode: Mode,
-    round_no: int,
-    pause_after: bool,
-) -> dict[str, Any]:
-    """One measurement: ``clients`` clients doing ``scenario`` against ``server``."""
-    from loadgen import Job, merge, split_clients
-
-    entered = time.monotonic()
-    server.resume()
-    if not servers.healthy(server, timeout=5):
-        servers.wait_healthy([server], timeout=30)
-    jobs = [
-        Job(
-            kind="pairs" if scenario == "pairs" else "health",
-            base_url=server.base_url,
-            clients=share,
-            warmup=mode.warmup,
-            duration=mode.duration,
-            grace=mode.grace,
-            request_timeout=mode.warmup + mode.duration + 30.0,
-            max_ops=int((mode.warmup + mode.duration + 1) * 100_000),
+def measure(ctx: scenarios.Context, step: plan.Step, mode: plan.Mode) -> dict[str, Any]:
+    """One "pairs" (or "health": the generator's ceiling) measurement: ``step.clients`` clients."""
+    server = ctx.servers[step.target]
+    with scenarios.active(ctx, server):
+        jobs = scenarios.spread_jobs(
+            step.scenario, ctx, server, step.clients, mode.warmup, mode.duration, mode.grace, {}
         )
-        for share in split_clients(clients, len(pool.pids))
-    ]
-    try:
-        pool.prepare(jobs, timeout=60)
-        server_pids, loadgen_pids = server.pids(), pool.pids
-        start = time.time() + 0.05
-        pool.start(start)
-        _sleep_until(start + mode.warmup)
-        s0 = (
-            time.monotonic(),
-            servers.cpu_seconds(server_pids),
-            servers.cpu_seconds(loadgen_pids),
-            servers.machine_cpu(),
-        )
-        _sleep_until(start + mode.warmup + mode.duration)
-        s1 = (
-            time.monotonic(),
-            servers.cpu_seconds(server_pids),
-            servers.cpu_seconds(loadgen_pids),
-            servers.machine_cpu(),
-        )
-        results = pool.collect(timeout=mode.grace + 60)
-        settled = settle(server, mode.settle_max)
-    finally:
-        if pause_after:
-            server.pause()
-    merged = merge(results)
-    wall = s1[0] - s0[0]
-    server_cores = (s1[1] - s0[1]) / wall
-    loadgen_cores = (s1[2] - s0[2]) / wall
-    busy_cores = (s1[3][0] - s0[3][0]) / wall
+        w = scenarios.run_jobs(ctx, server, jobs, mode.warmup, mode.duration)
+    merged = w.merged
     return {
         "target": server.key,
-        "scenario": scenario,
-        "clients": clients,
-        "round": round_no,
+        "scenario": step.scenario,
+        "clients": step.clients,
+        "round": step.round,
         "duration_s": mode.duration,
         "completed": merged.completed,
         "rate": merged.completed / mode.duration,
@@ -286,15 +159,7 @@ def measure(
         "errors": merged.errors,
         "error_total": sum(merged.errors.values()),
         "unfinished": merged.unfinished,
-        "cpu": {
-            "server_cores": server_cores,
-            "loadgen_cores": loadgen_cores,
-            "machine_busy_cores": busy_cores,
-            "other_cores": max(0.0, busy_cores - server_cores - loadgen_cores),
-            "steal_cores": (s1[3][1] - s0[3][1]) / wall,
-        },
-        "settle_s": settled,
-        "wall_s": time.monotonic() - entered,
+        "cpu": w.cpu,
         "notes": merged.notes,
     }
 
@@ -315,23 +180,55 @@ def _progress(m: dict[str, Any], elapsed: float) -> None:
         print(f"[bench]   note: {note}", flush=True)
 
 
-def schedule(keys: list[str], ceiling_key: str | None, mode: Mode) -> list[tuple[int, str, str, int]]:
-    """(round, server key, scenario, clients) in run order.
+def run_step(ctx: scenarios.Context, step: plan.Step, mode: plan.Mode) -> list[dict[str, Any]]:
+    """Measure one step of the plan; its measurements (one, or one per limit for "client")."""
+    server = ctx.servers.get(step.target)
+    if step.scenario in ("pairs", "health"):
+        m = measure(ctx, step, mode)
+        _progress(m, time.monotonic() - ctx.began)
+        return [m]
+    if step.scenario == "scale":
+        out = [scale.measure_scale(ctx, step.target.split("-", 1)[1], step.round)]
+    elif server is None:
+        raise ValueError(f"{step.target} is not running")
+    elif step.scenario == "handoff":
+        out = [scenarios.measure_handoff(ctx, server, step.variant, step.round)]
+    elif step.scenario == "client":
+        out = scenarios.measure_client(ctx, server, step.round)
+    elif step.scenario == "rate":
+        out = [scenarios.measure_rate(ctx, server, step.round)]
+    else:
+        out = [scenarios.measure_events(ctx, server, step.round)]
+    for m in out:
+        ctx.log(report_scenarios.progress(m))
+    return out
 
-    Within a round, each client count is measured on every server in turn; the turn order
-    rotates from round to round (A B C, B C A, ...), so no server is always measured first or
-    right after a given other one. The ceiling takes a turn like a server at its client counts.
-    """
-    plan = []
-    for rnd in range(1, mode.rounds + 1):
-        for clients in mode.clients:
-            turn: list[tuple[str, str]] = [(k, "pairs") for k in keys]
-            if ceiling_key and clients in mode.ceiling_clients:
-                turn.append((ceiling_key, "health"))
-            shift = (rnd - 1) % len(turn)
-            for key, scenario in turn[shift:] + turn[:shift]:
-                plan.append((rnd, key, scenario, clients))
-    return plan
+
+class Phases:
+    """Wall seconds of each phase of the run, from ``began`` (``time.time()``) on."""
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self.seconds: dict[str, float] = {}
+        #: Until the first phase: ``benchmarks/run``'s checks, Python starting, imports.
+        self._current = ("launch", began)
+
+    def enter(self, name: str) -> None:
+        """End the phase running and start ``name`` (phases of one name add up)."""
+        now = time.time()
+        last, since = self._current
+        self.seconds[last] = self.seconds.get(last, 0.0) + now - since
+        self._current = (name, now)
+
+    def total(self) -> float:
+        """Seconds since the start of the run."""
+        return time.time() - self.began
+
+    def summary(self) -> str:
+        """``wall time 98 s from the start to the written report (launch 0.2 s, checks 0.1 s, ...)``."""
+        self.enter("end")
+        parts = ", ".join(f"{name} {secs:.1f} s" for name, secs in self.seconds.items())
+        return f"wall time {self.total():.0f} s from the start to the written report ({parts})"
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -365,7 +262,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(scenarios.SCENARIOS)} (default: all)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
-    p.add_argument("--rounds", type=int, help="override the number of rounds (pairs, handoff, rate, events)")
+    p.add_argument("--rounds", type=int, help="override the number of rounds (pairs, handoff, events)")
     p.add_argument("--duration", type=float, help="override the measured seconds per pairs measurement")
     p.add_argument("--warmup", type=float, help="override the warm-up seconds per pairs measurement")
     p.add_argument("--clients", help="override the client counts, e.g. 1,16,64 (at most 64)")
@@ -378,11 +275,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--check", action="store_true", help="exit 1 if slotkeeper misses a target of the scenarios run"
     )
     p.add_argument("--from-json", type=Path, help="only re-render docs/benchmarks.md from these results")
+    p.add_argument(
+        "--plan", action="store_true", help="print the plan and its estimated duration, start nothing"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"run the plan with every window cut short, to check that each step runs (figures "
+        f"meaningless); implies --no-docs, results to {SMOKE_OUT} unless --out",
+    )
     return p.parse_args(argv)
 
 
-def _mode(args: argparse.Namespace) -> Mode:
-    mode = MODES[args.mode]
+def _mode(args: argparse.Namespace) -> plan.Mode:
+    mode = plan.MODES[args.mode]
+    if args.smoke:
+        mode = plan.smoke(mode)
     if args.rounds is not None:
         mode = replace(mode, rounds=max(1, args.rounds))
     if args.duration is not None:
@@ -434,67 +342,41 @@ def _scenarios(args: argparse.Namespace) -> list[str]:
     return [k for k in scenarios.SCENARIOS if k in chosen]
 
 
-def _rotated(items: list[Any], rnd: int) -> list[Any]:
-    """The turn order of round ``rnd``: A B C, then B C A, then C A B..."""
-    if not items:
-        return []
-    shift = (rnd - 1) % len(items)
-    return items[shift:] + items[:shift]
-
-
-def run_scenarios(
-    ctx: scenarios.Context,
-    chosen: list[str],
-    mode: Mode,
-    out: list[dict[str, Any]],
-    scale_backends: list[str],
-) -> None:
-    """Every scenario beyond "pairs", server after server in rotating order, round after round."""
-    x = mode.extra
-    keys = list(ctx.servers)
-    for scenario in chosen:
-        if scenario == "handoff":
-            targets = scenarios.handoff_targets(ctx)
-            for rnd in range(1, mode.rounds + 1):
-                for key, variant in _rotated(targets, rnd):
-                    m = scenarios.measure_handoff(ctx, ctx.servers[key], variant, rnd)
-                    out.append(m)
-                    ctx.log(report_scenarios.progress(m))
-        elif scenario == "client":
-            for rnd in range(1, x.client_rounds + 1):
-                for key in _rotated(keys, rnd):
-                    for m in scenarios.measure_client(ctx, ctx.servers[key], rnd):
-                        out.append(m)
-                        ctx.log(report_scenarios.progress(m))
-        elif scenario == "rate":
-            for rnd in range(1, mode.rounds + 1):
-                for key in _rotated(keys, rnd):
-                    m = scenarios.measure_rate(ctx, ctx.servers[key], rnd)
-                    out.append(m)
-                    ctx.log(report_scenarios.progress(m))
-        elif scenario == "events":
-            for rnd in range(1, mode.rounds + 1):
-                for key in _rotated(keys, rnd):
-                    m = scenarios.measure_events(ctx, ctx.servers[key], rnd)
-                    out.append(m)
-                    ctx.log(report_scenarios.progress(m))
-        elif scenario == "scale":
-            for backend in scale_backends:
-                m = scale.measure_scale(ctx, backend)
-                out.append(m)
-                ctx.log(report_scenarios.progress(m))
+def _start(ctx: scenarios.Context, started: list[servers.Server], count: int, meta: dict[str, Any]) -> None:
+    """Wait until these servers answer, create their limits, freeze them (when pausing)."""
+    if not started:
+        return
+    servers.wait_healthy(started, timeout=180)
+    ctx.log(f"{', '.join(s.key for s in started)} healthy; creating limits")
+    for server in started:
+        meta["setup"][server.key] = {"limits": count, "seconds": create_limits(server, count)}
+        meta["servers"][server.key] = {
+            "env": server.env_shown,
+            "command": " ".join(shlex.quote(c) for c in server.command),
+        }
+        if ctx.pause:
+            server.pause()
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Start the servers, measure, stop everything, write the results."""
     from loadgen import WorkerPool
 
+    phases = Phases(float(os.environ.pop("BENCH_STARTED", "") or time.time()))
+    phases.enter("checks")
     mode = _mode(args)
     chosen = _scenarios(args)
     keys = [k.strip() for k in args.servers.split(",") if k.strip()]
     unknown = [k for k in keys if k not in servers.SERVER_KEYS]
     if unknown:
         raise SystemExit(f"unknown server(s) {unknown}; choose from {', '.join(servers.SERVER_KEYS)}")
+    if args.plan:
+        for line in plan.describe(plan.build(keys, chosen, mode), mode):
+            print(f"[bench] {line}")
+        return 0
+    if args.smoke:
+        args.docs = False
+        args.out = SMOKE_OUT if args.out == DEFAULT_OUT else args.out
     began = time.monotonic()
     meta: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -515,7 +397,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     skipped: dict[str, str] = meta["skipped"]
     if "prefect-sqlite" in keys:
-        servers.ensure_prefect_venv()
+        meta["versions"][".venv-prefect"] = servers.ensure_prefect_venv(PREFECT_PACKAGES)
     if "slotkeeper-postgres" in keys:
         why = servers.postgres_reachable()
         if why:
@@ -524,12 +406,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             keys.remove("slotkeeper-postgres")
     if not keys:
         raise SystemExit("no server left to measure")
-    # The scale scenario starts servers of its own, on the backends of the slotkeeper servers chosen.
-    scale_backends = (
-        [k.split("-", 1)[1] for k in keys if k.startswith("slotkeeper")] if "scale" in chosen else []
-    )
-    # The others need the servers running side by side.
-    alternated = [k for k in keys if any(c != "scale" for c in chosen)]
+    steps = plan.build(keys, chosen, mode)
+    for line in plan.describe(steps, mode):
+        print(f"[bench] {line}", flush=True)
+    # The scale steps start servers of their own; the others need these running side by side.
+    shared = keys if any(s.scenario != "scale" for s in steps) else []
     started: list[servers.Server] = []
     pool: WorkerPool | None = None
     measurements: list[dict[str, Any]] = []
@@ -537,56 +418,37 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     failed = False
     previous = {sig: signal.signal(sig, _on_sigterm) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        print(
-            f"[bench] scenarios {', '.join(chosen)}; starting {', '.join(alternated) or 'no shared server'}",
-            flush=True,
-        )
-        for key in alternated:
-            started.append(servers.start(key))
-        pool = WorkerPool(args.procs)
-        # While the servers boot (Prefect takes a while): note the versions.
-        meta["versions"][".venv"] = _versions_here(SLOTKEEPER_PACKAGES)
-        if "prefect-sqlite" in keys:
-            meta["versions"][".venv-prefect"] = _versions_prefect()
-        if "slotkeeper-postgres" in keys:
-            meta["versions"]["PostgreSQL server"] = {"postgresql": servers.postgres_version() or "?"}
-        servers.wait_healthy(started, timeout=180)
-        print(f"[bench] healthy after {time.monotonic() - began:.1f} s; creating limits", flush=True)
-        for server in started:
-            count = max(max(mode.clients), mode.extra.events_clients)
-            meta["setup"][server.key] = {"limits": count, "seconds": create_limits(server, count)}
-            meta["servers"][server.key] = {
-                "env": server.env_shown,
-                "command": " ".join(shlex.quote(c) for c in server.command),
-            }
+        phases.enter("start")
+        print(f"[bench] starting {', '.join(shared) or 'no shared server'}", flush=True)
+        started = [servers.start(key) for key in shared]
         meta["targets"] = [s.key for s in started]
-        if args.pause:
-            for server in started:
-                server.pause()
-        by_key = {s.key: s for s in started}
-        if "pairs" in chosen:
-            ceiling_key = next((k for k in ("slotkeeper-sqlite", "slotkeeper-postgres") if k in by_key), None)
-            if ceiling_key is None:
-                meta["notes"].append(
-                    "no slotkeeper server in this run, so the generator ceiling was not measured"
-                )
-            plan = schedule(list(by_key), ceiling_key, mode)
-            print(
-                f"[bench] pairs: {len(plan)} measurements of {mode.warmup:g}+{mode.duration:g} s", flush=True
-            )
-            for rnd, key, scenario, clients in plan:
-                m = measure(pool, by_key[key], scenario, clients, mode, rnd, pause_after=args.pause)
-                measurements.append(m)
-                _progress(m, time.monotonic() - began)
+        pool = WorkerPool(args.procs)
         ctx = scenarios.Context(
             pool=pool,
-            servers=by_key,
+            servers={s.key: s for s in started},
             extra=mode.extra,
             pause=args.pause,
             settle_max=mode.settle_max,
             began=began,
         )
-        run_scenarios(ctx, [c for c in chosen if c != "pairs"], mode, others, scale_backends)
+        # While the servers boot: note the versions.
+        meta["versions"][".venv"] = _versions_here(SLOTKEEPER_PACKAGES)
+        if "slotkeeper-postgres" in keys:
+            meta["versions"]["PostgreSQL server"] = {"postgresql": servers.postgres_version() or "?"}
+        count = max(max(mode.clients), mode.extra.events_clients)
+        # Prefect's server takes a while to boot: slotkeeper's scale steps run meanwhile, with
+        # Prefect's server frozen while they measure (Context.quiet), as an idle server is.
+        ctx.booting = [s for s in started if not s.key.startswith("slotkeeper")]
+        _start(ctx, [s for s in started if s not in ctx.booting], count, meta)
+        for step in steps:
+            if step.scenario != "scale" and ctx.booting:
+                phases.enter("boot")
+                _start(ctx, ctx.booting, count, meta)
+                ctx.booting = []
+            phases.enter("pairs" if step.scenario == "health" else step.scenario)
+            (measurements if step.scenario in ("pairs", "health") else others).extend(
+                run_step(ctx, step, mode)
+            )
         meta["complete"] = True
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"[bench] interrupted ({type(exc).__name__}); stopping everything", flush=True)
@@ -597,18 +459,41 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         meta["notes"].append(f"the run failed ({exc!r}); the figures are partial")
         failed = True
     finally:
+        phases.enter("stop")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if pool is not None:
             pool.close()
+        for server in started:
+            server.terminate()  # they stop while the report is written
+    code = 1 if failed else 130
+    try:
+        if measurements or others:
+            phases.enter("report")
+            results = _report(args, meta, mode, measurements, others, phases.total())
+            if meta["complete"]:
+                code = 1 if args.check and not _targets_met(results) else 0
+    finally:
+        phases.enter("stop")
         servers.stop_all(started)
         print(f"[bench] stopped {len(started)} server(s)", flush=True)
-    if not measurements and not others:
-        return 1 if failed else 130
+    print(f"[bench] {phases.summary()}", flush=True)
+    return code
+
+
+def _report(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    mode: plan.Mode,
+    measurements: list[dict[str, Any]],
+    others: list[dict[str, Any]],
+    elapsed: float,
+) -> dict[str, Any]:
+    """Write the results and the docs, print the summary; the results."""
     meta["machine"]["loadavg_after"] = _loadavg()
-    meta["elapsed_s"] = time.monotonic() - began
+    meta["elapsed_s"] = elapsed
     summary = report.summarize(measurements)
-    if "scale" in chosen:
+    if "scale" in meta["scenarios"]:
         meta["prefect_scale_note"] = scale.prefect_note(meta, summary["cells"], mode.extra)
     results: dict[str, Any] = {
         "meta": meta,
@@ -618,14 +503,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "scenario_summary": report_scenarios.summarize(others),
     }
     write_json(results, args.out)
-    print(f"[bench] wrote {args.out} ({meta['elapsed_s']:.0f} s in all)", flush=True)
+    print(f"[bench] wrote {args.out} ({elapsed:.0f} s of measuring)", flush=True)
     publish(results, args.docs)
     _print_summary(results)
-    if not meta["complete"]:
-        return 1 if failed else 130
-    if args.check and not _targets_met(results):
-        return 1
-    return 0
+    return results
 
 
 def _targets_met(results: dict[str, Any]) -> bool:

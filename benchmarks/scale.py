@@ -1,7 +1,8 @@
 """Scale (slotkeeper only): many limits and live leases, then acquire latency and reaper lateness.
 
-For each backend a server of its own is prepared and started (the servers of the other
-scenarios stay frozen meanwhile):
+For each backend a server of its own is prepared and started. The scale steps run first, while
+Prefect's server boots: the servers of the other scenarios are frozen during the measurements
+(3. and 4.), Prefect's boot goes on during the setup (1. and 2.), whose times are shown too.
 
 1. **Populate** a fresh database in this process, through ``slotkeeper.storage``: migrate it,
    then insert the limits (``scale-0`` ...) and the long-lived leases (one hour) with their
@@ -268,7 +269,8 @@ def measure_scale(ctx: Context, backend: str, rnd: int = 1) -> dict[str, Any]:
             0.5,
             {"prefix": "scale-", "count": x.scale_limits, "seed": rnd},
         )
-        w = run_jobs(ctx, server, jobs, x.scale_warmup, x.scale_duration)
+        with ctx.quiet():
+            w = run_jobs(ctx, server, jobs, x.scale_warmup, x.scale_duration)
         out.update(
             {
                 "clients": x.scale_clients,
@@ -280,7 +282,8 @@ def measure_scale(ctx: Context, backend: str, rnd: int = 1) -> dict[str, Any]:
             }
         )
         ctx.log(f"scale {key}: {out['pairs_per_s']:.0f} pairs/s; reaping {x.scale_short_leases} short leases")
-        out["reaper"] = _reaper(ctx, server, x.scale_limits)
+        with ctx.quiet():
+            out["reaper"] = _reaper(ctx, server, x.scale_limits)
     except Exception as exc:
         out["failed"] = repr(exc)[:500]
         if server is not None:

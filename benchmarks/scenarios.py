@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import report
 import servers
+from servers import Server
 
 if TYPE_CHECKING:
     from loadgen import Job, Merged, WorkerPool
 
-#: Every scenario, in run order.
+#: Every scenario (the order of ``--scenarios`` and of the report; ``plan.py`` sets the run order).
 SCENARIOS = ("pairs", "handoff", "client", "rate", "events", "scale")
 
 ACQUIRED = "prefect.concurrency-limit.acquired"
@@ -53,10 +54,13 @@ class Extra:
     # contended hand-off
     handoff_workers: int = 8
     handoff_hold: float = 0.010
-    handoff_warmup: float = 0.5
-    handoff_duration: float = 2.0
-    #: Variants measured ("wait": slotkeeper's server-side queue; "poll": Prefect's protocol).
-    handoff_poll_postgres: bool = False
+    handoff_warmup: float = 0.25
+    handoff_duration: float = 1.0
+    #: Variants measured on slotkeeper on SQLite ("wait": raw requests with ``wait_seconds``,
+    #: slotkeeper's server-side queue; "sdk": slotkeeper's SDK, which waits there too; "poll":
+    #: Prefect's protocol), and on PostgreSQL. Prefect's server is measured polling.
+    handoff_sqlite: tuple[str, ...] = ("wait", "sdk", "poll")
+    handoff_postgres: tuple[str, ...] = ("wait",)
     # Prefect's concurrency() client
     client_rounds: int = 1
     client_tasks: int = 16
@@ -64,25 +68,26 @@ class Extra:
     client_hold: float = 0.010
     client_limits: tuple[int, ...] = (1, 4)
     #: A run still going after this many seconds is cut off (and reported as such).
-    client_timeout: float = 6.0
+    client_timeout: float = 2.0
     # rate limit
+    rate_rounds: int = 1
     rate_clients: int = 4
-    rate_duration: float = 3.0
+    rate_duration: float = 2.5
     rate_limit: int = 10
     rate_decay: float = 10.0
     # event delivery
     events_clients: int = 16
     events_rate: float = 500.0
-    events_warmup: float = 0.5
-    events_duration: float = 2.0
+    events_warmup: float = 0.25
+    events_duration: float = 1.0
     # scale (slotkeeper only)
     scale_limits: int = 1_000
     scale_leases: int = 10_000
     scale_short_leases: int = 200
     scale_short_duration: float = 1.5
     scale_clients: int = 16
-    scale_warmup: float = 0.5
-    scale_duration: float = 2.0
+    scale_warmup: float = 0.25
+    scale_duration: float = 1.0
 
 
 EXTRA = {
@@ -90,9 +95,10 @@ EXTRA = {
     "full": Extra(
         handoff_warmup=2.0,
         handoff_duration=10.0,
-        handoff_poll_postgres=True,
+        handoff_postgres=("wait", "sdk", "poll"),
         client_rounds=2,
-        client_timeout=60.0,
+        client_timeout=30.0,
+        rate_rounds=3,
         rate_duration=10.0,
         events_warmup=2.0,
         events_duration=10.0,
@@ -111,16 +117,30 @@ class Context:
     """What every scenario needs: the servers, the load generator, the timing of the mode."""
 
     pool: WorkerPool
-    servers: dict[str, servers.Server]
+    servers: dict[str, Server]
     extra: Extra
     pause: bool
     settle_max: float
     began: float
-    notes: list[str] = field(default_factory=list)
+    #: Servers started but not yet healthy (Prefect's boots slowly): they go on booting while
+    #: nothing is measured and are frozen while something is (see :meth:`quiet`).
+    booting: list[Server] = field(default_factory=list)
 
     def log(self, text: str) -> None:
         """A progress line."""
         print(f"[bench {time.monotonic() - self.began:5.0f}s] {text}", flush=True)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The servers still booting frozen for a measurement, as idle servers are."""
+        frozen = self.booting if self.pause else []
+        for server in frozen:
+            server.pause()
+        try:
+            yield
+        finally:
+            for server in frozen:
+                server.resume()
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -240,7 +260,9 @@ def run_jobs(ctx: Context, server: servers.Server, jobs: list[Job], warmup: floa
     cpu = {
         "server_cores": server_cores,
         "loadgen_cores": loadgen_cores,
+        "machine_busy_cores": busy,
         "other_cores": max(0.0, busy - server_cores - loadgen_cores),
+        "steal_cores": (m1[1] - m0[1]) / wall,
     }
     return Window(merge(results), start + warmup, start + warmup + duration, cpu)
 
@@ -439,19 +461,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) 
 # --- 1. contended hand-off -----------------------------------------------------------------------
 
 
-def handoff_targets(ctx: Context) -> list[tuple[str, str]]:
-    """(server key, variant) pairs measured: server-side waiting on slotkeeper, polling everywhere."""
-    keys = list(ctx.servers)
-    out = [(k, "wait") for k in keys if k.startswith("slotkeeper")]
-    out += [
-        (k, "poll")
-        for k in keys
-        if k == "slotkeeper-sqlite" or (k == "slotkeeper-postgres" and ctx.extra.handoff_poll_postgres)
-    ]
-    out += [(k, "poll") for k in keys if k == "prefect-sqlite"]
-    return out
-
-
 def _prime(server: servers.Server, name: str, hold: float, cycles: int = 12) -> None:
     """Teach a fresh limit its hold time (its Retry-After is built on a moving average of holds
     that starts at 2 s): a few acquire, hold, release cycles, as the workload will do."""
@@ -472,19 +481,24 @@ def _prime(server: servers.Server, name: str, hold: float, cycles: int = 12) -> 
 
 
 def measure_handoff(ctx: Context, server: servers.Server, variant: str, rnd: int) -> dict[str, Any]:
-    """Limit 1, ``handoff_workers`` workers: acquire, hold, release, in a loop."""
+    """Limit 1, ``handoff_workers`` workers: acquire, hold, release, in a loop.
+
+    ``variant``: "wait" (raw requests with ``wait_seconds``), "sdk" (slotkeeper's SDK,
+    ``async with concurrency(...)``) or "poll" (raw requests, sleeping ``Retry-After``).
+    """
     x = ctx.extra
     name = f"handoff-{variant}-r{rnd}-{uuid.uuid4().hex[:6]}"
     with active(ctx, server):
         create_limit(server, name, 1)
         _prime(server, name, x.handoff_hold)
         params = {"limit": name, "hold": x.handoff_hold, "wait_seconds": 60.0 if variant == "wait" else None}
+        kind = "handoff-sdk" if variant == "sdk" else "handoff"
         # Every worker in one process: one clock and one event loop order the records exactly.
         clients = tuple(range(x.handoff_workers))
         grace = 2.0
-        jobs = [_job("handoff", server, clients, x.handoff_warmup, x.handoff_duration, grace, params)]
+        jobs = [_job(kind, server, clients, x.handoff_warmup, x.handoff_duration, grace, params)]
         jobs += [
-            _job("handoff", server, (), x.handoff_warmup, x.handoff_duration, grace, params)
+            _job(kind, server, (), x.handoff_warmup, x.handoff_duration, grace, params)
             for _ in ctx.pool.pids[1:]
         ]
         w = run_jobs(ctx, server, jobs, x.handoff_warmup, x.handoff_duration)
@@ -534,8 +548,9 @@ def analyze_handoff(
 ) -> dict[str, Any]:
     """Throughput, waits, fairness and order of a hand-off run, from the raw records.
 
-    Records are ``(worker, requested, granted|None, released|None, attempts, release
-    answered|None)``, wall clock, as the workers saw them. A grant counts when it arrived inside the window.
+    Records are ``(worker, requested, granted|None, released|None, attempts|None, release
+    answered|None)``, wall clock, as the workers saw them (attempts is None where the client does
+    not know it: the SDK). A grant counts when it arrived inside the window.
 
     - **wait**: granted - requested.
     - **wait beyond the ideal**: the part of the wait during which nobody held the slot. A
@@ -581,7 +596,8 @@ def analyze_handoff(
             overtakes += victims
             overtaken_grants += victims > 0
     seconds = end - start
-    attempts = [r[4] for r in inside]
+    attempts = [r[4] for r in inside if r[4] is not None]
+    measured_hold = statistics.fmean(holds) if holds else None
     return {
         "workers": workers,
         "hold_ms": hold * 1000,
@@ -589,7 +605,11 @@ def analyze_handoff(
         "grants_per_s": len(inside) / seconds,
         "ideal_per_s": 1.0 / hold,
         "pct_of_ideal": 100.0 * len(inside) / seconds * hold,
-        "measured_hold_ms": 1000 * statistics.fmean(holds) if holds else None,
+        "measured_hold_ms": 1000 * measured_hold if measured_hold else None,
+        # Secondary: against the holds as they lasted (asyncio.sleep overshoots the nominal hold).
+        "pct_of_ideal_measured_hold": 100.0 * len(inside) / seconds * measured_hold
+        if measured_hold
+        else None,
         "wait_ms": pct(waits),
         "excess_ms": pct(excess),
         "gap_ms": pct(gaps),

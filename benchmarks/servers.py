@@ -54,29 +54,37 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def ensure_prefect_venv() -> Path:
-    """Make sure ``.venv-prefect`` has the pinned Prefect; create or fix it if not."""
+def prefect_versions(packages: tuple[str, ...]) -> dict[str, str] | None:
+    """Python's, SQLite's and these packages' versions in ``.venv-prefect`` ("not installed" for
+    a missing package); None when its Python does not run."""
+    code = (
+        "import importlib.metadata as m, json, platform, sqlite3, sys\n"
+        "out = {'python': platform.python_version(), 'sqlite': sqlite3.sqlite_version}\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: out[n] = 'not installed'\n"
+        "print(json.dumps(out))"
+    )
     python = PREFECT_VENV / "bin" / "python"
+    if not python.exists():
+        return None
+    done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, check=False)
+    return dict(json.loads(done.stdout)) if done.returncode == 0 else None
+
+
+def ensure_prefect_venv(packages: tuple[str, ...] = ()) -> dict[str, str]:
+    """Make sure ``.venv-prefect`` has the pinned Prefect (create or fix it if not); the versions
+    there of the pinned packages and ``packages`` (see :func:`prefect_versions`)."""
     wanted = {p.split("==")[0]: p.split("==")[1] for p in PREFECT_PINS}
-    if python.exists():
-        probe = subprocess.run(
-            [
-                str(python),
-                "-c",
-                "import importlib.metadata as m, json, sys; "
-                "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))",
-                *wanted,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.returncode == 0 and json.loads(probe.stdout) == wanted:
-            return PREFECT_VENV
-        print(f"[bench] {PREFECT_VENV} lacks {' '.join(PREFECT_PINS)}: installing", flush=True)
-    else:
+    names = tuple(dict.fromkeys([*wanted, *packages]))
+    found = prefect_versions(names)
+    if found is not None and all(found.get(n) == v for n, v in wanted.items()):
+        return found
+    if found is None:
         print(f"[bench] creating {PREFECT_VENV} ({' '.join(PREFECT_PINS)}); this takes a while", flush=True)
         subprocess.run(["python3", "-m", "venv", str(PREFECT_VENV)], check=True)
+    else:
+        print(f"[bench] {PREFECT_VENV} lacks {' '.join(PREFECT_PINS)}: installing", flush=True)
     subprocess.run(
         [
             str(PREFECT_VENV / "bin" / "pip"),
@@ -87,7 +95,7 @@ def ensure_prefect_venv() -> Path:
         ],
         check=True,
     )
-    return PREFECT_VENV
+    return prefect_versions(names) or {"error": f"{PREFECT_VENV} does not run after installing"}
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
