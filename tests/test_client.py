@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from slotkeeper.api.app import create_app
@@ -19,50 +15,17 @@ from slotkeeper.client import SlotkeeperClient, error_detail, limit_path
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
+from tests.conftest import free_port, serving
 
 AUTH = "admin:s3cret"
 LEASES = "/v2/concurrency_limits/increment-with-lease"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free local port; yield its ``/api`` base URL."""
-    sock = socket.socket()
-    # Accepted sockets inherit this; without it the stdlib loop answers 40 ms late (Nagle).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="on", ws="none", http="httptools", log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                pytest.fail("uvicorn stopped before it started")
-            await asyncio.sleep(0.005)
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @pytest.fixture
 async def api_url(storage: Storage, tmp_path: Path) -> AsyncIterator[str]:
     """The real app over each storage backend, without auth."""
     settings = Settings(home=tmp_path, api_auth_string=None)
-    async with serving(create_app(settings, storage=storage)) as url:
+    async with serving(create_app(settings, storage=storage), ws="none", http="httptools") as url:
         yield url
 
 
@@ -158,7 +121,7 @@ async def test_health(sk: SlotkeeperClient) -> None:
 
 async def test_basic_auth(storage: Storage, tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, api_auth_string=AUTH)
-    async with serving(create_app(settings, storage=storage)) as url:
+    async with serving(create_app(settings, storage=storage), ws="none", http="httptools") as url:
         async with SlotkeeperClient(url) as anonymous:
             assert await anonymous.health() is True  # health is open, as on Prefect
             with pytest.raises(ApiError) as refused:
@@ -209,7 +172,7 @@ async def test_error_body_that_is_not_json() -> None:
         )
         await send({"type": "http.response.body", "body": b"<h1>Bad gateway</h1>"})
 
-    async with serving(proxy) as url, SlotkeeperClient(url) as client:
+    async with serving(proxy, ws="none", http="httptools") as url, SlotkeeperClient(url) as client:
         with pytest.raises(ApiError) as bad:
             await client.read_limit("db")
         assert (bad.value.status, bad.value.detail) == (502, "<h1>Bad gateway</h1>")

@@ -1,6 +1,6 @@
 """Acceptance: two real server processes on one PostgreSQL database never over-grant a limit.
 
-Two uvicorn processes share the database; many concurrent clients acquire with a lease on one
+Two server processes share the database; many concurrent clients acquire with a lease on one
 server and release on the other. Each client counts itself as a holder only between its 200 and
 its release request, so the number of holders the clients see at once is at most the number the
 servers granted: it must never exceed the limit. Every answer must be 200 or 423 (never 5xx), and
@@ -10,126 +10,35 @@ afterwards both servers must report the limit empty.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import secrets
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
-import psycopg
 import pytest
 
-from slotkeeper.storage import migrate
-from tests.conftest import truncate_postgres
+from tests.conftest import ServerProcess
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 LIMIT = 3
 CLIENTS = 24
 ATTEMPTS = 20  # acquisitions tried by each client
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_SECONDS = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
-def shared_database(postgres_url: str) -> Iterator[str]:
-    """A database for these servers alone (other tests truncate the shared one), emptied first."""
-    name = f"slotkeeper_mp_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    try:
-        migrate(url)
-        truncate_postgres(url)
-        yield url
-    finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server {base} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base}/api/health", timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"server {base} not healthy after {STARTUP_SECONDS} s:\n{log.read_text()}")
-
-
-@pytest.fixture
-def servers(shared_database: str, tmp_path: Path) -> Iterator[list[str]]:
-    """Two server processes on ``shared_database``; their base URLs. Always terminated."""
-    processes: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    bases: list[str] = []
-    try:
+def servers(private_postgres_url: str, tmp_path: Path) -> Iterator[list[str]]:
+    """Two server processes on a database of their own (other tests truncate the shared one);
+    their base URLs. Always stopped."""
+    with contextlib.ExitStack() as stack:
+        bases = []
         for i in range(2):
-            port = _free_port()
-            home = tmp_path / f"server{i}"
-            home.mkdir()
-            log = tmp_path / f"server{i}.log"
-            env = {
-                **os.environ,
-                "SLOTKEEPER_DATABASE_URL": shared_database,
-                "SLOTKEEPER_HOME": str(home),
-            }
-            with log.open("wb") as out:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "uvicorn",
-                            "slotkeeper.api.app:create_app",
-                            "--factory",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(port),
-                            "--log-level",
-                            "warning",
-                        ],
-                        env=env,
-                        cwd=ROOT,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            logs.append(log)
-            bases.append(f"http://127.0.0.1:{port}")
-        for process, base, log in zip(processes, bases, logs, strict=True):
-            _wait_healthy(process, base, log)
+            server = ServerProcess(tmp_path / f"server{i}", SLOTKEEPER_DATABASE_URL=private_postgres_url)
+            stack.enter_context(server)
+            bases.append(server.url.removesuffix("/api"))
         yield bases
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 async def test_two_servers_never_grant_more_than_the_limit(servers: list[str]) -> None:
