@@ -2,10 +2,13 @@
 
 Storage tier (``storage`` fixture: SQLite and PostgreSQL, fake clock): FIFO and priorities, no
 barging, all-or-nothing waits across limits, hand-off by every change that frees capacity, the
-waiter timeout, abandoned waiters, and cancellation at every step of a waiting acquisition. For
-"cancelled while a storage operation is out", :class:`Gate` stands between the waiting task and
-the backend: it parks the task before a chosen operation is sent, or cancels it right after, and
-(as both real backends do) lets every sent operation run to its end.
+waiter timeout, abandoned waiters, cancellation at every step of an acquisition, and the two
+ways a grant reaches its waiting request: handed over in memory to a request of this process
+(:class:`Deliveries` watches or delays those deliveries), or collected from its row when another
+process granted it (:func:`another_process`). For "cancelled while a storage operation is out",
+:class:`Gate` stands between the acquiring task and the backend: it cancels the task right after
+a chosen operation committed, and (as both real backends do) lets every sent operation run to
+its end.
 
 API tier (the real ASGI app): the same rules on the wire, the 422s, and a client that
 disconnects, driven with raw ASGI messages so the disconnect comes exactly when wanted.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,9 +121,12 @@ async def settle(task: asyncio.Task[T]) -> T:
 # --- order ---------------------------------------------------------------------------------------
 
 
-async def test_waiters_are_granted_in_arrival_order(storage: Storage, clock: FakeClock) -> None:
+async def test_waiters_are_granted_in_arrival_order(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
+    deliveries = Deliveries(storage, monkeypatch)
     served: list[int] = []
 
     async def serve(task: asyncio.Task[Granted], i: int) -> int:
@@ -138,6 +144,7 @@ async def test_waiters_are_granted_in_arrival_order(storage: Storage, clock: Fak
     tokens = await asyncio.gather(*(serve(t, i) for i, t in enumerate(tasks)))
     assert served == [0, 1, 2, 3, 4]
     assert tokens == [2, 3, 4, 5, 6]  # the holder had 1; each grant after a wait has the next
+    assert len({waiter for waiter, _ in deliveries.seen}) == len(deliveries.seen) == 5  # once each
     assert await occupied(storage, "db") == 0
     assert await waiter_rows(storage) == []
 
@@ -322,10 +329,9 @@ async def test_what_cannot_be_waited_for(storage: Storage, request_: AcquireRequ
 
 
 class Gate:
-    """Stands between one task and the backend: ``plan[n]`` says what happens to that task's
-    n-th storage operation: ``"hold"`` parks the task before it is sent (``parked`` is set);
-    ``"cancel"`` sends it and cancels the task once it has committed, before the task reads its
-    answer. Every operation sent runs to its end, as on the real backends (a cancelled caller
+    """Stands between one task and the backend: ``plan[n] == "cancel"`` sends that task's n-th
+    storage operation and cancels the task the moment it has committed, before the task reads
+    its answer. Every operation sent runs to its end, as on the real backends (a cancelled caller
     does not stop a transaction already queued or running)."""
 
     def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,26 +339,22 @@ class Gate:
         self.target: asyncio.Task[Any] | None = None
         self.plan: dict[int, str] = {}
         self.calls = 0
-        self.parked = asyncio.Event()
         self.sent: set[asyncio.Future[Any]] = set()
         monkeypatch.setattr(storage.backend, "run", self.run)
 
-    async def run(self, op: Callable[[Any], T]) -> T:
+    def run(self, op: Callable[[Any], T]) -> Awaitable[T]:
+        # Not a coroutine function: the caller is the task running when the operation is sent,
+        # even if the caller then awaits it from another task (as asyncio.shield does).
         task = asyncio.current_task()
         if task is None or task is not self.target:
-            return await self._run(op)
+            return self._run(op)
         index, self.calls = self.calls, self.calls + 1
-        action = self.plan.get(index)
-        if action == "hold":
-            self.parked.set()
-            await asyncio.Event().wait()  # until cancelled
         sent: asyncio.Future[T] = asyncio.ensure_future(self._run(op))
         self.sent.add(sent)
-        if action == "cancel":
-            await asyncio.wait([sent])  # it committed; its answer is back ...
-            task.cancel()
-            await asyncio.sleep(0)  # ... and the cancellation lands before the task reads it
-        return await asyncio.shield(sent)
+        if self.plan.get(index) == "cancel":
+            # Registered before the caller awaits the answer: the cancellation lands first.
+            sent.add_done_callback(lambda _: task.cancel())
+        return sent
 
     def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         self.target = asyncio.create_task(coro)
@@ -372,6 +374,13 @@ async def outcome(task: asyncio.Task[Any]) -> BaseException | None:
     return None
 
 
+def another_process(storage: Storage) -> Storage:
+    """A second Storage on the same database, standing for another server process: its own
+    waiters (none), so a waiter of ``storage`` that it admits is marked granted and woken, and
+    collects its grant from its row, as across processes. Not closed: the backend is shared."""
+    return Storage(storage.backend, clock=storage.clock, retry_policy=storage.retry_policy)
+
+
 async def test_cancelled_while_queued_leaves_the_queue(storage: Storage, clock: FakeClock) -> None:
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
@@ -384,68 +393,35 @@ async def test_cancelled_while_queued_leaves_the_queue(storage: Storage, clock: 
     assert (await settle(second)).lease_id is not None  # the queue moved on without it
 
 
-async def test_cancelled_once_granted_but_before_collecting_releases_the_grant(
-    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await make(storage, "db", 1)
-    holder = await hold(storage, "db")
-    gate = Gate(storage, monkeypatch)
-    gate.plan = {1: "hold"}  # operation 0 queues it; 1 would collect the grant
-    clock.advance(0.001)
-    task = gate.start(storage.acquire(wanting("db")))
-    await until(lambda: _equals(queued_count(storage), 1), "queued")
-    await storage.release_lease(holder)  # granted in this transaction, then woken
-    await asyncio.wait_for(gate.parked.wait(), 30)
-    rows = await waiter_rows(storage)
-    assert len(rows) == 1 and rows[0][1] is not None  # granted, not collected
-    task.cancel()
-    assert isinstance(await outcome(task), asyncio.CancelledError)
-    await gate.drain()
-    assert await lease_ids(storage, "db") == []
-    assert await waiter_rows(storage) == []
-
-
 async def _equals(value: Coroutine[Any, Any, int], expected: int) -> bool:
     return await value == expected
 
 
-# Storage bug (storage/core.py, Storage._acquire_waiting): a cancellation that arrives while one
-# of its own backend operations is out is not survived. The backends run an operation to its end
-# even when the awaiting task is cancelled, but _acquire_waiting ignores what that operation did:
-# * `queued` is only set after the first `_acquire` returns, so an immediate grant is never
-#   released (the lease is held until it expires) and a waiter row it inserted stays queued,
-#   blocking the limit (no barging) until the sweeper drops it at its deadline + 5 s;
-# * when `_poll_waiter` (or `_collect(keep=True)` at the deadline) already collected a grant, the
-#   finally block's `_collect(keep=False)` finds no row and raises SlotsUnavailable instead of the
-#   cancellation, and the collected lease stays held until it expires.
-# The API's `_wait` cancels this task when the client disconnects, so a disconnect in those few
-# milliseconds leaks a lease (seen through the SDK in tests/test_sdk.py, cancellation at every
-# step). Fix: await each backend operation under asyncio.shield and, on CancelledError, act on its
-# result before re-raising (release a returned grant with _end_lease; _collect(keep=False) a
-# waiter that was queued).
-IN_FLIGHT_BUG = (
-    "storage bug: Storage._acquire_waiting loses what an operation did when cancelled while it is out"
-)
+# Cancelled while one of its own storage operations is out: the backend runs the operation to
+# its end anyway, so what it did (a grant, a queued waiter) must be undone before the
+# cancellation propagates. The API cancels the acquisition when the client disconnects, so
+# this is a disconnect in those few milliseconds (see also tests/test_sdk.py).
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=IN_FLIGHT_BUG)
+@pytest.mark.parametrize("wait", [FOREVER, None], ids=["waiting", "not-waiting"])
 async def test_cancelled_while_an_immediate_grant_is_being_written_releases_it(
-    storage: Storage, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, wait: float | None
 ) -> None:
+    """A grant written for a caller that is gone is released: its lease id reaches nobody."""
     await make(storage, "db", 1)
     gate = Gate(storage, monkeypatch)
     gate.plan = {0: "cancel"}  # the slot is free: operation 0 grants at once
-    task = gate.start(storage.acquire(wanting("db")))
+    task = gate.start(storage.acquire(wanting("db", wait=wait)))
     ended = await outcome(task)
     await gate.drain()
     assert await lease_ids(storage, "db") == []
     assert isinstance(ended, asyncio.CancelledError)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=IN_FLIGHT_BUG)
 async def test_cancelled_while_being_queued_leaves_no_waiter(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A waiter row inserted for a caller that is gone leaves the queue (it would block it)."""
     await make(storage, "db", 1)
     await hold(storage, "db")
     gate = Gate(storage, monkeypatch)
@@ -457,10 +433,11 @@ async def test_cancelled_while_being_queued_leaves_no_waiter(
     assert isinstance(ended, asyncio.CancelledError)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=IN_FLIGHT_BUG)
 async def test_cancelled_while_collecting_its_grant_releases_it(
     storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Granted by another process, woken, and cancelled while collecting the grant from its
+    row: the collected lease is released."""
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
     gate = Gate(storage, monkeypatch)
@@ -468,11 +445,270 @@ async def test_cancelled_while_collecting_its_grant_releases_it(
     clock.advance(0.001)
     task = gate.start(storage.acquire(wanting("db")))
     await until(lambda: _equals(queued_count(storage), 1), "queued")
-    await storage.release_lease(holder)
+    await another_process(storage).release_lease(holder)
     ended = await outcome(task)
     await gate.drain()
     assert await lease_ids(storage, "db") == []
+    assert await waiter_rows(storage) == []
     assert isinstance(ended, asyncio.CancelledError)
+
+
+async def test_cancelled_once_woken_but_before_collecting_releases_the_grant(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granted by another process and cancelled before it looked at its row: the grant that
+    waits there is released."""
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db"))
+    wake = storage._wake
+
+    def wake_then_cancel(woken: list[str] | None) -> None:
+        wake(woken)
+        task.cancel()  # before the task runs again
+
+    monkeypatch.setattr(storage, "_wake", wake_then_cancel)
+    await another_process(storage).release_lease(holder)
+    assert isinstance(await outcome(task), asyncio.CancelledError)
+    assert await lease_ids(storage, "db") == []
+    assert await waiter_rows(storage) == []
+
+
+# --- the hand-off of a grant to a waiter of this process ---------------------------------------------
+
+
+class Deliveries:
+    """Records the hand-offs the backend delivers to ``storage`` after each commit; with
+    ``hold``, keeps them back until :meth:`release` (as if they arrived late)."""
+
+    def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch, *, hold: bool = False) -> None:
+        self._deliver = storage._deliver
+        self.hold = hold
+        self.seen: list[tuple[str, Granted]] = []
+        self.kept: list[tuple[str, Granted]] = []
+        self.arrived = asyncio.Event()
+        self.then: Callable[[], None] | None = None
+        monkeypatch.setattr(storage, "_deliver", self.deliver)
+
+    def deliver(self, waiter_id: str, granted: Granted) -> None:
+        self.seen.append((waiter_id, granted))
+        self.arrived.set()
+        if self.hold:
+            self.kept.append((waiter_id, granted))
+            return
+        self._deliver(waiter_id, granted)
+        if self.then is not None:
+            self.then()
+
+    def release(self) -> None:
+        """Deliver what was kept back, and from now on deliver at once."""
+        self.hold = False
+        kept, self.kept = self.kept, []
+        for waiter_id, granted in kept:
+            self._deliver(waiter_id, granted)
+
+
+async def released_events(storage: Storage) -> int:
+    rows = await storage.backend.run(
+        lambda tx: tx.all(
+            "SELECT COUNT(*) FROM events WHERE event = :e", {"e": "prefect.concurrency-limit.released"}
+        )
+    )
+    return int(rows[0][0])
+
+
+async def test_a_waiter_of_this_process_gets_its_grant_without_a_transaction_of_its_own(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    gate = Gate(storage, monkeypatch)
+    deliveries = Deliveries(storage, monkeypatch)
+    clock.advance(0.001)
+    task = gate.start(storage.acquire(wanting("db")))
+    await until(lambda: _equals(queued_count(storage), 1), "queued")
+    await storage.release_lease(holder)
+    granted = await settle(task)
+    assert gate.calls == 1  # queueing it was its only transaction
+    assert [g for _, g in deliveries.seen] == [granted]
+    assert await waiter_rows(storage) == []  # left the queue in the admitting transaction
+    assert await lease_ids(storage, "db") == [granted.lease_id]
+
+
+async def test_the_handed_over_grant_is_the_one_a_collecting_waiter_gets(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """Same limits, same order (the request's), same fencing tokens, whichever path it took."""
+    for name in ("c", "a", "b"):
+        await make(storage, name, 1)
+
+    async def waited(release: Callable[[str], Coroutine[Any, Any, bool]]) -> list[tuple[Any, ...]]:
+        holder = await hold(storage, "a")
+        task = await arrive(storage, clock, wanting("b", "a", "c"))
+        await release(holder)
+        granted = await settle(task)
+        assert granted.lease_id is not None
+        assert await lease_ids(storage, "a") == [granted.lease_id]
+        await storage.release_lease(granted.lease_id)
+        return [(lim.id, lim.name, lim.limit, lim.fencing_token) for lim in granted.limits]
+
+    handed = await waited(storage.release_lease)
+    collected = await waited(another_process(storage).release_lease)
+    assert [x[1] for x in handed] == ["b", "a", "c"]
+    assert [x[:3] for x in collected] == [x[:3] for x in handed]
+    # Each grant takes the next token of each limit; each holder of "a" took one too.
+    assert [x[3] for x in handed] == [1, 2, 1]
+    assert [x[3] for x in collected] == [2, 4, 2]
+
+
+async def test_a_hand_off_is_delivered_only_once_its_transaction_committed(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """When the grant reaches the waiter, any other connection already sees its lease."""
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db"))
+    hand_over = storage._hand_over
+    visible: list[bool] = []
+
+    def check_then_hand_over(waiter_id: str, granted: Granted) -> None:  # the committing thread
+        visible.append(_lease_visible_elsewhere(database_url, granted.lease_id))
+        hand_over(waiter_id, granted)
+
+    monkeypatch.setattr(storage, "_hand_over", check_then_hand_over)
+    await storage.release_lease(holder)
+    granted = await settle(task)
+    assert visible == [True]
+    assert await lease_ids(storage, "db") == [granted.lease_id]
+
+
+def _lease_visible_elsewhere(database_url: str, lease_id: str | None) -> bool:
+    if database_url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+        try:
+            return conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is not None
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT 1 FROM leases WHERE id = %s", (lease_id,)).fetchone() is not None
+
+
+async def test_a_rolled_back_operation_hands_nothing_over(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operation that admits the waiter and then fails (SQLite: its savepoint rolls back
+    within the group; PostgreSQL: the transaction rolls back, as before a deadlock retry)
+    delivers nothing; the waiter stays queued and the holder keeps its slot."""
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db"))
+    deliveries = Deliveries(storage, monkeypatch)
+
+    def release_then_fail(tx: Any) -> None:
+        assert storage._end_lease(tx, holder, expired_only=False)
+        raise RuntimeError("after admitting")
+
+    with pytest.raises(RuntimeError, match="after admitting"):
+        await storage.backend.run(release_then_fail)
+    for _ in range(20):  # a delivery would come within a loop iteration or two
+        await asyncio.sleep(0)
+    assert deliveries.seen == []
+    assert not task.done()
+    assert await lease_ids(storage, "db") == [holder]
+    assert await queued_count(storage) == 1
+    await storage.release_lease(holder)
+    assert (await settle(task)).lease_id is not None
+    assert len(deliveries.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_a_retried_transaction_hands_over_once(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL retries a transaction that hit a deadlock (SQLite has none): the attempt that
+    rolled back delivers nothing, the one that committed delivers its grant, once."""
+    from psycopg import errors as pg_errors
+
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db"))
+    deliveries = Deliveries(storage, monkeypatch)
+    attempts = 0
+
+    def release_deadlocked_once(tx: Any) -> bool:
+        nonlocal attempts
+        attempts += 1
+        ended = storage._end_lease(tx, holder, expired_only=False)
+        if attempts == 1:
+            raise pg_errors.DeadlockDetected("as if")
+        return ended
+
+    assert await storage.backend.run(release_deadlocked_once)
+    granted = await settle(task)
+    assert attempts == 2
+    assert deliveries.seen == [(deliveries.seen[0][0], granted)]
+    assert await lease_ids(storage, "db") == [granted.lease_id]
+
+
+async def test_cancelled_once_handed_its_grant_but_before_returning_releases_it(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    first = await arrive(storage, clock, wanting("db"))
+    second = await arrive(storage, clock, wanting("db"))
+    deliveries = Deliveries(storage, monkeypatch)
+    deliveries.then = first.cancel  # the grant is in its hands, and it has not run since
+    await storage.release_lease(holder)
+    assert isinstance(await outcome(first), asyncio.CancelledError)
+    granted = await settle(second)  # the released slot went on to the next in line
+    assert await lease_ids(storage, "db") == [granted.lease_id]
+    assert await released_events(storage) == 2  # the holder's, then the one nobody took
+    assert await waiter_rows(storage) == []
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed-out"])
+async def test_a_grant_handed_to_a_request_that_left_is_released(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The hand-off arrives after its request left (cancelled, or out of time): the lease is
+    released on arrival (with its events), and the next waiter admitted."""
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    first = await arrive(storage, clock, wanting("db", wait=1.0 if how == "timed-out" else FOREVER))
+    second = await arrive(storage, clock, wanting("db"))
+    deliveries = Deliveries(storage, monkeypatch, hold=True)
+    await storage.release_lease(holder)
+    await asyncio.wait_for(deliveries.arrived.wait(), 30)
+    assert len(await waiter_rows(storage)) == 1  # the first left the queue as it was admitted
+    if how == "cancelled":
+        first.cancel()
+        assert isinstance(await outcome(first), asyncio.CancelledError)
+    else:
+        # Its row is gone and its grant not here yet: it ends at its deadline, holding nothing.
+        assert isinstance(await outcome(first), SlotsUnavailable)
+    deliveries.release()
+    granted = await settle(second)
+    assert await lease_ids(storage, "db") == [granted.lease_id]
+    assert await released_events(storage) == 2
+    assert await waiter_rows(storage) == []
+
+
+async def test_a_handed_over_grant_is_left_alone_by_the_sweeper(storage: Storage, clock: FakeClock) -> None:
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db", duration=600))
+    await storage.release_lease(holder)
+    granted = await settle(task)
+    clock.advance(storage_core.WAITER_STALE_SECONDS + 1)
+    assert await storage.sweep_waiters() == 0
+    assert await lease_ids(storage, "db") == [granted.lease_id]
 
 
 # --- through the API ---------------------------------------------------------------------------------

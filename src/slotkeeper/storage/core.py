@@ -5,7 +5,8 @@ transaction (SQLite: one writer thread with group commit; PostgreSQL: a pool of 
 An op loads and locks what it needs, asks :mod:`slotkeeper.domain` what to do, and writes the
 result; the slot change, the lease rows and the event rows commit together or not at all.
 Events an op writes are also appended to ``tx.events``; the backend publishes them to live
-subscribers after the commit, in commit order (see ``Backend.subscribe``).
+subscribers after the commit, in commit order (see ``Backend.subscribe``). A grant for a waiting
+request of this process goes on ``tx.handoffs``, which the backend runs after the commit too.
 
 Lock order, the same in every op so PostgreSQL never deadlocks: limit rows first, by id
 (``ORDER BY id FOR UPDATE``), then lease rows. ``now`` is read after the locks are held, so two
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -45,6 +47,8 @@ from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import Commit, Row, Tx
 
 T = TypeVar("T")
+
+log = logging.getLogger("slotkeeper.storage")
 
 #: How often a process tells the database that its waiting requests are still there.
 WAITER_HEARTBEAT_SECONDS = 1.0
@@ -195,6 +199,35 @@ def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
         )
 
 
+class _Wake:
+    """Where a waiting request of this process learns that its wait may be over (on the loop).
+
+    ``granted`` is its grant, handed over by the transaction that admitted it once that committed;
+    ``event`` is set with it, and also when the request should look at its row (a grant written
+    by another process, or publications that may have been missed).
+    """
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.granted: Granted | None = None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a loop
+        return None
+
+
+async def _to_the_end(sent: asyncio.Future[T]) -> None:
+    """Wait until ``sent`` is done, whatever cancellations reach the caller meanwhile."""
+    while not sent.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([sent])
+
+
 class Storage:
     """The one storage interface; the backend decides where the transactions run."""
 
@@ -210,14 +243,21 @@ class Storage:
         self.retry_policy = retry_policy or RetryPolicy()
         #: This process, as the owner of the waiters it queues (see ``_heartbeat``).
         self.owner = str(uuid.uuid4())
-        self._wakes: dict[str, asyncio.Future[None]] = {}
+        #: The waiting requests of this process, by waiter id: changed on the loop only (``_admit``
+        #: looks them up on whichever thread runs the transaction).
+        self._wakes: dict[str, _Wake] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        #: Releases of grants that nobody will take (see ``_deliver``).
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         """Finish pending work and close every connection."""
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self.backend.close()
@@ -377,57 +417,104 @@ class Storage:
         """Take slots on every named limit or none: :class:`SlotsUnavailable` when full.
 
         With ``request.wait`` (and a lease), a request that cannot be granted now waits in the
-        queue of its limits for up to that many seconds; cancelling the call (a client that
-        disconnects) leaves the queue with nothing held, releasing a grant that raced it.
+        queue of its limits for up to that many seconds. Cancelling the call (a client that
+        disconnects) leaves nothing held, whenever it happens: a lease granted by an operation
+        that was out at that moment, or handed over to the wait meanwhile, is released, and a
+        waiter that was queued leaves the queue.
         """
-        if request.wait is None or request.lease is None:
-            granted = await self.backend.run(lambda tx: self._acquire(tx, request))
-            assert granted is not None
-            return granted
-        return await self._acquire_waiting(request)
+        if request.wait is not None and request.lease is not None:
+            return await self._acquire_waiting(request)
+        granted = await self._answer(self._send(lambda tx: self._acquire(tx, request)))
+        assert granted is not None
+        return granted
+
+    def _send(self, op: Callable[[Tx], T]) -> asyncio.Future[T]:
+        """Hand ``op`` to the backend. It runs to its end even if the caller is cancelled while
+        it is out (as the backends do anyway), and what it did can still be read."""
+        return asyncio.ensure_future(self.backend.run(op))
+
+    async def _answer(self, sent: asyncio.Future[Granted | None]) -> Granted | None:
+        """The outcome of a sent acquisition. If the caller is cancelled while it is out, the
+        operation is waited for and a lease it granted is released (its id would reach nobody)
+        before the cancellation propagates."""
+        try:
+            return await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            await _to_the_end(sent)
+            if not sent.cancelled() and sent.exception() is None:
+                await self._release(sent.result())
+            raise
+
+    async def _release(self, granted: Granted | None) -> None:
+        """Release a grant that nobody will take (there is nothing to release without a lease)."""
+        if granted is not None and granted.lease_id is not None:
+            lease_id = granted.lease_id
+            await asyncio.shield(
+                self.backend.run(lambda tx: self._end_lease(tx, lease_id, expired_only=False))
+            )
 
     async def _acquire_waiting(self, request: AcquireRequest) -> Granted:
         loop = asyncio.get_running_loop()
         self._listen(loop)
         waiter_id = str(uuid.uuid4())
         # Registered before the request is queued: a grant may come before the queueing returns.
-        wake: asyncio.Future[None] = loop.create_future()
-        self._wakes[waiter_id] = wake
+        wake = self._wakes[waiter_id] = _Wake()
         deadline = loop.time() + (request.wait or 0.0)
-        queued = False
+        queued = False  # a row of this request may be in the queue: leave it on the way out
         try:
-            granted = await self.backend.run(lambda tx: self._acquire(tx, request, waiter_id))
+            sent = self._send(lambda tx: self._acquire(tx, request, waiter_id))
+            try:
+                granted = await self._answer(sent)
+            except asyncio.CancelledError:  # did the operation out queue the request?
+                queued = not sent.cancelled() and sent.exception() is None and sent.result() is None
+                raise
             if granted is not None:
                 return granted
             queued = True
             self._start_heartbeat()
             while (remaining := deadline - loop.time()) > 0:
-                try:
-                    await asyncio.wait_for(asyncio.shield(wake), remaining)
-                except TimeoutError:
-                    break
-                granted = await self.backend.run(lambda tx: self._poll_waiter(tx, waiter_id))
+                # Not wait_for: it may swallow a cancellation that comes with the wake-up.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await wake.event.wait()
+                if wake.granted is not None:  # handed over by the transaction that admitted it
+                    queued = False
+                    return wake.granted
+                if not wake.event.is_set():
+                    break  # out of time
+                # Granted by another process (the row says so), or told to look: look.
+                wake.event.clear()
+                granted = await self._answer(self._send(lambda tx: self._poll_waiter(tx, waiter_id)))
                 if granted is not None:
                     queued = False
                     return granted
-                wake = loop.create_future()
-                self._wakes[waiter_id] = wake
             # Out of time; a grant that raced the deadline is still taken.
-            granted = await self.backend.run(lambda tx: self._collect(tx, waiter_id, keep=True))
+            del self._wakes[waiter_id]  # a hand-off that arrives from now on is released
             queued = False
+            if wake.granted is not None:
+                return wake.granted
+            granted = await self._answer(self._send(lambda tx: self._collect(tx, waiter_id, keep=True)))
             if granted is not None:
                 return granted
             raise SlotsUnavailable(
                 self.retry_policy.jitter(1.0), f"Timed out after waiting {request.wait:g} s for slots"
             )
+        except asyncio.CancelledError:
+            self._wakes.pop(waiter_id, None)  # a hand-off that arrives from now on is released
+            await self._release(wake.granted)  # handed over, but the request is gone
+            raise
         finally:
             self._wakes.pop(waiter_id, None)
             if queued:  # cancelled or failed while queued: leave the queue, holding nothing
-                await asyncio.shield(self.backend.run(lambda tx: self._collect(tx, waiter_id, keep=False)))
+                with contextlib.suppress(SlotsUnavailable):  # gone: collected, or handed over
+                    await asyncio.shield(
+                        self.backend.run(lambda tx: self._collect(tx, waiter_id, keep=False))
+                    )
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._unsubscribe is not None:
             return
+        self._loop = loop
 
         def on_commit(commit: Commit | None) -> None:  # a storage thread
             if commit is None or commit.woken:
@@ -437,11 +524,43 @@ class Storage:
         self._unsubscribe = self.backend.subscribe(on_commit)
 
     def _wake(self, woken: list[str] | None) -> None:
-        targets = self._wakes.keys() if woken is None else woken  # None: look, all of you
-        for waiter_id in list(targets):
-            future = self._wakes.get(waiter_id)
-            if future is not None and not future.done():
-                future.set_result(None)
+        """Tell these waiters (None: every waiter of this process) to look at their rows."""
+        targets = list(self._wakes) if woken is None else woken
+        for waiter_id in targets:
+            wake = self._wakes.get(waiter_id)
+            if wake is not None:
+                wake.event.set()
+
+    def _hand_over(self, waiter_id: str, granted: Granted) -> None:
+        """Deliver a grant to a waiting request of this process; run by the backend once the
+        transaction that admitted it has committed, on the committing thread: the loop itself
+        (SQLite, delivered at once) or a pool thread (PostgreSQL, delivered on the loop)."""
+        loop = self._loop
+        assert loop is not None  # set before any waiter of this process is registered
+        if _running_loop() is loop:
+            self._deliver(waiter_id, granted)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the lease will expire
+            loop.call_soon_threadsafe(self._deliver, waiter_id, granted)
+
+    def _deliver(self, waiter_id: str, granted: Granted) -> None:
+        wake = self._wakes.get(waiter_id)
+        if wake is not None and wake.granted is None:
+            wake.granted = granted
+            wake.event.set()
+            return
+        # The request left (timed out, cancelled) since it was admitted: nobody will ever see
+        # this lease, so it is released now (its released events written, the next waiter
+        # admitted), not left held until it expires.
+        task = asyncio.ensure_future(self._release_quietly(granted))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_quietly(self, granted: Granted) -> None:
+        try:
+            await self._release(granted)
+        except Exception:  # the storage closed, or the database failed: the lease expires
+            log.warning("could not release lease %s handed to a request that left", granted.lease_id)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat_task is None or self._heartbeat_task.done():
@@ -599,7 +718,9 @@ class Storage:
         """Grant, in queue order, every waiter on these limits that fits now (domain.admit).
 
         Called at the end of every script that frees slots, in the same transaction: a freed slot
-        goes to the head of the queue at once, before any newcomer can see it.
+        goes to the head of the queue at once, before any newcomer can see it. A waiter whose
+        request waits in this process leaves the queue here and its grant is handed over after
+        the commit (``tx.handoffs``); one of another process is marked granted and woken.
         """
         ids = set(limit_ids)
         while True:  # the queues of these limits, and of every limit their waiters also name
@@ -634,15 +755,22 @@ class Storage:
                 limits[lim.id] = replace(
                     lim, leased_slots=lim.leased_slots + decision.grant_slots.get(lim.id, 0)
                 )
-            tx.run(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
-            tx.woken.append(waiter.id)
+            if waiter.id in self._wakes:
+                # Its request waits in this process: the grant goes to it in memory once this
+                # transaction commits (``_deliver``), with no transaction of its own to collect it.
+                tx.run(q.DELETE_WAITER, {"id": waiter.id})
+                tx.handoffs.append(functools.partial(self._hand_over, waiter.id, granted))
+            else:  # another process's: it is woken (NOTIFY) and collects the grant from its row
+                tx.run(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
+                tx.woken.append(waiter.id)
 
     def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Granted | None:
         """End a wait. A granted waiter's grant is returned (``keep``) or released; a waiter not
         granted leaves the queue (and the waiters behind it may now be admitted).
 
         Returns None when the waiter was not granted; raises :class:`SlotsUnavailable` when the
-        waiter is gone (its wait was abandoned by the sweeper).
+        waiter is gone (the sweeper dropped it, or this process admitted it: its grant was handed
+        over in memory, or is released on arrival if the request left).
         """
         row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
         if row is None:
@@ -666,9 +794,14 @@ class Storage:
         return None
 
     def _poll_waiter(self, tx: Tx, waiter_id: str) -> Granted | None:
+        """A woken waiter looks at its row: its grant if another process wrote one, else None.
+
+        A row that is gone is not an answer yet: this process admitted the waiter and the grant
+        is on its way in memory, or the sweeper dropped it (the wait then ends at its deadline).
+        """
         row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
-        if row is not None and row[0] is None:
-            return None  # still queued
+        if row is None or row[0] is None:
+            return None
         return self._collect(tx, waiter_id, keep=True)
 
     async def release_slots(

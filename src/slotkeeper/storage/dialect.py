@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,11 @@ if TYPE_CHECKING:
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 _IN_LIST = re.compile(r"IN_LIST\((\w+)\)")
 
+log = logging.getLogger("slotkeeper.storage")
+
 Row = tuple[Any, ...]
+#: An in-process delivery to make once a transaction has committed (see ``Tx.handoffs``).
+Handoff = Callable[[], None]
 #: The fixed statements of queries.py fit many times over; filters compile to open-ended shapes.
 _CACHE_SIZE = 1024
 Params = Mapping[str, Any]
@@ -60,16 +65,31 @@ POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE")
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """What one committed transaction (or SQLite group) publishes, in commit order."""
+    """What one committed transaction (or SQLite group) publishes, in commit order.
+
+    ``handoffs`` never leave the process (they are not in a ``NOTIFY``): the backend runs them
+    right after the commit, on the committing thread, with :func:`run_handoffs`; subscribers
+    ignore them.
+    """
 
     events: list[EventRecord]
     woken: list[str]
+    handoffs: list[Handoff] = field(default_factory=list)
+
+
+def run_handoffs(handoffs: Iterable[Handoff]) -> None:
+    """Run the hand-offs of a committed transaction; one that fails does not stop the others."""
+    for handoff in handoffs:
+        try:
+            handoff()
+        except Exception:  # a bug, but the commit stands and the other deliveries must happen
+            log.exception("hand-off delivery failed")
 
 
 class Tx:
     """One open transaction, as operations in ``core.py`` see it."""
 
-    __slots__ = ("_cursor", "_dialect", "events", "integrity_error", "woken")
+    __slots__ = ("_cursor", "_dialect", "events", "handoffs", "integrity_error", "woken")
 
     def __init__(self, cursor: Any, dialect: Dialect, integrity_error: type[Exception]) -> None:
         self._cursor = cursor
@@ -79,23 +99,27 @@ class Tx:
         self.events: list[EventRecord] = []
         #: Waiters granted in this transaction: their requests are woken once it commits.
         self.woken: list[str] = []
+        #: Grants handed to waiting requests of this process: delivered once it commits, never
+        #: if it (or its SQLite savepoint) rolls back.
+        self.handoffs: list[Handoff] = []
 
     def committed(self) -> Commit | None:
         """What this transaction published, and forget it (None if nothing)."""
-        if not self.events and not self.woken:
+        if not self.events and not self.woken and not self.handoffs:
             return None
-        commit = Commit(self.events, self.woken)
-        self.events, self.woken = [], []
+        commit = Commit(self.events, self.woken, self.handoffs)
+        self.events, self.woken, self.handoffs = [], [], []
         return commit
 
-    def mark(self) -> tuple[int, int]:
+    def mark(self) -> tuple[int, int, int]:
         """A point to roll the publications back to (see :meth:`rollback_to`)."""
-        return len(self.events), len(self.woken)
+        return len(self.events), len(self.woken), len(self.handoffs)
 
-    def rollback_to(self, mark: tuple[int, int]) -> None:
+    def rollback_to(self, mark: tuple[int, int, int]) -> None:
         """Forget what was published after ``mark`` (its savepoint was rolled back)."""
         del self.events[mark[0] :]
         del self.woken[mark[1] :]
+        del self.handoffs[mark[2] :]
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""

@@ -9,7 +9,10 @@ any other error rolls the transaction back and is raised.
 Live events cross processes through ``NOTIFY``: a transaction that wrote events sends them on the
 ``slotkeeper_events`` channel before it commits, and PostgreSQL delivers notifications only for
 committed transactions and in commit order. Each process LISTENs on one connection and hands
-what arrives to its subscribers, its own events included: one path for all.
+what arrives to its subscribers, its own events included: one path for all. The exception is a
+grant handed to a waiting request of this very process (``Tx.handoffs``): it is delivered in
+process, right after the commit, and never travels in a notification. A retried attempt starts
+from a fresh ``Tx``, so a rolled-back attempt delivers nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from psycopg import errors as pg_errors
 
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import POSTGRES, Commit, Tx
+from slotkeeper.storage.dialect import POSTGRES, Commit, Tx, run_handoffs
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
@@ -76,9 +79,11 @@ class PostgresBackend:
                     tx = Tx(cursor, POSTGRES, psycopg.IntegrityError)
                     result = op(tx)
                     commit = tx.committed()
-                    if commit is not None:
+                    if commit is not None and (commit.events or commit.woken):
                         _notify(cursor, commit)
                 conn.commit()
+                if commit is not None:
+                    run_handoffs(commit.handoffs)  # in this process only, and only once committed
                 return result
             except _RETRYABLE:
                 conn.rollback()

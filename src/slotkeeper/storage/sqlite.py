@@ -5,7 +5,9 @@ SQLite allows one writer at a time. Instead of many connections taking turns on 
 by the event loop. Operations that arrive while the loop is busy are collected; the next loop
 iteration runs each inside its own SAVEPOINT (so one failing operation rolls back alone) and
 commits them all at once, so the cost of a commit is shared by the whole group. A caller's
-future is completed only after the commit: nothing is reported before it is durable.
+future is completed only after the commit: nothing is reported before it is durable. The same
+holds for the hand-offs of grants to this process's waiters (``Tx.handoffs``): run after the
+commit, and dropped with the savepoint of an operation that failed.
 
 Why on the loop and not on a writer thread: the statements take microseconds, and a second
 Python thread competing for the GIL with a busy event loop waits up to the interpreter's switch
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from slotkeeper.errors import StorageClosed
-from slotkeeper.storage.dialect import SQLITE, Commit, Tx
+from slotkeeper.storage.dialect import SQLITE, Commit, Tx, run_handoffs
 
 T = TypeVar("T")
 
@@ -173,7 +175,10 @@ class SQLiteBackend:
                 future.set_result(value)
             else:
                 future.set_exception(value)
-        if committed is not None:
+        if committed is None:
+            return
+        run_handoffs(committed.handoffs)  # only now: the grants they carry are committed
+        if committed.events or committed.woken:
             for callback in list(self._subscribers):
                 callback(committed)
 
