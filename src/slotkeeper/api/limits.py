@@ -8,10 +8,11 @@ import asyncio
 import contextlib
 from collections.abc import Coroutine
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
+from starlette.types import Message
 
 from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import FastRoute
@@ -36,7 +37,7 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
 
     The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
     storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
-    that completed in the same loop iteration as the disconnect is released here.
+    that completed in the same loop step as the disconnect is released here.
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -45,6 +46,12 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
     finally:
         left = gone.done() and not gone.cancelled()
         gone.cancel()
+    if not left:
+        # The connection may have been lost in the loop steps that completed the grant, before
+        # ``gone`` ran: the server would then drop the answer (uvicorn does, silently). Nothing
+        # yields between this check and the answer being written, so a grant is either sent or
+        # released here.
+        left = _lost_already(request)
     if not left:
         return task.result()
     if not task.done():
@@ -56,6 +63,22 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
         if granted.lease_id is not None:  # nobody is there to hold it
             await _storage(request).release_lease(granted.lease_id)
     return None
+
+
+def _lost_already(request: Request) -> bool:
+    """Whether the server already knows the connection is lost, found without yielding to the
+    loop (Starlette's ``is_disconnected`` yields, and the connection could be lost meanwhile).
+
+    The body has been read, so ``receive`` either returns the disconnect at once (the server
+    knows) or would wait for one: its first step tells which, and a wait is abandoned.
+    """
+    receiving = cast(Coroutine[Any, Any, Message], request.receive())
+    try:
+        receiving.send(None)
+    except StopIteration as answered:
+        return bool(answered.value["type"] == "http.disconnect")
+    receiving.close()
+    return False
 
 
 async def _disconnected(request: Request) -> None:

@@ -97,6 +97,8 @@ class Connection(asyncio.Protocol):
         self.keep_alive = True
         self.received = 0
         self.idle_since = 0.0
+        #: An answer that arrived as the request was cancelled (see ``_answer``).
+        self.answered: Answer | None = None
 
     # --- protocol callbacks -----------------------------------------------------------------------
 
@@ -197,6 +199,9 @@ class Connection(asyncio.Protocol):
         try:
             return await self._answer(deadline)
         except asyncio.CancelledError:
+            if self.answered is not None:  # the answer came with the cancellation: keep it
+                answer, self.answered = self.answered, None
+                return answer
             if withdraw:
                 if self.closed or not self.transport.can_write_eof():
                     self.close()
@@ -226,6 +231,13 @@ class Connection(asyncio.Protocol):
         timer = loop.call_at(deadline, _expire, waiter)
         try:
             return await waiter
+        except asyncio.CancelledError:
+            # Cancelled in the very loop step the answer completed: the task drops the result it
+            # was about to get, and the answer is already out of the buffer. Keep it for
+            # ``exchange`` (it may be a grant to release).
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.answered = waiter.result()
+            raise
         finally:
             timer.cancel()
 
