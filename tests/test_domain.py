@@ -424,13 +424,14 @@ def test_set_active_slots_may_exceed_the_limit() -> None:
 # --- RetryPolicy ----------------------------------------------------------------------------------
 
 
-def test_retry_estimate_is_the_average_scaled_by_the_share_asked() -> None:
-    # Prefect's worked example: limit 2, avg 2.0, no decay → 1.0 before jitter.
+def test_retry_estimate_is_half_the_average_scaled_by_the_share_asked() -> None:
+    # Prefect's worked example (limit 2, avg 2.0, no decay) gives 1.0 before jitter; what is left
+    # of a hold on average is half of it: 0.5.
     lim = make_limit(limit=2, leased_slots=2)
-    assert policy().seconds([lim], 1, NOW) == pytest.approx(1.0)
-    # Denied slots count in the share: avg 2.0, limit 10, denied 10 → 2.0 * 11 / 10.
+    assert policy().seconds([lim], 1, NOW) == pytest.approx(0.5)
+    # Denied slots count in the share: avg 2.0, limit 10, denied 10 → 2.0 / 2 * 11 / 10.
     lim = make_limit(limit=10, leased_slots=10, denied_slots=10)
-    assert policy().seconds([lim], 1, NOW) == pytest.approx(2.2)
+    assert policy().seconds([lim], 1, NOW) == pytest.approx(1.1)
 
 
 def test_retry_is_capped_at_max_wait() -> None:
@@ -449,7 +450,7 @@ def test_retry_of_tag_limits_is_capped_at_tag_max_wait() -> None:
     assert policy(max_wait=30.0, tag_max_wait=10.0).seconds([lim], 1, NOW) == pytest.approx(10.0)
     # Low averages are not raised to the cap.
     lim = replace(lim, avg_slot_occupancy_seconds=2.0)
-    assert policy(tag_max_wait=10.0).seconds([lim], 1, NOW) == pytest.approx(2.0)
+    assert policy(tag_max_wait=10.0).seconds([lim], 1, NOW) == pytest.approx(1.0)
 
 
 def test_retry_for_a_rate_limit_is_the_exact_decay_wait() -> None:
@@ -468,31 +469,31 @@ def test_retry_for_a_slow_rate_limit_is_capped() -> None:
 def test_retry_when_leases_block_a_decaying_limit_uses_the_estimate() -> None:
     # The pool cannot free enough: the leases must be released, so the estimate applies.
     lim = make_limit(limit=2, pool_slots=1, leased_slots=1, slot_decay_per_second=1.0)
-    assert policy().seconds([lim], 2, NOW) == pytest.approx(2.0 * 2 / 2)
+    assert policy().seconds([lim], 2, NOW) == pytest.approx(2.0 / 2 * 2 / 2)
 
 
 def test_retry_waits_for_the_slowest_blocking_limit_and_skips_free_ones() -> None:
     quick = make_limit("quick", limit=4, leased_slots=4, avg_slot_occupancy_seconds=1.0)
     slow = make_limit("slow", limit=1, leased_slots=1, avg_slot_occupancy_seconds=6.0)
     free = make_limit("free", limit=100, avg_slot_occupancy_seconds=29.0)
-    assert policy().seconds([quick, slow, free], 1, NOW) == pytest.approx(6.0)
+    assert policy().seconds([quick, slow, free], 1, NOW) == pytest.approx(3.0)
 
 
 def test_retry_counts_the_slots_queued_ahead() -> None:
     lim = make_limit(limit=2, leased_slots=2)
-    # Two slots queued ahead: the share is (1 + 2) / 2 of the 2 s average.
-    assert policy().seconds([lim], 1, NOW, queued={lim.id: 2}) == pytest.approx(3.0)
+    # Two slots queued ahead: the share is (1 + 2) / 2 of half the 2 s average.
+    assert policy().seconds([lim], 1, NOW, queued={lim.id: 2}) == pytest.approx(1.5)
     # A limit with a free slot still blocks a poller when a waiter is queued for that slot.
     lim = make_limit(limit=2, leased_slots=1)
     assert policy().seconds([lim], 1, NOW) == pytest.approx(MIN_RETRY_AFTER_SECONDS)
-    assert policy().seconds([lim], 1, NOW, queued={lim.id: 1}) == pytest.approx(2.0 * 2 / 2)
+    assert policy().seconds([lim], 1, NOW, queued={lim.id: 1}) == pytest.approx(2.0 / 2 * 2 / 2)
     assert policy().seconds([lim], 1, NOW, queued={"another-limit": 5}) == pytest.approx(
         MIN_RETRY_AFTER_SECONDS
     )
 
 
 def test_retry_is_jittered_within_prefect_bounds() -> None:
-    lim = make_limit(limit=1, leased_slots=1)  # average 2.0
+    lim = make_limit(limit=1, leased_slots=1, avg_slot_occupancy_seconds=4.0)  # hint 2.0
     rng = random.Random(1234)
     draws = [RetryPolicy(rng=rng).seconds([lim], 1, NOW) for _ in range(2000)]
     assert all(JITTER_LOW * 2.0 - 1e-12 <= d <= 1.3 * 2.0 + 1e-12 for d in draws)
@@ -528,7 +529,7 @@ def test_slots_unavailable_carries_the_policy_hint() -> None:
     lim = make_limit(limit=2, leased_slots=2)
     with pytest.raises(SlotsUnavailable) as info:
         decide_acquire([lim], 1, Mode.CONCURRENCY, leased=True, now=NOW, retry_after=policy())
-    assert info.value.retry_after == pytest.approx(1.0)
+    assert info.value.retry_after == pytest.approx(0.5)
     assert info.value.detail == "Locked"
 
 
@@ -537,7 +538,7 @@ def test_retry_hint_considers_active_limits_only() -> None:
     full = make_limit("full", limit=1, leased_slots=1, avg_slot_occupancy_seconds=3.0)
     with pytest.raises(SlotsUnavailable) as info:
         decide_acquire([asleep, full], 1, Mode.CONCURRENCY, leased=True, now=NOW, retry_after=policy())
-    assert info.value.retry_after == pytest.approx(3.0)
+    assert info.value.retry_after == pytest.approx(1.5)
 
 
 # --- names ----------------------------------------------------------------------------------------
