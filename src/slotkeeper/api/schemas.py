@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model,
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode
+from slotkeeper.errors import InvalidRequest
 from slotkeeper.models import LeaseInfo, LimitView
 
 #: Integers are stored as 32-bit on PostgreSQL; larger values are refused at the edge.
@@ -81,10 +82,21 @@ class LimitUpdate(Strict):
 
 
 class LimitFilter(Strict):
-    """Body of ``POST /api/v2/concurrency_limits/filter`` (page bounds are checked by the route)."""
+    """Body of ``POST /api/v2/concurrency_limits/filter`` (page bounds: :func:`page_size`)."""
 
     limit: int | None = None
     offset: int = Field(default=0, ge=0, le=MAX_INT)
+
+
+def page_size(body: LimitFilter, page_max: int) -> int:
+    """The page size a filter asks for: the server's maximum by default, refused (422, Prefect's
+    messages) above it or below 0."""
+    limit = page_max if body.limit is None else body.limit
+    if limit > page_max:
+        raise InvalidRequest(f"Invalid limit: must be less than or equal to {page_max}.")
+    if limit < 0:
+        raise InvalidRequest("Invalid limit: must be greater than or equal to 0.")
+    return limit
 
 
 class HolderModel(Strict):

@@ -117,12 +117,7 @@ def routers(settings: Settings) -> list[APIRouter]:
     @api.post("/filter", summary="List tag limits, ordered by tag")
     async def filter_(request: Request, body: schemas.LimitFilter | None = None) -> Response:
         body = body or schemas.LimitFilter()
-        limit = page_max if body.limit is None else body.limit
-        if limit > page_max:
-            return json_response({"detail": f"Invalid limit: must be less than or equal to {page_max}."}, 422)
-        if limit < 0:
-            return json_response({"detail": "Invalid limit: must be greater than or equal to 0."}, 422)
-        views = await tags(request).list_limits(limit, body.offset)
+        views = await tags(request).list_limits(schemas.page_size(body, page_max), body.offset)
         return json_response([tag_limit_json(v) for v in views])
 
     @api.post("/tag/{tag}/reset", summary="Free every slot of a tag (optionally naming its holders)")
