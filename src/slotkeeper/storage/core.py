@@ -283,11 +283,24 @@ class Storage:
 
     def _by_names(self, tx: Tx, names: Sequence[str]) -> tuple[list[Limit], float]:
         """The named limits that exist, locked, in request order; and ``now``."""
+        found, now, _ = self._lock_names(tx, names, queue=False)
+        return found, now
+
+    def _lock_names(
+        self, tx: Tx, names: Sequence[str], *, queue: bool
+    ) -> tuple[list[Limit], float, dict[str, int]]:
+        """:meth:`_by_names`, and with ``queue`` the slots that queued waiters wait for on each
+        of them (by limit id), read right behind the locks: one round trip for both."""
         unique = list(dict.fromkeys(names))
-        rows = tx.all(q.SELECT_LIMITS_BY_NAMES, {"names": unique}) if unique else []
+        if not unique:
+            return [], self.clock(), {}
+        locking = tx.pending(q.SELECT_LIMITS_BY_NAMES, {"names": unique})
+        queued = tx.pending(q.SELECT_QUEUED_SLOTS_BY_NAMES, {"names": unique}) if queue else None
+        rows = locking()
         now = self.clock()
         by_name = {lim.name: lim for lim in self._with_leased(tx, rows, now)}
-        return [by_name[n] for n in unique if n in by_name], now
+        found = [by_name[n] for n in unique if n in by_name]
+        return found, now, dict(queued()) if queued is not None else {}
 
     # --- limits ---------------------------------------------------------------------------------
 
@@ -594,7 +607,7 @@ class Storage:
 
     def _acquire(self, tx: Tx, request: AcquireRequest, waiter_id: str | None = None) -> Granted | None:
         """Grant now, or (with ``waiter_id``) queue the request and return None."""
-        found, now = self._by_names(tx, request.names)
+        found, now, waiting = self._lock_names(tx, request.names, queue=True)
         lease = request.lease
         if request.wait is not None:
             check_waitable(request, found)
@@ -603,8 +616,8 @@ class Storage:
             # no slot depends on it; renewing it answers 410, releasing it 204.
             return Granted([], str(uuid.uuid4()) if lease else None)
         domain.check_request(found, request.slots, request.mode)
-        active = [lim.id for lim in found if lim.active]
-        queued: dict[str, int] = dict(tx.all(q.SELECT_QUEUED_SLOTS, {"ids": active})) if active else {}
+        active = {lim.id for lim in found if lim.active}
+        queued = {limit_id: slots for limit_id, slots in waiting.items() if limit_id in active}
         try:
             if queued:
                 # No barging: slots that free up belong to the queue, so a newcomer, waiting or
@@ -636,7 +649,7 @@ class Storage:
         now: float,
     ) -> None:
         holder = lease.holder
-        tx.run(
+        tx.write(
             q.INSERT_WAITER,
             {
                 "id": waiter_id,
@@ -684,7 +697,7 @@ class Storage:
         if lease is None:
             return Granted(written, None)
         lease_id = str(uuid.uuid4())
-        tx.run(
+        tx.write(
             q.INSERT_LEASE,
             {
                 "id": lease_id,
@@ -714,17 +727,25 @@ class Storage:
 
     # --- the wait queue -------------------------------------------------------------------------
 
-    def _admit(self, tx: Tx, limit_ids: Sequence[str]) -> None:
+    def _admit(
+        self, tx: Tx, limit_ids: Sequence[str], waiting: Callable[[], list[Row]] | None = None
+    ) -> None:
         """Grant, in queue order, every waiter on these limits that fits now (domain.admit).
 
         Called at the end of every script that frees slots, in the same transaction: a freed slot
         goes to the head of the queue at once, before any newcomer can see it. A waiter whose
         request waits in this process leaves the queue here and its grant is handed over after
         the commit (``tx.handoffs``); one of another process is marked granted and woken.
+
+        ``waiting``: the queue of exactly these limits (``SELECT_WAITERS_ON``), if the caller
+        has already sent the read.
         """
         ids = set(limit_ids)
         while True:  # the queues of these limits, and of every limit their waiters also name
-            rows = tx.all(q.SELECT_WAITERS_ON, {"ids": sorted(ids)}) if ids else []
+            if waiting is not None:
+                rows, waiting = waiting(), None
+            else:
+                rows = tx.all(q.SELECT_WAITERS_ON, {"ids": sorted(ids)}) if ids else []
             if not rows:
                 return
             links = tx.all(q.SELECT_WAITER_LIMITS, {"ids": [r[0] for r in rows]})
@@ -758,10 +779,10 @@ class Storage:
             if waiter.id in self._wakes:
                 # Its request waits in this process: the grant goes to it in memory once this
                 # transaction commits (``_deliver``), with no transaction of its own to collect it.
-                tx.run(q.DELETE_WAITER, {"id": waiter.id})
+                tx.write(q.DELETE_WAITER, {"id": waiter.id})
                 tx.handoffs.append(functools.partial(self._hand_over, waiter.id, granted))
             else:  # another process's: it is woken (NOTIFY) and collects the grant from its row
-                tx.run(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
+                tx.write(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
                 tx.woken.append(waiter.id)
 
     def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Granted | None:
@@ -848,23 +869,34 @@ class Storage:
         """Release a lease and every slot it holds. False if it was already gone."""
         return await self.backend.run(lambda tx: self._end_lease(tx, lease_id, expired_only=False))
 
-    def _lock_lease_limits(self, tx: Tx, lease_id: str) -> tuple[list[Limit], dict[str, str], float]:
-        """Lock the limits of a lease (by id); return them, their acquired event ids, and now."""
-        grants: dict[str, str] = dict(tx.all(q.SELECT_LEASE_GRANTS, {"id": lease_id}))
-        rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(grants)}) if grants else []
-        now = self.clock()
-        return [_limit(r, 0) for r in rows], grants, now
+    def _lock_lease_limits(self, tx: Tx, lease_id: str) -> float:
+        """Lock the limits of a lease (by id); return ``now``."""
+        tx.all(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+        return self.clock()
 
     def _end_lease(self, tx: Tx, lease_id: str, *, expired_only: bool) -> bool:
-        limits, grants, now = self._lock_lease_limits(tx, lease_id)
+        # Sent together, so that a release waits for one round trip before its writes; they run
+        # in this order. The lease row is deleted once its limit rows are locked, as always, and
+        # the queue of those limits is read before the deletion takes the grants along.
+        locking = tx.pending(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+        acquired = tx.pending(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+        queue = tx.pending(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
         if expired_only:
+            # The reaper: whether the lease has expired depends on ``now``, read after the locks.
+            locked = locking()
+            now = self.clock()
             row = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
         else:
-            row = tx.one(q.DELETE_LEASE, {"id": lease_id})
+            deleting = tx.pending(q.DELETE_LEASE, {"id": lease_id})
+            locked = locking()
+            now = self.clock()
+            row = next(iter(deleting()), None)
         if row is None:
             return False
+        limits = [_limit(r, 0) for r in locked]
+        grants: dict[str, str] = dict(acquired())
         created, expires, slots, holder_type, holder_id, kind = row
-        tx.run(q.DELETE_LEASE_GRANTS, {"id": lease_id})
+        tx.write(q.DELETE_LEASE_GRANTS, {"id": lease_id})
         ended = min(now, expires)  # an expired lease gave its slots back at its expiry
         held = ended - created
         tx.many(
@@ -900,7 +932,7 @@ class Storage:
                 for lim in limits
             ],
         )
-        self._admit(tx, batch)
+        self._admit(tx, batch, queue)
         return True
 
     async def renew_lease(self, lease_id: str, duration: float) -> bool:
@@ -914,7 +946,7 @@ class Storage:
         # The limits are locked first and ``now`` read after: an acquisition that already
         # counted this lease as expired has committed, so ``now`` here is past the expiry and
         # the compare-and-set refuses. A lease renewed in time is never reclaimed.
-        _, _, now = self._lock_lease_limits(tx, lease_id)
+        now = self._lock_lease_limits(tx, lease_id)
         return tx.run(q.RENEW_LEASE, {"id": lease_id, "expires": now + duration, "now": now}) == 1
 
     async def list_leases(self, key: str) -> list[LeaseInfo]:

@@ -89,11 +89,16 @@ def run_handoffs(handoffs: Iterable[Handoff]) -> None:
 class Tx:
     """One open transaction, as operations in ``core.py`` see it."""
 
-    __slots__ = ("_cursor", "_dialect", "events", "handoffs", "integrity_error", "woken")
+    __slots__ = ("_cursor", "_dialect", "_pipeline", "events", "handoffs", "integrity_error", "woken")
 
-    def __init__(self, cursor: Any, dialect: Dialect, integrity_error: type[Exception]) -> None:
+    def __init__(
+        self, cursor: Any, dialect: Dialect, integrity_error: type[Exception], pipeline: Any = None
+    ) -> None:
         self._cursor = cursor
         self._dialect = dialect
+        #: PostgreSQL: the connection's pipeline (psycopg), through which every statement goes
+        #: without waiting for the previous ones (see :meth:`write`).
+        self._pipeline = pipeline
         self.integrity_error = integrity_error
         #: Events written in this transaction, in order; published once it commits.
         self.events: list[EventRecord] = []
@@ -133,12 +138,41 @@ class Tx:
         rows: list[Row] = self._cursor.fetchall()
         return rows
 
+    def pending(self, query: str, params: Params | None = None) -> Callable[[], list[Row]]:
+        """Send a read now and take its rows later: ``rows = tx.pending(...)``, then ``rows()``.
+
+        On PostgreSQL it travels in the pipeline: it runs after every statement sent before it,
+        with its own snapshot, and its rows come back with the first result the op waits for
+        after it. Reads that do not need each other's results then cost one round trip, not
+        one each. Elsewhere it runs at once.
+        """
+        if self._pipeline is None:
+            rows = self.all(query, params)
+            return lambda: rows
+        cursor = self._cursor.connection.cursor()
+        cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        fetch: Callable[[], list[Row]] = cursor.fetchall
+        return fetch
+
     def run(self, query: str, params: Params | None = None) -> int:
         """Run a statement; return how many rows it changed."""
         self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        if self._pipeline is not None:
+            self._pipeline.sync()  # the row count comes back with the statement's result
         count: int = self._cursor.rowcount
         return count
 
+    def write(self, query: str, params: Params | None = None) -> None:
+        """Run a statement whose outcome the op does not look at.
+
+        On PostgreSQL it is pipelined: sent at once, and its result read together with the next
+        statement that returns something, or with the commit. Statements still run in the order
+        the op sends them, so what it reads next sees this write. If it fails, that later
+        statement (or the commit) raises and the transaction rolls back: never use it for a
+        statement whose failure the op handles (use :meth:`run`).
+        """
+        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+
     def many(self, query: str, rows: Iterable[Params]) -> None:
-        """Run one statement for each parameter set."""
+        """Run one statement for each parameter set; pipelined on PostgreSQL (see :meth:`write`)."""
         self._cursor.executemany(self._dialect.sql(query), [self._dialect.params(r) for r in rows])

@@ -6,6 +6,10 @@ same limits across every thread and every server process sharing the database. A
 serialisation failure is retried (the transaction was rolled back, so nothing happened twice);
 any other error rolls the transaction back and is raised.
 
+A transaction runs in pipeline mode (``_attempt``): statements go out without waiting for the
+previous one's answer, and the thread waits only where the op reads a result, so an operation
+costs a few round trips, not one per statement (see ARCHITECTURE.md).
+
 Live events cross processes through ``NOTIFY``: a transaction that wrote events sends them on the
 ``slotkeeper_events`` channel before it commits, and PostgreSQL delivers notifications only for
 committed transactions and in commit order. Each process LISTENs on one connection and hands
@@ -65,7 +69,9 @@ class PostgresBackend:
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.conninfo, autocommit=False)
+            # Autocommit: the transaction's BEGIN and COMMIT are sent by ``_attempt`` itself, in
+            # the pipeline with its statements (psycopg's own BEGIN would wait for an answer).
+            conn = psycopg.connect(self.conninfo, autocommit=True)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -75,18 +81,12 @@ class PostgresBackend:
         for attempt in range(_ATTEMPTS):
             conn = self._connection()
             try:
-                with conn.cursor() as cursor:
-                    tx = Tx(cursor, POSTGRES, psycopg.IntegrityError)
-                    result = op(tx)
-                    commit = tx.committed()
-                    if commit is not None and (commit.events or commit.woken):
-                        _notify(cursor, commit)
-                conn.commit()
+                result, commit = _attempt(conn, op)
                 if commit is not None:
                     run_handoffs(commit.handoffs)  # in this process only, and only once committed
                 return result
             except _RETRYABLE:
-                conn.rollback()
+                _rollback(conn)
                 if attempt == _ATTEMPTS - 1:
                     raise
             except psycopg.OperationalError:
@@ -95,7 +95,7 @@ class PostgresBackend:
                 raise
             except BaseException:
                 if not conn.closed:
-                    conn.rollback()
+                    _rollback(conn)
                 raise
         raise AssertionError("unreachable")
 
@@ -159,6 +159,43 @@ class PostgresBackend:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, Commit | None]:
+    """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
+    the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
+    ``Tx.all``, ``Tx.run``). BEGIN goes out with the first statement, and the writes after the
+    last read go out with the ``NOTIFY`` and the COMMIT: one round trip for all of them.
+
+    The server still runs the statements one after the other, in order, each (READ COMMITTED)
+    with a snapshot taken when it starts: a read sent after the limit locks sees every change
+    committed before they were granted. An error aborts the rest of the pipeline and is raised
+    where the op next reads, or here at the commit; the caller rolls back.
+    """
+    with conn.pipeline() as pipeline, conn.cursor() as cursor:
+        cursor.execute(b"BEGIN", prepare=False)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
+        try:
+            result = op(tx)
+        except psycopg.Error:
+            raise  # the pipeline is aborted: the caller rolls back once it is out of it
+        except BaseException:
+            # The op refused (no slots, not found, ...): roll back with the same round trip that
+            # leaves the pipeline.
+            cursor.execute(b"ROLLBACK", prepare=False)
+            raise
+        commit = tx.committed()
+        if commit is not None and (commit.events or commit.woken):
+            _notify(cursor, commit)
+        cursor.execute(b"COMMIT", prepare=False)
+        pipeline.sync()  # raises the error of any pipelined write: then nothing was committed
+    return result, commit
+
+
+def _rollback(conn: psycopg.Connection[Any]) -> None:
+    """End a failed transaction (if ``_attempt`` did not already)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.execute(b"ROLLBACK", prepare=False)
 
 
 def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:

@@ -30,6 +30,12 @@ SELECT_LIMITS_BY_IDS = f"""
 SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN_LIST(ids) ORDER BY id FOR_UPDATE
 """
 
+#: The limits a lease holds, locked (what releasing or renewing it changes).
+SELECT_LIMITS_OF_LEASE = f"""
+SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM grants WHERE lease_id = :id)
+ORDER BY id FOR_UPDATE
+"""
+
 SELECT_LIMIT_BY_ID = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE id = :key FOR_UPDATE"
 
 SELECT_LIMIT_BY_NAME = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE name = :key FOR_UPDATE"
@@ -233,6 +239,13 @@ SELECT wl.limit_id, SUM(w.slots) FROM waiter_limits wl JOIN waiters w ON w.id = 
 WHERE wl.limit_id IN_LIST(ids) AND w.lease_id IS NULL GROUP BY wl.limit_id
 """
 
+#: The same for limits named: sent right behind their locks (no round trip to learn the ids).
+SELECT_QUEUED_SLOTS_BY_NAMES = """
+SELECT wl.limit_id, SUM(w.slots) FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+JOIN limits m ON m.id = wl.limit_id
+WHERE m.name IN_LIST(names) AND w.lease_id IS NULL GROUP BY wl.limit_id
+"""
+
 INSERT_WAITER = """
 INSERT INTO waiters (id, enqueued, priority, slots, lease_duration, holder_type, holder_id,
     deadline, owner, heartbeat, lease_id)
@@ -249,6 +262,17 @@ SELECT_WAITERS_ON = """
 SELECT w.id, w.slots, w.priority, w.enqueued, w.lease_duration, w.holder_type, w.holder_id
 FROM waiters w
 WHERE w.lease_id IS NULL AND w.id IN (SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids))
+ORDER BY w.priority DESC, w.enqueued, w.id
+"""
+
+#: The same for the limits a lease holds (what releasing it frees).
+SELECT_WAITERS_ON_LEASE = """
+SELECT w.id, w.slots, w.priority, w.enqueued, w.lease_duration, w.holder_type, w.holder_id
+FROM waiters w
+WHERE w.lease_id IS NULL AND w.id IN (
+    SELECT waiter_id FROM waiter_limits
+    WHERE limit_id IN (SELECT g.limit_id FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id)
+)
 ORDER BY w.priority DESC, w.enqueued, w.id
 """
 
