@@ -379,12 +379,14 @@ class Storage:
         """Delete a limit; its grants go with it (their leases stay for their other limits)."""
         return await self.backend.run(lambda tx: self._delete(tx, key))
 
-    def _delete(self, tx: Tx, key: str) -> LimitView:
-        lim, now = self._find(tx, key)
-        settled = lim.settled(now)
-        # Every holder loses its slots on this limit: one released event per grant (a grant whose
-        # lease expired but was not reaped yet ended at the expiry), and one for unleased slots
-        # that would not come back by decay.
+    def _take_back(self, tx: Tx, lim: Limit, now: float) -> tuple[list[EventRecord], list[str]]:
+        """Everything this limit has out, as it is taken back (deleted, or a v1 reset): the
+        released events, and the leases holding a grant on it.
+
+        One released event per grant (a grant whose lease expired but was not reaped yet ended
+        at the expiry), and one for unleased slots that would not come back by decay and were
+        acquired with an event (slots an operator set have none to follow).
+        """
         batches: dict[str, tuple[list[str], Row]] = {}
         for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id}):
             batches.setdefault(row[0], ([], row))[0].append(row[5])
@@ -403,22 +405,28 @@ class Storage:
             )
             for batch, row in batches.values()
         ]
-        if settled.pool_slots and lim.slot_decay_per_second <= 0 and lim.pool_event_id:
+        pool = lim.settled(now).pool_slots
+        if pool and lim.slot_decay_per_second <= 0 and lim.pool_event_id:
             released.append(
                 builders.slot_event(
                     builders.RELEASED,
                     lim,
-                    slots=settled.pool_slots,
+                    slots=pool,
                     batch=[lim.id],
                     occurred=now,
                     follows=lim.pool_event_id,
                 )
             )
+        return released, list(batches)
+
+    def _delete(self, tx: Tx, key: str) -> LimitView:
+        lim, now = self._find(tx, key)
+        released, leases = self._take_back(tx, lim, now)
         # Waiters that also wait for other limits now wait for those only.
         others = [r[0] for r in tx.all(q.SELECT_CO_WAITED_LIMITS, {"id": lim.id})]
         tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
-        if batches:  # a v1 hold of this limit alone can never be released by its task run now
-            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": list(batches)})
+        if leases:  # a v1 hold of this limit alone can never be released by its task run now
+            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
         tx.run(q.DELETE_LIMIT, {"id": lim.id})
         write_events(tx, [*released, builders.lifecycle_event(builders.DELETED, lim, now)])
         self._admit(tx, others)

@@ -340,9 +340,6 @@ WHERE g.limit_id IN_LIST(ids) AND l.expires > :now AND l.holder_type = 'task_run
 ORDER BY g.limit_id, g.fencing_token
 """
 
-#: A reset takes the live grants off one limit (expired ones are left to the reaper).
-DELETE_LIMIT_GRANTS_OF = "DELETE FROM grants WHERE limit_id = :id AND lease_id IN_LIST(leases)"
-
 #: A v1 hold left without any grant (its tags were reset or deleted) can never be released by
 #: its task run: it goes. A v2 lease stays, for its holder to renew or release by id.
 DELETE_EMPTY_V1_LEASES = """

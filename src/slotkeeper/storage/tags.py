@@ -32,7 +32,7 @@ from slotkeeper.errors import Conflict, NotFound, SlotsUnavailable
 from slotkeeper.events import builders
 from slotkeeper.models import LimitSpec, TagLimitView
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.core import Storage, _holder, _slots_params, write_events
+from slotkeeper.storage.core import Storage, _slots_params, write_events
 from slotkeeper.storage.dialect import Row, Tx
 
 __all__ = [
@@ -167,36 +167,10 @@ class TagStore:
     def _reset(self, tx: Tx, tag: str, slot_override: Sequence[str]) -> None:
         lim, now = self._find_tag(tx, tag)
         settled = lim.settled(now)
-        batches: dict[str, tuple[list[str], Row]] = {}
-        for row in tx.all(q.SELECT_LIMIT_GRANTS, {"id": lim.id, "now": now}):
-            batches.setdefault(row[0], ([], row))[0].append(row[5])
-        released = [
-            builders.released_event(
-                row[6],
-                lim,
-                slots=row[1],
-                batch=batch,
-                occurred=now,
-                holder=_holder(row[3], row[4]),
-                follows=row[2],
-            )
-            for batch, row in batches.values()
-        ]
-        if settled.pool_slots and lim.slot_decay_per_second <= 0:
-            # Rate-limit slots had no acquired event to follow (see core._delete).
-            released.append(
-                builders.slot_event(
-                    builders.RELEASED,
-                    lim,
-                    slots=settled.pool_slots,
-                    batch=[lim.id],
-                    occurred=now,
-                    follows=lim.pool_event_id,
-                )
-            )
-        if batches:
-            tx.run(q.DELETE_LIMIT_GRANTS_OF, {"id": lim.id, "leases": list(batches)})
-            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": list(batches)})
+        released, leases = self.storage._take_back(tx, lim, now)
+        if leases:
+            tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
+            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
         cleared = replace(settled, pool_slots=0, pool_clock=now, pool_event_id=None, leased_slots=0)
         if settled.pool_slots:
             tx.run(q.UPDATE_LIMIT_SLOTS, _slots_params(cleared, now))
