@@ -469,10 +469,7 @@ class Storage:
     async def _release(self, granted: Granted | None) -> None:
         """Release a grant that nobody will take (there is nothing to release without a lease)."""
         if granted is not None and granted.lease_id is not None:
-            lease_id = granted.lease_id
-            await asyncio.shield(
-                self.backend.run(lambda tx: self._end_lease(tx, lease_id, expired_only=False))
-            )
+            await asyncio.shield(self.release_lease(granted.lease_id))
 
     async def _acquire_waiting(self, request: AcquireRequest) -> Granted:
         loop = asyncio.get_running_loop()
