@@ -33,7 +33,8 @@ import pytest
 import uvicorn
 
 from slotkeeper.api.app import create_app
-from slotkeeper.domain import RetryPolicy
+from slotkeeper.domain import Mode, RetryPolicy
+from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
 
@@ -47,6 +48,19 @@ def _postgres_reason() -> str | None:
     except psycopg.OperationalError as exc:
         return f"PostgreSQL unreachable at {POSTGRES_URL}: {exc}".strip()
     return None
+
+
+async def take(
+    storage: Storage,
+    *names: str,
+    slots: int = 1,
+    lease: float | None = 60.0,
+    holder: Holder | None = None,
+    mode: Mode = Mode.CONCURRENCY,
+) -> Granted:
+    """Acquire on ``storage`` (``"db"`` by default), under a lease unless ``lease`` is None."""
+    spec = LeaseSpec(lease, holder) if lease is not None else None
+    return await storage.acquire(AcquireRequest(list(names) or ["db"], slots, mode, spec))
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,9 @@ from slotkeeper.domain import Mode
 from slotkeeper.errors import InvalidRequest, SlotsUnavailable
 from slotkeeper.events import builders
 from slotkeeper.events.models import EventRecord
-from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec, LimitView
+from slotkeeper.models import AcquireRequest, Holder, LeaseSpec, LimitSpec, LimitView
 from slotkeeper.storage import Storage
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, take
 
 HOUR = 3600.0
 TASK = Holder("task_run", "7b1e3c55-8a2d-4f0e-b6a1-3c9d2e4f5a60")
@@ -92,18 +92,6 @@ def one(events: Sequence[EventRecord], name: str, limit_id: str) -> EventRecord:
 
 async def make(storage: Storage, name: str = "db", limit: int = 5, **fields: Any) -> LimitView:
     return await storage.create_limit(LimitSpec(name=name, limit=limit, **fields))
-
-
-async def take(
-    storage: Storage,
-    *names: str,
-    slots: int = 1,
-    lease: float | None = 60.0,
-    holder: Holder | None = None,
-    mode: Mode = Mode.CONCURRENCY,
-) -> Granted:
-    spec = LeaseSpec(lease, holder) if lease is not None else None
-    return await storage.acquire(AcquireRequest(list(names) or ["db"], slots, mode, spec))
 
 
 async def api_events(client: httpx.AsyncClient, **criteria: Any) -> list[dict[str, Any]]:

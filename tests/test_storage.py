@@ -12,9 +12,9 @@ import pytest
 
 from slotkeeper.domain import DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS, Mode, next_avg_occupancy
 from slotkeeper.errors import Conflict, InvalidRequest, NotFound, SlotsUnavailable
-from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec, LimitView
+from slotkeeper.models import Granted, Holder, LimitSpec, LimitView
 from slotkeeper.storage import Storage
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, take
 
 FLOW = Holder("flow_run", "0d9a5c1e-2f4b-4c1a-9e59-9e8a4b7c6d01")
 TASK = Holder("task_run", "7b1e3c55-8a2d-4f0e-b6a1-3c9d2e4f5a60")
@@ -26,18 +26,6 @@ async def make(storage: Storage, name: str = "db", limit: int = 2, **fields: obj
 
 async def occupied(storage: Storage, key: str = "db") -> int:
     return (await storage.read_limit(key)).active_slots
-
-
-async def take(
-    storage: Storage,
-    *names: str,
-    slots: int = 1,
-    lease: float | None = 60.0,
-    holder: Holder | None = None,
-    mode: Mode = Mode.CONCURRENCY,
-) -> Granted:
-    spec = LeaseSpec(lease, holder) if lease is not None else None
-    return await storage.acquire(AcquireRequest(list(names) or ["db"], slots, mode, spec))
 
 
 async def lease_ids(storage: Storage, key: str = "db") -> list[str]:
