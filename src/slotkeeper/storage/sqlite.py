@@ -173,6 +173,10 @@ class SQLiteBackend:
                 self._conn.rollback()
             tx.committed()  # dropped
             outcomes = [(False, exc)] * len(group)
+        if committed is not None:
+            # Only now: the grants they carry are committed. Before the group's own futures, so
+            # that a waiting request's answer (the next holder's start) is the first to go out.
+            run_handoffs(committed.handoffs)
         for (_, future), (ok, value) in zip(group, outcomes, strict=True):
             if future.cancelled():
                 continue
@@ -182,7 +186,6 @@ class SQLiteBackend:
                 future.set_exception(value)
         if committed is None:
             return
-        run_handoffs(committed.handoffs)  # only now: the grants they carry are committed
         if committed.events or committed.woken:
             for callback in list(self._subscribers):
                 callback(committed)
