@@ -153,20 +153,27 @@ class SQLiteBackend:
         committed: Commit | None = None
         try:
             cursor.execute("BEGIN IMMEDIATE")
+            # A savepoint per operation lets one fail alone; an operation alone in its group
+            # (most of them, unless the server is busy) needs none: it is the transaction.
+            alone = len(group) == 1
             for op, _ in group:
-                cursor.execute("SAVEPOINT op")
+                if not alone:
+                    cursor.execute("SAVEPOINT op")
                 mark = tx.mark()
                 try:
                     result = op(tx)
                 except Exception as exc:
-                    cursor.execute("ROLLBACK TO op")
-                    cursor.execute("RELEASE op")
+                    cursor.execute("ROLLBACK" if alone else "ROLLBACK TO op")
+                    if not alone:
+                        cursor.execute("RELEASE op")
                     tx.rollback_to(mark)  # a rolled-back op published nothing
                     outcomes.append((False, exc))
                 else:
-                    cursor.execute("RELEASE op")
+                    if not alone:
+                        cursor.execute("RELEASE op")
                     outcomes.append((True, result))
-            cursor.execute("COMMIT")
+            if self._conn.in_transaction:
+                cursor.execute("COMMIT")
             committed = tx.committed()
         except Exception as exc:  # the commit itself failed: nothing of the group holds
             if self._conn.in_transaction:
