@@ -339,6 +339,8 @@ async def test_acquire_of_several_limits_holds_and_releases_each(storage: Storag
     assert await lease_ids(storage, "a") == await lease_ids(storage, "b") == [granted.lease_id]
     assert await storage.release_lease(granted.lease_id or "")
     assert await occupied(storage, "a") == await occupied(storage, "b") == 0
+    # The lease's grants went with it (ON DELETE CASCADE): no row is left behind.
+    assert await storage.backend.run(lambda tx: tx.all("SELECT lease_id FROM grants")) == []
 
 
 async def test_acquired_limits_come_back_in_request_order(storage: Storage) -> None:

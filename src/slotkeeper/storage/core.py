@@ -901,7 +901,6 @@ class Storage:
         limits = [_limit(r, 0) for r in locked]
         grants: dict[str, str] = dict(acquired())
         created, expires, slots, holder_type, holder_id, kind = row
-        tx.write(q.DELETE_LEASE_GRANTS, {"id": lease_id})
         ended = min(now, expires)  # an expired lease gave its slots back at its expiry
         held = ended - created
         tx.many(

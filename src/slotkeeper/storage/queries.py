@@ -101,7 +101,7 @@ SELECT_LEASE_GRANTS = """
 SELECT limit_id, acquired_event_id FROM grants WHERE lease_id = :id ORDER BY limit_id
 """
 
-#: Deleting the lease is the release: the grants go with it, in the same transaction.
+#: Deleting the lease is the release: its grants go with it (ON DELETE CASCADE).
 DELETE_LEASE = """
 DELETE FROM leases WHERE id = :id RETURNING created, expires, slots, holder_type, holder_id, kind
 """
@@ -110,8 +110,6 @@ DELETE_LEASE_IF_EXPIRED = """
 DELETE FROM leases WHERE id = :id AND expires <= :now
 RETURNING created, expires, slots, holder_type, holder_id, kind
 """
-
-DELETE_LEASE_GRANTS = "DELETE FROM grants WHERE lease_id = :id"
 
 DELETE_LIMIT_GRANTS = "DELETE FROM grants WHERE limit_id = :id"
 
