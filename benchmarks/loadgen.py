@@ -5,7 +5,9 @@ measurement the parent hands every worker a :class:`Job` (its share of the clien
 opens one aiohttp session with exactly one keep-alive connection per client, primes every
 connection with one ``GET /api/health``, reports ready, and waits for the common start time.
 Then every client loops over its operation until the window ends and the worker sends back raw
-numbers (:class:`WorkerResult`); the parent merges them (:func:`merge`).
+numbers (:class:`WorkerResult`); the parent merges them (:func:`merge`). One kind speaks no HTTP:
+``handoff-floor`` opens one plain TCP connection per client to ``benchmarks/floor.py`` instead
+(the hand-off's machine floor).
 
 Timeline of one measurement (times are wall-clock, shared by all processes)::
 
@@ -28,6 +30,7 @@ import multiprocessing.connection
 import os
 import signal
 import time
+import urllib.parse
 from array import array
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -36,7 +39,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-Kind = Literal["pairs", "health", "handoff", "handoff-sdk", "rate", "random-pairs", "events"]
+Kind = Literal["pairs", "health", "handoff", "handoff-sdk", "handoff-floor", "rate", "random-pairs", "events"]
 
 ACQUIRE = "/api/v2/concurrency_limits/increment-with-lease"
 RELEASE = "/api/v2/concurrency_limits/decrement-with-lease"
@@ -368,6 +371,70 @@ async def _handoff_sdk_client(
         tally.records.append((client, requested, granted, released, None, wall()))
 
 
+@dataclass
+class _Stream:
+    """A client's plain TCP connection (``handoff-floor``); both None when it could not connect."""
+
+    reader: asyncio.StreamReader | None
+    writer: asyncio.StreamWriter | None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+async def _handoff_floor_client(
+    stream: _Stream, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """The hand-off of :func:`_handoff_client` against ``benchmarks/floor.py``, the machine's
+    floor: one byte ``a`` to acquire (answered ``g`` when granted: at once, or when the lock is
+    handed on), hold ``hold`` s, one byte ``r`` to release (answered ``k``); repeat.
+
+    Same records, same times: ``(client, requested, granted or None, released or None, 1,
+    release answered or None)``; an acquisition is one request. No new acquisition starts after
+    the window; one not granted ``grace`` s after it gives up.
+    """
+    hold = float(job.params["hold"])
+    clock, wall = time.perf_counter, time.time
+    reader, writer = stream.reader, stream.writer
+    if reader is None or writer is None:
+        tally.errors["acquire:connection(not connected)"] += 1
+        return
+    for _ in range(job.max_ops):
+        if clock() >= window.end:
+            return
+        requested, granted = wall(), None
+        try:
+            writer.write(b"a")
+            async with asyncio.timeout(max(0.0, window.end + job.grace - clock())):
+                answer = await reader.readexactly(1)
+            if answer == b"g":
+                granted = wall()
+            else:
+                tally.errors[f"acquire:{answer.decode(errors='replace')}"] += 1
+        except TimeoutError:
+            pass
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            tally.errors[f"acquire:{_failure_kind(exc)}"] += 1
+        if granted is None:
+            tally.records.append((client, requested, None, None, 1, None))
+            return
+        await asyncio.sleep(hold)
+        released = wall()
+        try:
+            writer.write(b"r")
+            answer = await reader.readexactly(1)
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            tally.errors[f"release:{_failure_kind(exc)}"] += 1
+            tally.records.append((client, requested, granted, released, 1, None))
+            return
+        if answer != b"k":
+            tally.errors[f"release:{answer.decode(errors='replace')}"] += 1
+        tally.records.append((client, requested, granted, released, 1, wall()))
+
+
 async def _rate_client(
     session: aiohttp.ClientSession, base: str, client: int, job: Job, window: _Window, tally: _Tally
 ) -> None:
@@ -554,6 +621,7 @@ _CLIENTS: dict[Kind, Callable[..., Coroutine[Any, Any, None]]] = {
     "health": _health_client,
     "handoff": _handoff_client,
     "handoff-sdk": _handoff_sdk_client,
+    "handoff-floor": _handoff_floor_client,
     "rate": _rate_client,
     "random-pairs": _random_pairs_client,
     "events": _events_client,
@@ -583,9 +651,29 @@ async def _open_sessions(job: Job) -> tuple[list[aiohttp.ClientSession], list[st
     return sessions, sorted(set(notes))
 
 
+async def _open_streams(job: Job) -> tuple[list[_Stream], list[str]]:
+    """One plain TCP connection per client (``handoff-floor``: no HTTP, nothing to prime)."""
+    url = urllib.parse.urlsplit(job.base_url)
+
+    async def connect() -> _Stream | str:
+        try:
+            async with asyncio.timeout(job.request_timeout):
+                return _Stream(*await asyncio.open_connection(url.hostname, url.port))
+        except (TimeoutError, OSError) as exc:
+            return f"connecting failed: {exc!r}"
+
+    opened = await asyncio.gather(*(connect() for _ in job.clients))
+    streams = [o if isinstance(o, _Stream) else _Stream(None, None) for o in opened]
+    return streams, sorted({o for o in opened if isinstance(o, str)})
+
+
 async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerResult:
     """Run one job: open and prime, report ready, wait for the start time, load, collect."""
-    sessions, notes = await _open_sessions(job)
+    sessions: list[aiohttp.ClientSession] | list[_Stream]
+    if job.kind == "handoff-floor":
+        sessions, notes = await _open_streams(job)
+    else:
+        sessions, notes = await _open_sessions(job)
     tally = _Tally()
     emitter: aiohttp.ClientSession | None = None
     try:

@@ -7,7 +7,8 @@ Order: the scale scenario first (slotkeeper only, on servers of its own: it runs
 server boots, which is frozen during its measurements), then pairs, handoff, client, rate and
 events. Within each scenario, round after round, the servers take turns in an order that
 rotates every round (A B C, then B C A, ...), so that no server is always measured first or
-right after a given other one.
+right after a given other one. The hand-off's machine floor (``floor.py``, variant "floor")
+takes its turn in that rotation like a server.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from scenarios import EXTRA, Extra
+from scenarios import EXTRA, FLOOR, Extra
 
 PREFECT = "prefect-sqlite"
 
@@ -77,7 +78,9 @@ class Step:
     scenario: str
     round: int
     target: str
-    #: handoff: "wait", "sdk" or "poll".
+    #: handoff: "wait", "sdk", "poll" or "floor". A "floor" step measures ``floor.py``, which it
+    #: starts and stops itself: its ``target`` is only the running server the step is dispatched
+    #: with (it is not used and stays frozen); its measurements are reported as target "floor".
     variant: str = ""
     #: pairs and health: concurrent clients.
     clients: int = 0
@@ -95,14 +98,18 @@ def rotated(items: Sequence[T], rnd: int) -> list[T]:
 
 
 def handoff_targets(keys: Sequence[str], extra: Extra) -> list[tuple[str, str]]:
-    """(server key, variant) measured in the hand-off: slotkeeper's per backend, Prefect polling."""
+    """(server key, variant) measured in the hand-off: slotkeeper's per backend, Prefect polling,
+    then the machine's floor (dispatched with the first server, see :class:`Step`)."""
     wanted = {
         "slotkeeper-sqlite": extra.handoff_sqlite,
         "slotkeeper-postgres": extra.handoff_postgres,
         PREFECT: ("poll",),
     }
     variants = ("wait", "sdk", "poll")
-    return [(k, v) for v in variants for k in keys if v in wanted.get(k, ())]
+    out = [(k, v) for v in variants for k in keys if v in wanted.get(k, ())]
+    if extra.handoff_floor and keys:
+        out.append((keys[0], FLOOR))
+    return out
 
 
 def build(keys: Sequence[str], chosen: Sequence[str], mode: Mode) -> list[Step]:
@@ -138,6 +145,7 @@ CREATE_LIMITS = {True: 1.2, False: 0.3}  # the 64 pairs limits: on Prefect's ser
 REPORT = 2.0  # JSON, plots and docs (the servers stop meanwhile)
 STEP = 0.25  # every measurement: resume, health check, connections, settling, freezing
 PRIME = {True: 0.6, False: 0.15}  # teaching a fresh limit its hold time: on Prefect's server, on slotkeeper's
+FLOOR_START = 0.3  # floor.py's start (Python, uvloop), its probe and its stop
 CLIENT_START = 1.0  # .venv-prefect's Python importing Prefect, its warm-up block
 EVENTS_SETUP = 0.2  # subscriber, probe event, waiting for the last deliveries
 SCALE_INSERT_PER_S = {"sqlite": 25_000, "postgres": 12_000}  # leases inserted per second
@@ -155,6 +163,8 @@ def seconds(step: Step, mode: Mode) -> float:
     x, prefect = mode.extra, step.target == PREFECT
     if step.scenario in ("pairs", "health"):
         return STEP + mode.warmup + mode.duration
+    if step.scenario == "handoff" and step.variant == FLOOR:
+        return STEP + FLOOR_START + x.handoff_warmup + x.handoff_duration
     if step.scenario == "handoff":
         return STEP + PRIME[prefect] + x.handoff_warmup + x.handoff_duration
     if step.scenario == "client":
@@ -198,7 +208,14 @@ def describe(steps: Sequence[Step], mode: Mode) -> list[str]:
         if mine:
             rounds = max(s.round for s in mine)
             tags = {s: s.variant or ("ceiling" if s.scenario == "health" else "") for s in mine}
-            who = sorted({s.target + (f" ({tag})" if tag else "") for s, tag in tags.items()})
+            who = sorted(
+                {
+                    "machine floor (floor.py)"
+                    if s.variant == FLOOR
+                    else s.target + (f" ({tag})" if tag else "")
+                    for s, tag in tags.items()
+                }
+            )
             what = f"{len(mine)} x, {rounds} round(s): {', '.join(who)}"
             if phase == "pairs":
                 what += f"; clients {','.join(map(str, mode.clients))}"

@@ -30,6 +30,7 @@ LABELS = {
     "slotkeeper-sqlite": "slotkeeper (SQLite)",
     "slotkeeper-postgres": "slotkeeper (PostgreSQL)",
     "prefect-sqlite": "Prefect 3.8.8 (SQLite)",
+    "floor": "machine floor (in-memory lock over raw TCP)",
 }
 
 INTRO = """\
@@ -130,7 +131,7 @@ explain each figure.
 
 | scenario | what runs | `--short` | `--full` |
 |---|---|---|---|
-| handoff | limit 1, 8 workers in one load-generator process, 10 ms holds; on slotkeeper: raw requests with `wait_seconds` (server-side FIFO), slotkeeper's SDK (`async with slotkeeper.sdk.asyncio.concurrency(...)`, which waits there too), and polling clients (Prefect's protocol: sleep exactly `Retry-After` after a 423); on Prefect: polling | 2 rounds, 0.25 + 1 s; SDK and polling on slotkeeper-SQLite only | 3 rounds, 2 + 10 s; every variant on both slotkeeper backends |
+| handoff | limit 1, 8 workers in one load-generator process, 10 ms holds; on slotkeeper: raw requests with `wait_seconds` (server-side FIFO), slotkeeper's SDK (`async with slotkeeper.sdk.asyncio.concurrency(...)`, which waits there too), and polling clients (Prefect's protocol: sleep exactly `Retry-After` after a 423); on Prefect: polling; and the machine floor, the same load against `benchmarks/floor.py` (a trivial in-memory lock over raw TCP, no HTTP, no database, started for each measurement): a bound no server can beat on this machine, shown for reference, never a target | 2 rounds, 0.25 + 1 s; SDK and polling on slotkeeper-SQLite only; the floor every round | 3 rounds, 2 + 10 s; every variant on both slotkeeper backends; the floor every round |
 | client | Prefect 3.8.8's own `concurrency()` (asyncio), 16 tasks x 5 blocks, on a limit of 1 and of 4, from `.venv-prefect` | 1 round, runs cut off after 2 s | 2 rounds, cut off after 30 s |
 | rate | limit 10 decaying 10 slots/s, 4 clients on `POST /increment` in `rate_limit` mode, as fast as `Retry-After` allows | 1 round of 2.5 s | 3 rounds of 10 s |
 | events | 16 clients pacing 500 acquire + release pairs/s in all, one websocket subscriber on `/api/events/out` | 2 rounds, 0.25 + 1 s | 3 rounds, 2 + 10 s |

@@ -16,6 +16,10 @@ from typing import Any
 from report import _label, _ms, _num, _ratio, spread
 
 PREFECT = "prefect-sqlite"
+#: The hand-off's machine floor (``floor.py``): its target and variant in the measurements. A
+#: reference line, no server of the comparison: no ratio to Prefect, never checked against targets.
+FLOOR = "floor"
+FLOOR_LABEL = "machine floor: in-memory lock over raw TCP (no HTTP, no database)"
 HANDOFF_PLOT = "benchmarks-handoff-waits.png"
 LATENCY_PLOT = "benchmarks-event-latency.png"
 
@@ -32,6 +36,7 @@ VARIANT_LABELS = {
     "wait": "server-side wait",
     "sdk": "SDK (server-side wait)",
     "poll": "polling (Retry-After)",
+    FLOOR: "in-memory lock over raw TCP (no HTTP, no database)",
     "rate_limit": "rate_limit",
     "server-written": "server-written events",
     "client-emitted": "client-emitted events",
@@ -119,7 +124,7 @@ def summarize(measurements: list[dict[str, Any]]) -> dict[str, Any]:
             cell["wait_quantiles"] = _median_quantiles(ok, "wait_quantiles")
             cell["excess_quantiles"] = _median_quantiles(ok, "excess_quantiles")
             cell["errors"] = _errors(ok)
-            if target != PREFECT:
+            if target not in (PREFECT, FLOOR):
                 cell["ratio"] = _round_ratios(ok, peers, "grants_per_s", "poll")
         elif scenario == "client":
             cell.update(
@@ -213,7 +218,7 @@ def _targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         )
 
     for c in _ordered(summary["handoff"]):
-        if c["variant"] not in HANDOFF_TARGET_VARIANTS:
+        if c["variant"] not in HANDOFF_TARGET_VARIANTS or c["target"] == FLOOR:
             continue
         t, how = c["target"], VARIANT_LABELS[c["variant"]]
         pct, p99, jain = c["pct_of_ideal"]["median"], c["excess_ms.p99"]["median"], c["jain"]["median"]
@@ -263,12 +268,13 @@ def _targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 # --- formatting -------------------------------------------------------------------------------
 
 
-_ORDER = {"slotkeeper-sqlite": 0, "slotkeeper-postgres": 1, PREFECT: 2}
-_VARIANT_ORDER = {"wait": 0, "sdk": 1, "poll": 2}
+_ORDER = {FLOOR: -1, "slotkeeper-sqlite": 0, "slotkeeper-postgres": 1, PREFECT: 2}
+_VARIANT_ORDER = {FLOOR: -1, "wait": 0, "sdk": 1, "poll": 2}
 
 
 def _ordered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """slotkeeper on SQLite, on PostgreSQL, then Prefect; server-side waiting before polling."""
+    """The machine floor first (the reference), then slotkeeper on SQLite, on PostgreSQL, then
+    Prefect; server-side waiting before polling."""
     return sorted(
         cells,
         key=lambda c: (_VARIANT_ORDER.get(c["variant"], 0), _ORDER.get(c["target"], 9), c["variant"]),
@@ -301,6 +307,8 @@ def _cratio(r: dict[str, Any] | None) -> str:
 
 
 def _who(c: dict[str, Any]) -> str:
+    if c["target"] == FLOOR:
+        return FLOOR_LABEL
     return f"{_label(c['target'])}, {VARIANT_LABELS.get(c['variant'], c['variant'])}"
 
 
@@ -346,6 +354,16 @@ def render(results: dict[str, Any], plots: dict[str, str], pairs_cells: list[dic
         for t in sorted(summary["targets"], key=lambda t: _ORDER.get(t["target"], 9)):
             lines.append(f"| {t['name']} | {_label(t['target'])} | {t['shown']} | {mark[t['met']]} |")
         lines += [""]
+        floor = next((c for c in summary.get("handoff", []) if c["target"] == FLOOR), None)
+        if floor is not None and floor["pct_of_ideal"]["median"] is not None:
+            lines += [
+                "For reference, not a target: the hand-off's machine floor (an in-memory lock over "
+                f"raw TCP, no HTTP, no database) reached {_num(floor['pct_of_ideal']['median'], 1)} % "
+                f"of ideal, p99 wait beyond ideal {_ms(floor['excess_ms.p99']['median'])} ms, Jain "
+                f"index {_num(floor['jain']['median'], 3)} (medians across rounds): no server can do "
+                "better on this machine.",
+                "",
+            ]
     return lines
 
 
@@ -368,7 +386,13 @@ def _render_handoff(cells: list[dict[str, Any]], x: dict[str, Any], plots: dict[
         "(0 for a perfect scheduler). *Hand-off gap*: release request to the next grant's answer "
         "while someone waited; the release's own round trip beside it is what a hand-off costs at "
         "least on this machine (the grant is decided in the release's transaction). *Overtakes*: grants to a worker while another one, waiting since "
-        "before that worker's previous grant, still waited.",
+        "before that worker's previous grant, still waited. *Machine floor*: the same load, in every "
+        "round, against `benchmarks/floor.py`, a trivial server started for each measurement on a "
+        "port of its own: one lock in memory, a one-byte protocol over raw TCP (acquire: granted at "
+        "once if free, else FIFO queue; release: the lock handed to the head of the queue), no HTTP, "
+        "no JSON, no database, no durability. It is no server of the comparison (no ratio, no "
+        "targets): its figures are what this machine's loopback TCP, scheduler and `asyncio.sleep` "
+        "allow, a bound no server can beat here.",
         "",
         "| server, clients | grants/s | % of ideal | (secondary) % at the measured hold | measured hold | ratio / Prefect | wait p50 | wait p99 | beyond ideal p50 | p99 | max | hand-off gap p50 | p99 | release round trip p50 | Jain | overtakes | attempts per grant | Retry-After p50 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -644,6 +668,7 @@ COLOURS = {
     ("slotkeeper-sqlite", "poll"): "yellowgreen",
     ("slotkeeper-postgres", "poll"): "lightsteelblue",
     ("prefect-sqlite", "poll"): "tab:red",
+    (FLOOR, FLOOR): "black",
 }
 
 
@@ -663,9 +688,16 @@ def plot_all(results: dict[str, Any], folder: Path) -> dict[str, str]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
         for c in _ordered(handoff):
             colour = COLOURS.get((c["target"], c["variant"]))
+            style = ":" if c["target"] == FLOOR else "-"
             ys = [q / 100 for q in range(101)]
-            axes[0].plot(c["wait_quantiles"], ys, label=_who(c), color=colour)
-            axes[1].plot([max(v, 0.01) for v in c["excess_quantiles"]], ys, label=_who(c), color=colour)
+            axes[0].plot(c["wait_quantiles"], ys, label=_who(c), color=colour, linestyle=style)
+            axes[1].plot(
+                [max(v, 0.01) for v in c["excess_quantiles"]],
+                ys,
+                label=_who(c),
+                color=colour,
+                linestyle=style,
+            )
         x = results["meta"].get("extra") or {}
         ideal = 1000 * x.get("handoff_hold", 0.01) * (x.get("handoff_workers", 8) - 1)
         axes[0].axvline(ideal, color="grey", linestyle="--", linewidth=1)

@@ -18,8 +18,10 @@ import datetime as dt
 import itertools
 import json
 import math
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +47,10 @@ SCENARIOS = ("pairs", "handoff", "client", "rate", "events", "scale")
 ACQUIRED = "prefect.concurrency-limit.acquired"
 RELEASED = "prefect.concurrency-limit.released"
 HOLDER_PREFIX = "prefect.task-run."
+#: The hand-off's machine floor: its variant, and the target its measurements are reported under
+#: (``benchmarks/floor.py``, an in-memory lock over raw TCP; no server of the comparison).
+FLOOR = "floor"
+FLOOR_SCRIPT = Path(__file__).with_name("floor.py")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Extra:
     #: Prefect's protocol), and on PostgreSQL. Prefect's server is measured polling.
     handoff_sqlite: tuple[str, ...] = ("wait", "sdk", "poll")
     handoff_postgres: tuple[str, ...] = ("wait",)
+    #: Also measure the machine's floor every round: the same load against ``floor.py``, a
+    #: minimal in-memory lock over raw TCP (no HTTP, no database), in a process of its own.
+    handoff_floor: bool = True
     # Prefect's concurrency() client
     client_rounds: int = 1
     client_tasks: int = 16
@@ -484,8 +493,12 @@ def measure_handoff(ctx: Context, server: servers.Server, variant: str, rnd: int
     """Limit 1, ``handoff_workers`` workers: acquire, hold, release, in a loop.
 
     ``variant``: "wait" (raw requests with ``wait_seconds``), "sdk" (slotkeeper's SDK,
-    ``async with concurrency(...)``) or "poll" (raw requests, sleeping ``Retry-After``).
+    ``async with concurrency(...)``), "poll" (raw requests, sleeping ``Retry-After``) or
+    "floor" (the machine's floor, see :func:`measure_floor`: ``server`` is not used then, and
+    stays frozen).
     """
+    if variant == FLOOR:
+        return measure_floor(ctx, rnd)
     x = ctx.extra
     name = f"handoff-{variant}-r{rnd}-{uuid.uuid4().hex[:6]}"
     with active(ctx, server):
@@ -493,15 +506,81 @@ def measure_handoff(ctx: Context, server: servers.Server, variant: str, rnd: int
         _prime(server, name, x.handoff_hold)
         params = {"limit": name, "hold": x.handoff_hold, "wait_seconds": 60.0 if variant == "wait" else None}
         kind = "handoff-sdk" if variant == "sdk" else "handoff"
-        # Every worker in one process: one clock and one event loop order the records exactly.
-        clients = tuple(range(x.handoff_workers))
-        grace = 2.0
-        jobs = [_job(kind, server, clients, x.handoff_warmup, x.handoff_duration, grace, params)]
-        jobs += [
-            _job(kind, server, (), x.handoff_warmup, x.handoff_duration, grace, params)
-            for _ in ctx.pool.pids[1:]
-        ]
-        w = run_jobs(ctx, server, jobs, x.handoff_warmup, x.handoff_duration)
+        w = _run_handoff(ctx, server, kind, params)
+    return _handoff_result(server, variant, rnd, w, x)
+
+
+def measure_floor(ctx: Context, rnd: int) -> dict[str, Any]:
+    """The hand-off's machine floor: the same workers, hold and analysis against
+    ``benchmarks/floor.py`` (one lock in memory, a one-byte protocol over raw TCP; no HTTP, no
+    database), started for this measurement on a free port and stopped after it, while every
+    server of the comparison stays frozen. What no server can beat on this machine."""
+    x = ctx.extra
+    floor = start_floor()
+    try:
+        problem = floor_ready(floor)
+        if problem:
+            out = _base("handoff", floor, FLOOR, rnd)
+            out["failed"] = f"the floor server {problem}"
+            return out
+        w = _run_handoff(ctx, floor, "handoff-floor", {"hold": x.handoff_hold})
+    finally:
+        servers.stop_all([floor], timeout=5.0)
+    return _handoff_result(floor, FLOOR, rnd, w, x)
+
+
+def start_floor() -> servers.Server:
+    """Start ``benchmarks/floor.py serve`` on a free loopback port (readiness not awaited)."""
+    home = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    python = servers.SLOTKEEPER_VENV / "bin" / "python"
+    command = [
+        str(python if python.exists() else Path(sys.executable)),
+        str(FLOOR_SCRIPT),
+        "serve",
+        "--host",
+        servers.LOOPBACK,
+        "--port",
+        str(servers.free_port()),
+    ]
+    return servers._spawn(FLOOR, command, servers._clean_env(), home, {})
+
+
+def floor_ready(floor: servers.Server, timeout: float = 10.0) -> str | None:
+    """Wait until the floor server grants and takes back its lock once; None, else why not."""
+    deadline = time.monotonic() + timeout
+    why = "did not answer"
+    while time.monotonic() < deadline:
+        if floor.proc.poll() is not None:
+            return f"exited with code {floor.proc.returncode}: {floor.log_tail(5)}"
+        try:
+            with socket.create_connection((servers.LOOPBACK, floor.port), timeout=1.0) as sock:
+                sock.sendall(b"a")
+                granted = sock.recv(1)
+                sock.sendall(b"r")
+                released = sock.recv(1)
+            if (granted, released) == (b"g", b"k"):
+                return None
+            why = f"answered {granted!r} {released!r} to a probe"
+        except OSError as exc:
+            why = f"did not answer ({exc!r})"
+        time.sleep(0.02)
+    return f"{why} within {timeout:g} s"
+
+
+def _run_handoff(ctx: Context, server: servers.Server, kind: str, params: dict[str, Any]) -> Window:
+    """The hand-off's load: every worker in the first load-generator process (one clock and one
+    event loop order the records exactly), the other processes idle."""
+    x = ctx.extra
+    clients = tuple(range(x.handoff_workers))
+    grace = 2.0
+    jobs = [_job(kind, server, clients, x.handoff_warmup, x.handoff_duration, grace, params)]
+    jobs += [
+        _job(kind, server, (), x.handoff_warmup, x.handoff_duration, grace, params) for _ in ctx.pool.pids[1:]
+    ]
+    return run_jobs(ctx, server, jobs, x.handoff_warmup, x.handoff_duration)
+
+
+def _handoff_result(server: servers.Server, variant: str, rnd: int, w: Window, x: Extra) -> dict[str, Any]:
     out = _base("handoff", server, variant, rnd)
     out.update(analyze_handoff(w.merged.records, w.start, w.end, x.handoff_hold, x.handoff_workers))
     out["retry_after_ms"] = pct(w.merged.retry_afters)
