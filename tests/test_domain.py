@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import replace
@@ -23,6 +24,7 @@ from slotkeeper.domain import (
     decide_acquire,
     looks_like_uuid,
     next_avg_occupancy,
+    queue_order,
     release_pool,
     set_active_slots,
 )
@@ -293,8 +295,13 @@ def test_check_request_refuses_in_prefects_order() -> None:
 # --- admit (the server-side wait queue) -----------------------------------------------------------
 
 
-def waiter(name: str, *limits: Limit, slots: int = 1) -> Waiter:
-    return Waiter(id=name, limit_ids=tuple(lim.id for lim in limits), slots=slots, priority=0, enqueued=NOW)
+_arrivals = itertools.count(1)
+
+
+def waiter(name: str, *limits: Limit, slots: int = 1, priority: int = 0) -> Waiter:
+    """A waiter arriving after every waiter made before it."""
+    limit_ids = tuple(lim.id for lim in limits)
+    return Waiter(id=name, limit_ids=limit_ids, slots=slots, priority=priority, sequence=next(_arrivals))
 
 
 def by_id(*limits: Limit) -> dict[str, Limit]:
@@ -305,6 +312,15 @@ def test_admit_grants_in_order_while_slots_last() -> None:
     a = make_limit("a", limit=3)
     w1, w2, w3 = waiter("w1", a), waiter("w2", a, slots=2), waiter("w3", a)
     assert admit([w1, w2, w3], by_id(a), NOW) == [w1, w2]
+
+
+def test_admit_serves_priority_then_arrival_whatever_order_it_is_given() -> None:
+    # Arrival order, then ids that sort against it: only the arrival sequence breaks a tie.
+    a = make_limit("a", limit=2)
+    early, late, urgent = waiter("z", a), waiter("y", a), waiter("x", a, priority=1)
+    assert admit([late, urgent, early], by_id(a), NOW) == [urgent, early]
+    assert admit([late, early], by_id(a), NOW) == [early, late]
+    assert sorted([late, early, urgent], key=queue_order) == [urgent, early, late]
 
 
 def test_admit_is_fifo_without_barging() -> None:

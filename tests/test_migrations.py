@@ -24,7 +24,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import slotkeeper.storage
-from slotkeeper.storage import migrate
+from slotkeeper.storage import migrate, queries, schema
 from slotkeeper.storage.schema import metadata
 
 MIGRATIONS = Path(slotkeeper.storage.__file__).parent / "migrations"
@@ -125,6 +125,69 @@ def test_migrating_an_empty_database_yields_the_schema(empty_url: str) -> None:
     migrate(empty_url)
     assert _diff(empty_url) == []
     assert _table_names(empty_url) == {*metadata.tables, "alembic_version"}
+
+
+def test_migrating_yields_what_autogenerate_does_not_compare(empty_url: str) -> None:
+    """Column collations (limit names compare byte by byte on PostgreSQL too) and sequences
+    (PostgreSQL's arrival order of waiters): the comparison above passes without them."""
+    migrate(empty_url)
+    engine = _engine(empty_url)
+    try:
+        with engine.connect() as connection:
+            inspector = sa.inspect(connection)
+            dialect = connection.dialect
+            collations = {
+                (table, column["name"]): getattr(column["type"], "collation", None)
+                for table in metadata.tables
+                for column in inspector.get_columns(table)
+            }
+            sequences = set(inspector.get_sequence_names()) if dialect.name == "postgresql" else set()
+    finally:
+        engine.dispose()
+    assert collations == {
+        (table.name, column.name): getattr(column.type.dialect_impl(dialect), "collation", None)
+        for table in metadata.tables.values()
+        for column in table.columns
+    }
+    if dialect.name == "postgresql":
+        assert collations["limits", "name"] == "C"
+        assert sequences == {schema.WAITER_SEQUENCE.name}
+
+
+def test_waiters_queued_before_the_arrival_sequence_keep_their_order(empty_url: str) -> None:
+    """0005 numbers the waiters already queued in their old order (time, then id), and the
+    waiters queued after them come after them."""
+    migrate(empty_url, "0004")
+    engine = _engine(empty_url)
+    columns = {
+        "priority": 0,
+        "slots": 1,
+        "lease_duration": 60.0,
+        "deadline": 9.0,
+        "owner": "o",
+        "heartbeat": 1.0,
+    }
+    try:
+        with engine.begin() as connection:
+            for waiter_id, enqueued in [("w-b", 2.0), ("w-c", 1.0), ("w-a", 2.0)]:
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO waiters (id, enqueued, priority, slots, lease_duration, deadline, "
+                        "owner, heartbeat) VALUES (:id, :enqueued, :priority, :slots, :lease_duration, "
+                        ":deadline, :owner, :heartbeat)"
+                    ),
+                    {"id": waiter_id, "enqueued": enqueued, **columns},
+                )
+        migrate(empty_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(queries.INSERT_WAITER[engine.dialect.name]),
+                {"id": "w-0", "enqueued": 0.0, "holder_type": None, "holder_id": None, **columns},
+            )
+            rows = connection.execute(sa.text("SELECT id, sequence FROM waiters ORDER BY sequence")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [("w-c", 1), ("w-a", 2), ("w-b", 3), ("w-0", 4)]
 
 
 def test_migrating_stops_at_the_head_revision(empty_url: str) -> None:

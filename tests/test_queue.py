@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,7 +82,7 @@ async def lease_ids(storage: Storage, name: str) -> list[str]:
 async def waiter_rows(storage: Storage) -> list[tuple[Any, ...]]:
     """Every waiter row: (id, lease_id), in queue order."""
     rows = await storage.backend.run(
-        lambda tx: tx.all("SELECT id, lease_id FROM waiters ORDER BY priority DESC, enqueued, id")
+        lambda tx: tx.all("SELECT id, lease_id FROM waiters ORDER BY priority DESC, sequence")
     )
     return [tuple(r) for r in rows]
 
@@ -149,13 +151,9 @@ async def test_waiters_are_granted_in_arrival_order(
     assert await waiter_rows(storage) == []
 
 
-async def test_a_higher_priority_is_served_first_then_arrival_order(
-    storage: Storage, clock: FakeClock
-) -> None:
-    await make(storage, "db", 1)
-    holder = await hold(storage, "db")
-    priorities = [0, 5, 0, 10, 5, -1]
-    tasks = [await arrive(storage, clock, wanting("db", priority=p)) for p in priorities]
+async def served_in_turn(storage: Storage, holder: str, tasks: list[asyncio.Task[Granted]]) -> list[int]:
+    """Release ``holder``, then let each waiting request release its grant as it comes: the
+    order (indexes into ``tasks``) in which they were served."""
     served: list[int] = []
 
     async def serve(task: asyncio.Task[Granted], i: int) -> None:
@@ -166,6 +164,39 @@ async def test_a_higher_priority_is_served_first_then_arrival_order(
 
     await storage.release_lease(holder)
     await asyncio.gather(*(serve(t, i) for i, t in enumerate(tasks)))
+    return served
+
+
+async def test_waiters_queued_at_the_same_instant_are_granted_in_arrival_order(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrival order does not depend on the clock: waiters queued while it stands still (a
+    coarse or frozen clock, or several processes) are served in the order they were queued,
+    also when their ids sort the other way round."""
+    countdown = iter(range(2**64, 0, -1))
+    monkeypatch.setattr(storage_core.uuid, "uuid4", lambda: uuid.UUID(int=next(countdown)))
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    tasks: list[asyncio.Task[Granted]] = []
+
+    async def queued(count: int) -> bool:
+        return await queued_count(storage) == count
+
+    for count in range(1, 7):  # the clock never moves
+        tasks.append(asyncio.create_task(storage.acquire(wanting("db"))))
+        await until(functools.partial(queued, count), "the request queued")
+    served = await served_in_turn(storage, holder, tasks)
+    assert served == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_higher_priority_is_served_first_then_arrival_order(
+    storage: Storage, clock: FakeClock
+) -> None:
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    priorities = [0, 5, 0, 10, 5, -1]
+    tasks = [await arrive(storage, clock, wanting("db", priority=p)) for p in priorities]
+    served = await served_in_turn(storage, holder, tasks)
     assert served == [3, 1, 4, 0, 2, 5]
 
 
@@ -239,16 +270,52 @@ async def test_raising_the_limit_admits_waiters(storage: Storage, clock: FakeClo
     assert (await settle(second)).lease_id is not None
 
 
-async def test_deleting_a_limit_lets_its_waiters_wait_for_the_others_only(
-    storage: Storage, clock: FakeClock
+DELETED_A = "Cannot wait for limits that do not exist: 'a' (deleted while the request waited)"
+
+
+@pytest.mark.parametrize("names", [("a",), ("a", "b")], ids=["its-only-limit", "one-of-its-limits"])
+@pytest.mark.parametrize("deleter", ["this-process", "another-process"])
+async def test_deleting_a_limit_refuses_its_waiters_at_once(
+    storage: Storage, clock: FakeClock, names: tuple[str, ...], deleter: str
 ) -> None:
+    """A waiter for a limit that is deleted is refused when the deletion commits, as a request
+    that waits for a limit that does not exist is (422), not left waiting until its timeout;
+    also when it waits for other limits too (it asked for all of them at once). Its refusal is
+    handed over in memory, or (deleted by another process) read from its row once woken. It
+    leaves every queue: a waiter behind it on its other limit goes ahead."""
     await make(storage, "a", 1)
     await make(storage, "b", 1)
     await hold(storage, "a")
-    task = await arrive(storage, clock, wanting("a", "b"))
-    await storage.delete_limit("a")
-    (lim,) = (await settle(task)).limits
-    assert lim.name == "b"
+    refused = await arrive(storage, clock, wanting(*names))
+    behind = await arrive(storage, clock, wanting("b")) if "b" in names else None
+    deleting = another_process(storage) if deleter == "another-process" else storage
+    await deleting.delete_limit("a")
+    with pytest.raises(InvalidRequest) as info:
+        await settle(refused)
+    assert info.value.detail == DELETED_A
+    held_on_b = []
+    if behind is not None:
+        granted = await settle(behind)
+        assert [lim.name for lim in granted.limits] == ["b"]
+        held_on_b.append(granted.lease_id)
+    assert await waiter_rows(storage) == []
+    assert await lease_ids(storage, "b") == held_on_b  # the refused waiter holds nothing
+
+
+async def test_a_refusal_read_at_the_deadline_is_still_the_answer(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused by another process, but never woken (a lost notification): at its deadline the
+    request finds the refusal on its row and answers it, not a timeout."""
+    monkeypatch.setattr(storage, "_wake", lambda woken: None)
+    await make(storage, "a", 1)
+    await hold(storage, "a")
+    task = await arrive(storage, clock, wanting("a", wait=0.2))
+    await another_process(storage).delete_limit("a")
+    with pytest.raises(InvalidRequest) as info:
+        await settle(task)
+    assert info.value.detail == DELETED_A
+    assert await waiter_rows(storage) == []
 
 
 async def test_decay_admits_waiters_on_the_reapers_pass(storage: Storage, clock: FakeClock) -> None:
@@ -656,6 +723,44 @@ async def test_a_retried_transaction_hands_over_once(
     assert await lease_ids(storage, "db") == [granted.lease_id]
 
 
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_admission_skips_a_waiter_settled_while_it_waited_for_the_locks(
+    storage: Storage, clock: FakeClock, database_url: str
+) -> None:
+    """PostgreSQL: admission reads the queue, then waits for the limit locks. A transaction that
+    held them meanwhile and refused the waiter (or granted it) committed first: admission must
+    see that once it has the locks, and not grant the waiter the slot that transaction freed."""
+    import psycopg
+
+    await make(storage, "db", 1)
+    holder = await hold(storage, "db")
+    task = await arrive(storage, clock, wanting("db", wait=0.5))
+    (waiter_id, _), *_ = await waiter_rows(storage)
+    with psycopg.connect(database_url) as other:  # another process, half-way through its work
+        other.execute("SELECT id FROM limits WHERE name = 'db' FOR UPDATE")
+        other.execute("DELETE FROM leases WHERE id = %s", (holder,))
+        other.execute("UPDATE waiters SET refused = 'as if' WHERE id = %s", (waiter_id,))
+        other.execute("DELETE FROM waiter_limits WHERE waiter_id = %s", (waiter_id,))
+        sweeping = asyncio.create_task(another_process(storage).sweep_waiters())
+
+        async def sweep_blocked() -> bool:  # it has read the queue and waits for the lock
+            with psycopg.connect(database_url) as watcher:
+                row = watcher.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            return row is not None and row[0] > 0
+
+        await until(sweep_blocked, "the sweep waits for the lock")
+        other.commit()
+    await settle(sweeping)
+    assert await lease_ids(storage, "db") == []
+    with pytest.raises(InvalidRequest, match="as if"):  # read from its row at its deadline
+        await settle(task)
+
+
 async def test_cancelled_once_handed_its_grant_but_before_returning_releases_it(
     storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -829,6 +934,33 @@ async def test_api_what_cannot_be_waited_for_is_422(
         ]
         assert any(m.startswith(detail) for m in messages), messages
     assert await waiter_rows(storage) == []
+
+
+@pytest.mark.parametrize(
+    ("names", "delete"),
+    [
+        (["a"], f"{V2}/a"),
+        (["a", "b"], f"{V2}/a"),
+        (["tag:a", "b"], "/concurrency_limits/tag/a"),  # a tag limit deleted through the v1 API
+    ],
+    ids=["its-only-limit", "one-of-its-limits", "v1-tag"],
+)
+async def test_api_a_waiting_request_whose_limit_is_deleted_is_422(
+    client: httpx.AsyncClient, storage: Storage, names: list[str], delete: str
+) -> None:
+    await client.post(f"{V2}/", json={"name": names[0], "limit": 1})
+    await client.post(f"{V2}/", json={"name": "b", "limit": 1})
+    await post_wait(client, {"names": names[:1], "slots": 1})
+    waiting = asyncio.create_task(post_wait(client, {"names": names, "slots": 1, "wait_seconds": 3600}))
+    await until(lambda: _equals(queued_count(storage), 1), "queued")
+    assert (await client.delete(delete)).status_code in (200, 204)
+    answer = await settle(waiting)
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {
+        "detail": f"Cannot wait for limits that do not exist: {names[0]!r} (deleted while the request waited)"
+    }
+    assert await waiter_rows(storage) == []
+    assert (await client.get(f"{V2}/b")).json()["active_slots"] == 0
 
 
 # --- disconnects, with raw ASGI ------------------------------------------------------------------------

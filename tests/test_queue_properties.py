@@ -62,7 +62,7 @@ def queues(draw: st.DrawFn) -> tuple[dict[str, Limit], list[domain.Waiter]]:
     waiters = []
     for w in range(draw(st.integers(0, 8))):
         names = draw(st.lists(st.sampled_from(sorted(limits)), min_size=1, max_size=count, unique=True))
-        waiters.append(domain.Waiter(f"w{w}", tuple(names), draw(st.integers(1, 5)), 0, float(w)))
+        waiters.append(domain.Waiter(f"w{w}", tuple(names), draw(st.integers(1, 5)), 0, w))
     return limits, waiters
 
 

@@ -6,14 +6,21 @@ fake clock, so the same behaviour is asserted on both backends.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from slotkeeper.domain import DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS, Mode, next_avg_occupancy
 from slotkeeper.errors import Conflict, InvalidRequest, NotFound, SlotsUnavailable
 from slotkeeper.models import Granted, Holder, LimitSpec, LimitView
-from slotkeeper.storage import Storage
+from slotkeeper.storage import Storage, migrate, open_storage
 from tests.conftest import FakeClock, take
 
 FLOW = Holder("flow_run", "0d9a5c1e-2f4b-4c1a-9e59-9e8a4b7c6d01")
@@ -97,6 +104,62 @@ async def test_list_is_ordered_by_name_and_paged(storage: Storage) -> None:
     assert [v.limit.name for v in await storage.list_limits(10, 4)] == ["m", "z"]
     assert await storage.list_limits(10, 6) == []
     assert await storage.list_limits(0, 0) == []
+
+
+@contextlib.asynccontextmanager
+async def _opened(url: str, clock: FakeClock) -> AsyncIterator[Storage]:
+    """A migrated storage on ``url``, driven by ``clock``."""
+    migrate(url)
+    store = open_storage(url)
+    store.clock = clock
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def storage_with_a_locale(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[Storage]:
+    """A storage whose PostgreSQL database sorts text by a language's rules (ICU ``en-US``), as a
+    database created under a locale such as ``en_US.UTF-8`` does; SQLite has no such setting."""
+    if request.param == "sqlite":
+        async with _opened(f"sqlite:///{tmp_path / 'slotkeeper.db'}", clock) as store:
+            yield store
+        return
+    postgres_url: str = request.getfixturevalue("postgres_url")
+    name = f"slotkeeper_locale_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        try:
+            admin.execute(
+                f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+            )
+        except psycopg.Error as exc:
+            if os.environ.get("CI"):  # PostgreSQL tests run in CI, never skip
+                raise
+            pytest.skip(f"no ICU collation on this PostgreSQL server: {exc}")
+    try:
+        async with _opened(urlsplit(postgres_url)._replace(path=f"/{name}").geturl(), clock) as store:
+            yield store
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_list_orders_names_by_their_bytes_whatever_the_databases_locale(
+    storage_with_a_locale: Storage,
+) -> None:
+    """Both backends list limits in the same order: byte order, not the database's collation
+    (PostgreSQL under en-US would list ``_x, a, A-1, B``: case and punctuation ignored)."""
+    names = ["B", "a", "_x", "A-1", "a:1", "Z", "-"]
+    for name in names:
+        await make(storage_with_a_locale, name)
+    everything = sorted(names, key=str.encode)
+    assert everything == ["-", "A-1", "B", "Z", "_x", "a", "a:1"]
+    assert [v.limit.name for v in await storage_with_a_locale.list_limits(100, 0)] == everything
+    assert [v.limit.name for v in await storage_with_a_locale.list_limits(2, 3)] == ["Z", "_x"]
+    assert [v.limit.name for v in await storage_with_a_locale.list_limits(10, 0, "a")] == ["a", "a:1"]
 
 
 async def test_list_by_prefix_takes_the_prefix_literally(storage: Storage) -> None:

@@ -157,17 +157,28 @@ def decide_acquire(
 
 @dataclass(frozen=True, slots=True)
 class Waiter:
-    """An acquisition queued on the server, in queue order ``(-priority, enqueued, id)``."""
+    """An acquisition queued on the server.
+
+    ``sequence`` is its place in the arrival order: unique, increasing with every waiter queued
+    (storage draws it when it queues the waiter). Not a time: clocks may stand still or differ
+    between processes, and two arrivals must never tie.
+    """
 
     id: str
     limit_ids: tuple[str, ...]
     slots: int
     priority: int
-    enqueued: float
+    sequence: int
+
+
+def queue_order(waiter: Waiter) -> tuple[int, int]:
+    """The queue's order: higher priority first, then arrival (``sorted(..., key=queue_order)``)."""
+    return -waiter.priority, waiter.sequence
 
 
 def admit(waiters: Sequence[Waiter], limits: dict[str, Limit], now: float) -> list[Waiter]:
-    """The waiters to grant now, from ``waiters`` in queue order, given the locked ``limits``.
+    """The waiters to grant now, in queue order (:func:`queue_order`, whatever order ``waiters``
+    come in), given the locked ``limits``.
 
     Strict FIFO per limit (within a priority): a waiter that cannot have all its slots blocks
     every limit it names, so no later waiter takes slots it is waiting for, and a waiter of
@@ -180,7 +191,7 @@ def admit(waiters: Sequence[Waiter], limits: dict[str, Limit], now: float) -> li
     free = {i: lim.limit - lim.occupied(now) for i, lim in limits.items() if lim.active}
     blocked: set[str] = set()
     granted: list[Waiter] = []
-    for waiter in waiters:
+    for waiter in sorted(waiters, key=queue_order):
         active = [i for i in waiter.limit_ids if i in free]
         if any(limits[i].limit < waiter.slots for i in active):
             continue

@@ -179,6 +179,10 @@ def _slots_params(lim: Limit, now: float) -> dict[str, Any]:
     }
 
 
+def _cannot_wait_for_missing(names: Sequence[str]) -> str:
+    return f"Cannot wait for limits that do not exist: {', '.join(map(repr, names))}"
+
+
 def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
     """A waiting request must name limits that exist, are active, and count slots.
 
@@ -187,7 +191,7 @@ def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
     """
     missing = sorted(set(request.names) - {lim.name for lim in found})
     if missing:
-        raise InvalidRequest(f"Cannot wait for limits that do not exist: {', '.join(map(repr, missing))}")
+        raise InvalidRequest(_cannot_wait_for_missing(missing))
     inactive = [lim.name for lim in found if not lim.active]
     if inactive:
         raise InvalidRequest(
@@ -199,19 +203,31 @@ def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
         )
 
 
+def deleted_while_waiting(name: str) -> str:
+    """What a waiting request is told (422) when a limit it waits for is deleted: what a new
+    request that waits for it would be told (see :func:`check_waitable`), and why."""
+    return f"{_cannot_wait_for_missing([name])} (deleted while the request waited)"
+
+
+#: How a wait ends in a transaction: granted, or refused (a limit it waits for was deleted).
+Outcome = Granted | InvalidRequest
+
+
 class _Wake:
     """Where a waiting request of this process learns that its wait may be over (on the loop).
 
     ``granted`` is its grant, handed over by the transaction that admitted it once that committed;
-    ``event`` is set with it, and also when the request should look at its row (a grant written
-    by another process, or publications that may have been missed).
+    ``refused`` its refusal, handed over the same way by the transaction that deleted a limit it
+    waited for. ``event`` is set with either, and also when the request should look at its row (a
+    grant or refusal written by another process, or publications that may have been missed).
     """
 
-    __slots__ = ("event", "granted")
+    __slots__ = ("event", "granted", "refused")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.granted: Granted | None = None
+        self.refused: InvalidRequest | None = None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -219,6 +235,13 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # a thread without a loop
         return None
+
+
+def _granted(outcome: Outcome) -> Granted:
+    """The grant that ends a wait; a refusal is raised."""
+    if isinstance(outcome, InvalidRequest):
+        raise outcome
+    return outcome
 
 
 async def _to_the_end(sent: asyncio.Future[T]) -> None:
@@ -422,8 +445,9 @@ class Storage:
     def _delete(self, tx: Tx, key: str) -> LimitView:
         lim, now = self._find(tx, key)
         released, leases = self._take_back(tx, lim, now)
-        # Waiters that also wait for other limits now wait for those only.
+        # Its waiters are refused; the queues of the other limits they waited for move on.
         others = [r[0] for r in tx.all(q.SELECT_CO_WAITED_LIMITS, {"id": lim.id})]
+        self._refuse_waiters(tx, lim)
         tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
         if leases:  # a v1 hold of this limit alone can never be released by its task run now
             tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
@@ -431,6 +455,27 @@ class Storage:
         write_events(tx, [*released, builders.lifecycle_event(builders.DELETED, lim, now)])
         self._admit(tx, others)
         return LimitView(lim, lim.occupied(now))
+
+    def _refuse_waiters(self, tx: Tx, lim: Limit) -> None:
+        """Every waiter queued for ``lim``, which this transaction deletes, leaves the queue and
+        its request is refused (422), as a new request that waits for a limit that does not exist
+        is; one that also waits for other limits too, since a grant of fewer limits than asked
+        for is not what it waits for.
+
+        A waiter of this process leaves the queue here and its refusal is handed over after the
+        commit (``tx.handoffs``), as a grant is; one of another process is marked refused, leaves
+        every queue (its limits are forgotten) and is woken, and reads its refusal from its row.
+        """
+        why = deleted_while_waiting(lim.name)
+        for (waiter_id,) in tx.all(q.SELECT_QUEUED_WAITERS_OF, {"id": lim.id}):
+            if waiter_id in self._wakes:
+                tx.write(q.DELETE_WAITER, {"id": waiter_id})
+                refusal = InvalidRequest(why)
+                tx.handoffs.append(functools.partial(self._hand_over, waiter_id, refusal))
+            else:
+                tx.write(q.MARK_WAITER_REFUSED, {"id": waiter_id, "refused": why})
+                tx.write(q.DELETE_WAITER_LIMITS, {"id": waiter_id})
+                tx.woken.append(waiter_id)
 
     # --- slots ----------------------------------------------------------------------------------
 
@@ -454,10 +499,10 @@ class Storage:
         it is out (as the backends do anyway), and what it did can still be read."""
         return asyncio.ensure_future(self.backend.run(op))
 
-    async def _answer(self, sent: asyncio.Future[Granted | None]) -> Granted | None:
-        """The outcome of a sent acquisition. If the caller is cancelled while it is out, the
-        operation is waited for and a lease it granted is released (its id would reach nobody)
-        before the cancellation propagates."""
+    async def _answer(self, sent: asyncio.Future[T]) -> T:
+        """The outcome of a sent acquisition (or collection of a wait). If the caller is cancelled
+        while it is out, the operation is waited for and a lease it granted is released (its id
+        would reach nobody) before the cancellation propagates."""
         try:
             return await asyncio.shield(sent)
         except asyncio.CancelledError:
@@ -466,9 +511,10 @@ class Storage:
                 await self._release(sent.result())
             raise
 
-    async def _release(self, granted: Granted | None) -> None:
-        """Release a grant that nobody will take (there is nothing to release without a lease)."""
-        if granted is not None and granted.lease_id is not None:
+    async def _release(self, granted: object) -> None:
+        """Release a grant that nobody will take (there is nothing to release without a lease,
+        nor in a refusal)."""
+        if isinstance(granted, Granted) and granted.lease_id is not None:
             await asyncio.shield(self.release_lease(granted.lease_id))
 
     async def _acquire_waiting(self, request: AcquireRequest) -> Granted:
@@ -498,22 +544,27 @@ class Storage:
                 if wake.granted is not None:  # handed over by the transaction that admitted it
                     queued = False
                     return wake.granted
+                if wake.refused is not None:  # by the transaction that deleted one of its limits
+                    queued = False
+                    raise wake.refused
                 if not wake.event.is_set():
                     break  # out of time
-                # Granted by another process (the row says so), or told to look: look.
+                # Granted or refused by another process (the row says so), or told to look: look.
                 wake.event.clear()
-                granted = await self._answer(self._send(lambda tx: self._poll_waiter(tx, waiter_id)))
-                if granted is not None:
+                polled = await self._answer(self._send(lambda tx: self._poll_waiter(tx, waiter_id)))
+                if polled is not None:
                     queued = False
-                    return granted
-            # Out of time; a grant that raced the deadline is still taken.
+                    return _granted(polled)
+            # Out of time; a grant (or refusal) that raced the deadline is still taken.
             del self._wakes[waiter_id]  # a hand-off that arrives from now on is released
             queued = False
             if wake.granted is not None:
                 return wake.granted
-            granted = await self._answer(self._send(lambda tx: self._collect(tx, waiter_id, keep=True)))
-            if granted is not None:
-                return granted
+            if wake.refused is not None:
+                raise wake.refused
+            collected = await self._answer(self._send(lambda tx: self._collect(tx, waiter_id, keep=True)))
+            if collected is not None:
+                return _granted(collected)
             raise SlotsUnavailable(
                 self.retry_policy.jitter(1.0), f"Timed out after waiting {request.wait:g} s for slots"
             )
@@ -549,24 +600,31 @@ class Storage:
             if wake is not None:
                 wake.event.set()
 
-    def _hand_over(self, waiter_id: str, granted: Granted) -> None:
-        """Deliver a grant to a waiting request of this process; run by the backend once the
-        transaction that admitted it has committed, on the committing thread: the loop itself
-        (SQLite, delivered at once) or a pool thread (PostgreSQL, delivered on the loop)."""
+    def _hand_over(self, waiter_id: str, outcome: Outcome) -> None:
+        """Deliver a grant (or a refusal) to a waiting request of this process; run by the backend
+        once the transaction that admitted (or refused) it has committed, on the committing
+        thread: the loop itself (SQLite, delivered at once) or a pool thread (PostgreSQL,
+        delivered on the loop)."""
         loop = self._loop
         assert loop is not None  # set before any waiter of this process is registered
         if _running_loop() is loop:
-            self._deliver(waiter_id, granted)
+            self._deliver(waiter_id, outcome)
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: the lease will expire
-            loop.call_soon_threadsafe(self._deliver, waiter_id, granted)
+            loop.call_soon_threadsafe(self._deliver, waiter_id, outcome)
 
-    def _deliver(self, waiter_id: str, granted: Granted) -> None:
+    def _deliver(self, waiter_id: str, outcome: Outcome) -> None:
         wake = self._wakes.get(waiter_id)
-        if wake is not None and wake.granted is None:
-            wake.granted = granted
+        if wake is not None and wake.granted is None and wake.refused is None:
+            if isinstance(outcome, Granted):
+                wake.granted = outcome
+            else:
+                wake.refused = outcome
             wake.event.set()
             return
+        if not isinstance(outcome, Granted):
+            return  # a refusal holds nothing
+        granted = outcome
         # The request left (timed out, cancelled) since it was admitted: nobody will ever see
         # this lease, so it is released now (its released events written, the next waiter
         # admitted), not left held until it expires.
@@ -655,7 +713,7 @@ class Storage:
     ) -> None:
         holder = lease.holder
         tx.write(
-            q.INSERT_WAITER,
+            q.INSERT_WAITER[self.backend.name],
             {
                 "id": waiter_id,
                 "enqueued": now,
@@ -760,13 +818,26 @@ class Storage:
             ids = needed
         # Locks taken here may come after the caller's: PostgreSQL may then report a deadlock,
         # which the backend retries (nothing was committed).
-        locked = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": sorted(ids)})
+        locking = tx.pending(q.SELECT_LIMITS_BY_IDS, {"ids": sorted(ids)})
+        # PostgreSQL: the queue was read before all these locks were held, so a waiter that a
+        # transaction holding one of them granted or refused meanwhile is no longer queued, and
+        # must not be admitted (again). Read behind the locks, in the same round trip. (SQLite's
+        # one writer runs one transaction at a time: nothing changed between the two reads.)
+        still = (
+            tx.pending(q.SELECT_STILL_QUEUED, {"ids": [r[0] for r in rows]})
+            if self.backend.name != "sqlite"
+            else None
+        )
+        locked = locking()
         now = self.clock()
+        if still is not None:
+            queued = {r[0] for r in still()}
+            rows = [r for r in rows if r[0] in queued]
         limits = {lim.id: lim for lim in self._with_leased(tx, locked, now)}
         named: dict[str, list[str]] = {}
         for waiter, limit_id in links:
             named.setdefault(waiter, []).append(limit_id)
-        queue = [domain.Waiter(r[0], tuple(named.get(r[0], ())), r[1], r[2], r[3]) for r in rows]
+        queue = [domain.Waiter(r[0], tuple(named.get(r[0], ())), r[1], r[2], int(r[3])) for r in rows]
         info = {r[0]: r for r in rows}
         for waiter in domain.admit(queue, limits, now):
             found = [limits[i] for i in waiter.limit_ids if i in limits]
@@ -790,18 +861,23 @@ class Storage:
                 tx.write(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
                 tx.woken.append(waiter.id)
 
-    def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Granted | None:
-        """End a wait. A granted waiter's grant is returned (``keep``) or released; a waiter not
-        granted leaves the queue (and the waiters behind it may now be admitted).
+    def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Outcome | None:
+        """End a wait. A granted waiter's grant is returned (``keep``) or released; a refused
+        waiter's refusal is returned (``keep``); a waiter not granted leaves the queue (and the
+        waiters behind it may now be admitted).
 
-        Returns None when the waiter was not granted; raises :class:`SlotsUnavailable` when the
-        waiter is gone (the sweeper dropped it, or this process admitted it: its grant was handed
-        over in memory, or is released on arrival if the request left).
+        Returns None when the waiter was neither granted nor refused; raises
+        :class:`SlotsUnavailable` when the waiter is gone (the sweeper dropped it, or this process
+        admitted or refused it: the outcome was handed over in memory, or is released on arrival
+        if the request left).
         """
         row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
         if row is None:
             raise SlotsUnavailable(None, "The wait was abandoned by the server; try again")
-        lease_id = row[0]
+        lease_id, refused = row
+        if refused is not None:  # it names no limit any more: nothing to release, no queue moves
+            tx.write(q.DELETE_WAITER, {"id": waiter_id})
+            return InvalidRequest(refused) if keep else None
         if lease_id is not None and keep:
             tokens: dict[str, int] = dict(tx.all(q.SELECT_LEASE_TOKENS, {"lease_id": lease_id}))
             rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(tokens)}) if tokens else []
@@ -819,14 +895,16 @@ class Storage:
                 self._admit(tx, limit_ids)
         return None
 
-    def _poll_waiter(self, tx: Tx, waiter_id: str) -> Granted | None:
-        """A woken waiter looks at its row: its grant if another process wrote one, else None.
+    def _poll_waiter(self, tx: Tx, waiter_id: str) -> Outcome | None:
+        """A woken waiter looks at its row: its grant or refusal if another process wrote one,
+        else None.
 
-        A row that is gone is not an answer yet: this process admitted the waiter and the grant
-        is on its way in memory, or the sweeper dropped it (the wait then ends at its deadline).
+        A row that is gone is not an answer yet: this process admitted (or refused) the waiter
+        and the outcome is on its way in memory, or the sweeper dropped it (the wait then ends at
+        its deadline).
         """
         row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
-        if row is None or row[0] is None:
+        if row is None or (row[0] is None and row[1] is None):
             return None
         return self._collect(tx, waiter_id, keep=True)
 

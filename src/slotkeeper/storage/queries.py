@@ -244,34 +244,51 @@ JOIN limits m ON m.id = wl.limit_id
 WHERE m.name IN_LIST(names) AND w.lease_id IS NULL GROUP BY wl.limit_id
 """
 
-INSERT_WAITER = """
-INSERT INTO waiters (id, enqueued, priority, slots, lease_duration, holder_type, holder_id,
-    deadline, owner, heartbeat, lease_id)
-VALUES (:id, :enqueued, :priority, :slots, :lease_duration, :holder_type, :holder_id,
-    :deadline, :owner, :heartbeat, NULL)
-"""
+#: Per backend: the waiter's place in the arrival order (``sequence``) is drawn here, while the
+#: transaction holds the locks of its limits. PostgreSQL draws it from one sequence, which every
+#: server process shares; SQLite's one writer takes the largest plus one.
+INSERT_WAITER = {
+    "sqlite": """
+INSERT INTO waiters (id, sequence, enqueued, priority, slots, lease_duration, holder_type,
+    holder_id, deadline, owner, heartbeat, lease_id)
+VALUES (:id, (SELECT COALESCE(MAX(sequence), 0) + 1 FROM waiters), :enqueued, :priority, :slots,
+    :lease_duration, :holder_type, :holder_id, :deadline, :owner, :heartbeat, NULL)
+""",
+    "postgresql": """
+INSERT INTO waiters (id, sequence, enqueued, priority, slots, lease_duration, holder_type,
+    holder_id, deadline, owner, heartbeat, lease_id)
+VALUES (:id, nextval('waiters_sequence_seq'), :enqueued, :priority, :slots, :lease_duration,
+    :holder_type, :holder_id, :deadline, :owner, :heartbeat, NULL)
+""",
+}
 
 INSERT_WAITER_LIMIT = """
 INSERT INTO waiter_limits (waiter_id, limit_id, position) VALUES (:waiter_id, :limit_id, :position)
 """
 
-#: The queue, in order, of every waiter naming one of these limits.
+#: The queue, in order (``domain.admit``'s: ``(-priority, sequence)``), of every waiter naming one
+#: of these limits.
 SELECT_WAITERS_ON = """
-SELECT w.id, w.slots, w.priority, w.enqueued, w.lease_duration, w.holder_type, w.holder_id
+SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id
 FROM waiters w
 WHERE w.lease_id IS NULL AND w.id IN (SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids))
-ORDER BY w.priority DESC, w.enqueued, w.id
+ORDER BY w.priority DESC, w.sequence
 """
 
 #: The same for the limits a lease holds (what releasing it frees).
 SELECT_WAITERS_ON_LEASE = """
-SELECT w.id, w.slots, w.priority, w.enqueued, w.lease_duration, w.holder_type, w.holder_id
+SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id
 FROM waiters w
 WHERE w.lease_id IS NULL AND w.id IN (
     SELECT waiter_id FROM waiter_limits
     WHERE limit_id IN (SELECT g.limit_id FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id)
 )
-ORDER BY w.priority DESC, w.enqueued, w.id
+ORDER BY w.priority DESC, w.sequence
+"""
+
+#: Which of these waiters are still queued (neither granted nor refused, nor gone).
+SELECT_STILL_QUEUED = """
+SELECT id FROM waiters WHERE id IN_LIST(ids) AND lease_id IS NULL AND refused IS NULL
 """
 
 SELECT_WAITER_LIMITS = """
@@ -280,9 +297,23 @@ SELECT waiter_id, limit_id FROM waiter_limits WHERE waiter_id IN_LIST(ids) ORDER
 
 MARK_WAITER_GRANTED = "UPDATE waiters SET lease_id = :lease_id WHERE id = :id"
 
+#: The queued waiters of one limit (what deleting it refuses), in queue order.
+SELECT_QUEUED_WAITERS_OF = """
+SELECT w.id FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
+WHERE wl.limit_id = :id AND w.lease_id IS NULL
+ORDER BY w.priority DESC, w.sequence
+"""
+
+#: A refused waiter of another process keeps its row (with why) until its request reads it...
+MARK_WAITER_REFUSED = "UPDATE waiters SET refused = :refused WHERE id = :id"
+
+#: ... but leaves every queue at once: a queue is the waiters that name the limit.
+DELETE_WAITER_LIMITS = "DELETE FROM waiter_limits WHERE waiter_id = :id"
+
 DELETE_WAITER = "DELETE FROM waiters WHERE id = :id RETURNING lease_id"
 
-SELECT_WAITER_LEASE = "SELECT lease_id FROM waiters WHERE id = :id"
+#: How a wait ended, if it did: its lease (granted), or why it was refused.
+SELECT_WAITER_LEASE = "SELECT lease_id, refused FROM waiters WHERE id = :id"
 
 TOUCH_WAITERS = "UPDATE waiters SET heartbeat = :now WHERE owner = :owner"
 

@@ -19,12 +19,17 @@ metadata = sa.MetaData(
     }
 )
 
+#: Limit names: ``COLLATE "C"`` on PostgreSQL, as SQLite's default (BINARY) compares them.
+NAME = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
+
 #: A named concurrency limit. ``pool_*`` are the unleased slots (see ``slotkeeper.domain``).
 limits = sa.Table(
     "limits",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("name", sa.Text, nullable=False, unique=True),
+    # Compared byte by byte on both backends (PostgreSQL would otherwise use the database's
+    # locale), so limits are listed in the same order everywhere.
+    sa.Column("name", NAME, nullable=False, unique=True),
     sa.Column("slot_limit", sa.Integer, nullable=False),
     sa.Column("active", sa.Boolean, nullable=False),
     sa.Column("created", sa.Double, nullable=False),
@@ -102,11 +107,17 @@ event_resources = sa.Table(
 
 #: An acquisition waiting on the server. ``lease_id`` is set when it has been granted and not
 #: yet collected by the request that waits for it. ``owner`` is the server process holding the
-#: request; its ``heartbeat`` says the request is still there.
+#: request; its ``heartbeat`` says the request is still there. ``sequence`` is the arrival order,
+#: one order across every server process: on PostgreSQL the next value of ``WAITER_SEQUENCE``
+#: (drawn while the inserting transaction holds its limits' locks, so the waiters of one limit
+#: draw it in commit order), on SQLite the largest plus one (its one writer inserts). The queue
+#: is ``(-priority, sequence)``; ``enqueued`` is only a time. ``refused`` says why a wait ended
+#: without a grant (a limit it waited for was deleted), until the request that waits reads it.
 waiters = sa.Table(
     "waiters",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("enqueued", sa.Double, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("slots", sa.Integer, nullable=False),
@@ -117,7 +128,13 @@ waiters = sa.Table(
     sa.Column("owner", sa.String(36), nullable=False, index=True),
     sa.Column("heartbeat", sa.Double, nullable=False),
     sa.Column("lease_id", sa.String(36), nullable=True),
+    sa.Column("refused", sa.Text, nullable=True),
+    sa.Index("ix_waiters_sequence", "sequence", unique=True),
 )
+
+#: Where ``waiters.sequence`` comes from on PostgreSQL (SQLite has no sequences: it ignores it).
+#: Named in the insert itself, not a column default, so that both backends share the columns.
+WAITER_SEQUENCE = sa.Sequence("waiters_sequence_seq", metadata=metadata)
 
 #: The limits one waiter waits for (all found limits of its request).
 waiter_limits = sa.Table(
