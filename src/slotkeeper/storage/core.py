@@ -293,6 +293,13 @@ class Storage:
         sums: dict[str, int] = dict(tx.all(q.SELECT_LEASED_SLOTS, {"ids": [r[0] for r in rows], "now": now}))
         return [_limit(r, int(sums.get(r[0], 0))) for r in rows]
 
+    def _with_leased_now(self, tx: Tx, limits: Sequence[Limit], now: float) -> dict[str, Limit]:
+        """These limits (read earlier in this transaction) by id, with their leased slots now."""
+        sums: dict[str, int] = dict(
+            tx.all(q.SELECT_LEASED_SLOTS, {"ids": [lim.id for lim in limits], "now": now})
+        )
+        return {lim.id: replace(lim, leased_slots=int(sums.get(lim.id, 0))) for lim in limits}
+
     def _find(self, tx: Tx, key: str) -> tuple[Limit, float]:
         """The limit with this id or name, locked; and ``now``. Ids are tried for UUID keys."""
         if domain.looks_like_uuid(key):  # any spelling of the id: upper case, no dashes, braces
@@ -791,7 +798,11 @@ class Storage:
     # --- the wait queue -------------------------------------------------------------------------
 
     def _admit(
-        self, tx: Tx, limit_ids: Sequence[str], waiting: Callable[[], list[Row]] | None = None
+        self,
+        tx: Tx,
+        limit_ids: Sequence[str],
+        waiting: Callable[[], list[Row]] | None = None,
+        locked: Sequence[Limit] = (),
     ) -> None:
         """Grant, in queue order, every waiter on these limits that fits now (domain.admit).
 
@@ -801,7 +812,9 @@ class Storage:
         the commit (``tx.handoffs``); one of another process is marked granted and woken.
 
         ``waiting``: the queue of exactly these limits (``SELECT_WAITERS_ON``), if the caller
-        has already sent the read.
+        has already sent the read. ``locked``: limits the caller locked before that read, as they
+        are now in this transaction (their leased slots are read again here); when the queue
+        needs no other limit, they are not read again.
         """
         ids = set(limit_ids)
         while True:  # the queues of these limits, and of every limit their waiters also name
@@ -811,34 +824,41 @@ class Storage:
                 rows = tx.all(q.SELECT_WAITERS_ON, {"ids": sorted(ids)}) if ids else []
             if not rows:
                 return
-            links = tx.all(q.SELECT_WAITER_LIMITS, {"ids": [r[0] for r in rows]})
-            needed = ids | {limit_id for _, limit_id in links}
+            needed = ids | {r[7] for r in rows}
             if needed == ids:
                 break
             ids = needed
-        # Locks taken here may come after the caller's: PostgreSQL may then report a deadlock,
-        # which the backend retries (nothing was committed).
-        locking = tx.pending(q.SELECT_LIMITS_BY_IDS, {"ids": sorted(ids)})
-        # PostgreSQL: the queue was read before all these locks were held, so a waiter that a
-        # transaction holding one of them granted or refused meanwhile is no longer queued, and
-        # must not be admitted (again). Read behind the locks, in the same round trip. (SQLite's
-        # one writer runs one transaction at a time: nothing changed between the two reads.)
-        still = (
-            tx.pending(q.SELECT_STILL_QUEUED, {"ids": [r[0] for r in rows]})
-            if self.backend.name != "sqlite"
-            else None
-        )
-        locked = locking()
-        now = self.clock()
-        if still is not None:
-            queued = {r[0] for r in still()}
-            rows = [r for r in rows if r[0] in queued]
-        limits = {lim.id: lim for lim in self._with_leased(tx, locked, now)}
+        known = {lim.id: lim for lim in locked}
+        if ids <= known.keys():
+            # Every lock admission needs was taken before the queue was read: the read saw every
+            # grant or refusal of these waiters, which needs one of these locks.
+            now = self.clock()
+            limits = self._with_leased_now(tx, [known[i] for i in sorted(ids)], now)
+        else:
+            # Locks taken here may come after the caller's: PostgreSQL may then report a
+            # deadlock, which the backend retries (nothing was committed).
+            locking = tx.pending(q.SELECT_LIMITS_BY_IDS, {"ids": sorted(ids)})
+            # PostgreSQL: the queue was read before all these locks were held, so a waiter that a
+            # transaction holding one of them granted or refused meanwhile is no longer queued,
+            # and must not be admitted (again). Read behind the locks, in the same round trip.
+            # (SQLite's one writer runs one transaction at a time: nothing changed in between.)
+            still = (
+                tx.pending(q.SELECT_STILL_QUEUED, {"ids": sorted({r[0] for r in rows})})
+                if self.backend.name != "sqlite"
+                else None
+            )
+            rows_locked = locking()
+            now = self.clock()
+            if still is not None:
+                queued = {r[0] for r in still()}
+                rows = [r for r in rows if r[0] in queued]
+            limits = {lim.id: lim for lim in self._with_leased(tx, rows_locked, now)}
         named: dict[str, list[str]] = {}
-        for waiter, limit_id in links:
-            named.setdefault(waiter, []).append(limit_id)
-        queue = [domain.Waiter(r[0], tuple(named.get(r[0], ())), r[1], r[2], int(r[3])) for r in rows]
-        info = {r[0]: r for r in rows}
+        info: dict[str, Row] = {}  # in queue order: the rows come ordered
+        for r in rows:
+            named.setdefault(r[0], []).append(r[7])
+            info.setdefault(r[0], r)
+        queue = [domain.Waiter(i, tuple(named[i]), r[1], r[2], int(r[3])) for i, r in info.items()]
         for waiter in domain.admit(queue, limits, now):
             found = [limits[i] for i in waiter.limit_ids if i in limits]
             decision = domain.decide_acquire(
@@ -981,17 +1001,22 @@ class Storage:
         created, expires, slots, holder_type, holder_id, kind = row
         ended = min(now, expires)  # an expired lease gave its slots back at its expiry
         held = ended - created
-        tx.many(
-            q.UPDATE_LIMIT_AVG,
-            [
-                {
-                    "id": lim.id,
-                    "avg": domain.next_avg_occupancy(lim.avg_slot_occupancy_seconds, held, slots, lim.limit),
-                }
+        if held > 0:
+            limits = [
+                replace(
+                    lim,
+                    avg_slot_occupancy_seconds=domain.next_avg_occupancy(
+                        lim.avg_slot_occupancy_seconds, held, slots, lim.limit
+                    ),
+                )
+                if lim.active
+                else lim
                 for lim in limits
-                if lim.active and held > 0
-            ],
-        )
+            ]
+            tx.many(
+                q.UPDATE_LIMIT_AVG,
+                [{"id": lim.id, "avg": lim.avg_slot_occupancy_seconds} for lim in limits if lim.active],
+            )
         holder = _holder(holder_type, holder_id)
         batch = [lim.id for lim in limits]
         # ``occurred`` is when the slots came back (the expiry, for a reaped lease); ``received``
@@ -1014,7 +1039,7 @@ class Storage:
                 for lim in limits
             ],
         )
-        self._admit(tx, batch, queue)
+        self._admit(tx, batch, queue, limits)
         return True
 
     async def renew_lease(self, lease_id: str, duration: float) -> bool:

@@ -267,23 +267,24 @@ INSERT INTO waiter_limits (waiter_id, limit_id, position) VALUES (:waiter_id, :l
 """
 
 #: The queue, in order (``domain.admit``'s: ``(-priority, sequence)``), of every waiter naming one
-#: of these limits.
+#: of these limits: one row per waiter and limit it names (the last column), in its request's
+#: order, so that one read gives both the queue and every limit its waiters need.
 SELECT_WAITERS_ON = """
-SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id
-FROM waiters w
+SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id
+FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
 WHERE w.lease_id IS NULL AND w.id IN (SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids))
-ORDER BY w.priority DESC, w.sequence
+ORDER BY w.priority DESC, w.sequence, wl.position
 """
 
 #: The same for the limits a lease holds (what releasing it frees).
 SELECT_WAITERS_ON_LEASE = """
-SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id
-FROM waiters w
+SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id
+FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
 WHERE w.lease_id IS NULL AND w.id IN (
     SELECT waiter_id FROM waiter_limits
     WHERE limit_id IN (SELECT g.limit_id FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id)
 )
-ORDER BY w.priority DESC, w.sequence
+ORDER BY w.priority DESC, w.sequence, wl.position
 """
 
 #: Which of these waiters are still queued (neither granted nor refused, nor gone).
