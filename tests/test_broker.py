@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from collections.abc import Callable
@@ -201,6 +202,34 @@ async def test_a_rolled_back_transaction_publishes_and_stores_nothing(
     marker = [record("marker")]
     await storage.backend.run(writer(marker))
     assert [e.event for e in await published.until(3)].count("lost") == 0
+
+
+async def test_related_resources_are_stored_exactly_for_the_committed_events(
+    storage: Storage, published: Collected
+) -> None:
+    def related(event: EventRecord, *ids: str) -> EventRecord:
+        resources = [{"prefect.resource.id": i, "prefect.resource.role": "flow-run"} for i in ids]
+        return dataclasses.replace(event, related=resources)
+
+    kept = [related(record("kept"), "a.1", "a.2"), record("kept")]
+    lost = [related(record("lost"), "b.1")]
+    after = [related(record("after"), "c.1")]
+    # One SQLite group: the events of all three are inserted at its commit, the rolled-back one's
+    # not at all; each related row needs its event's row (foreign key).
+    results = await asyncio.gather(
+        storage.backend.run(writer(kept)),
+        storage.backend.run(writer(lost, fail=True)),
+        storage.backend.run(writer(after)),
+        return_exceptions=True,
+    )
+    assert results[0] == 2 and results[2] == 1
+    assert isinstance(results[1], RuntimeError)
+    assert sorted(e.event for e in await published.until(3)) == ["after", "kept", "kept"]
+    rows = await storage.backend.run(
+        lambda tx: tx.all("SELECT event_id, position, resource_id FROM event_resources")
+    )
+    assert sorted(rows) == sorted([(kept[0].id, 0, "a.1"), (kept[0].id, 1, "a.2"), (after[0].id, 0, "c.1")])
+    assert await stored_ids(storage) == {kept[0].id, kept[1].id, after[0].id}
 
 
 @pytest.mark.postgres

@@ -1,15 +1,20 @@
-"""SQLite-specific settings of the backend's connections."""
+"""SQLite-specific behaviour of the backend: its connections' settings, and the events of a
+group, inserted together at its commit."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from slotkeeper.storage.dialect import Tx
+from slotkeeper.events.models import EventRecord
+from slotkeeper.storage import migrate
+from slotkeeper.storage.core import write_events
+from slotkeeper.storage.dialect import SQLITE, Commit, Tx
 from slotkeeper.storage.sqlite import SQLiteBackend
 
 MEMORY = 2  # PRAGMA temp_store: 0 default, 1 file, 2 memory
@@ -60,6 +65,44 @@ async def test_an_operation_alone_in_its_group_rolls_back_whole(tmp_path: Path) 
         await backend.close()
 
 
+def _event(name: str, event_id: str | None = None) -> EventRecord:
+    return EventRecord(
+        id=event_id or str(uuid.uuid4()),
+        occurred=1_800_000_000.0,
+        event=name,
+        resource={"prefect.resource.id": f"r.{name}"},
+        related=[{"prefect.resource.id": f"x.{name}", "prefect.resource.role": "x"}],
+        received=1_800_000_000.0,
+    )
+
+
+def _count_events(tx: Tx) -> int:
+    row = tx.one("SELECT COUNT(*) FROM events")
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_groups_events_are_inserted_at_its_commit(tmp_path: Path) -> None:
+    """Server-written events wait for the group's commit (one insert per table, outside the
+    savepoints): an operation later in the same group does not see them yet, the next group
+    does."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    try:
+        first = _event("first")
+        written, seen_in_group = await asyncio.gather(
+            backend.run(lambda tx: write_events(tx, [first])), backend.run(_count_events)
+        )
+        assert written == [first]
+        assert seen_in_group == 0
+        assert await backend.run(_count_events) == 1
+        rows = await backend.run(lambda tx: tx.all("SELECT event_id, resource_id FROM event_resources"))
+        assert rows == [(first.id, "x.first")]
+    finally:
+        await backend.close()
+
+
 async def test_a_failing_operation_in_a_group_rolls_back_alone(tmp_path: Path) -> None:
     backend = SQLiteBackend(tmp_path / "db.sqlite")
     try:
@@ -85,3 +128,65 @@ async def test_a_failing_operation_in_a_group_rolls_back_alone(tmp_path: Path) -
         assert [r[0] for r in rows] == [1, 3]
     finally:
         await backend.close()
+
+
+async def test_a_group_whose_events_cannot_be_inserted_commits_nothing(tmp_path: Path) -> None:
+    """The deferred insert runs before the COMMIT: if it fails, the whole group fails (every
+    future gets the error), nothing is stored or published, and the next group is unaffected."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    published: list[Commit | None] = []
+    backend.subscribe(published.append)
+    try:
+        clash = str(uuid.uuid4())
+
+        def limit_and_event(tx: Tx) -> None:  # another write of the same group goes too
+            tx.write(
+                "INSERT INTO limits (id, name, slot_limit, active, created, updated, pool_slots,"
+                " pool_clock, denied_slots, slot_decay_per_second, avg_slot_occupancy_seconds,"
+                " fencing_token) VALUES ('l1', 'l1', 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)"
+            )
+            write_events(tx, [_event("a", clash)])
+
+        results = await asyncio.gather(
+            backend.run(limit_and_event),
+            backend.run(lambda tx: write_events(tx, [_event("b", clash)])),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, sqlite3.IntegrityError) for r in results)
+        assert await backend.run(_count_events) == 0
+        assert await backend.run(lambda tx: tx.all("SELECT id FROM limits")) == []
+        assert published == []
+        after = _event("after")
+        assert await backend.run(lambda tx: write_events(tx, [after])) == [after]
+        assert await backend.run(lambda tx: tx.all("SELECT id FROM events")) == [(after.id,)]
+        assert [e.id for c in published if c is not None for e in c.events] == [after.id]
+    finally:
+        await backend.close()
+
+
+def test_deferred_rows_roll_back_with_their_savepoint_and_flush_in_statement_order() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE parent (id TEXT PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (parent_id TEXT REFERENCES parent (id), n INTEGER)")
+    conn.execute("PRAGMA foreign_keys=ON")
+    tx = Tx(conn.cursor(), SQLITE, sqlite3.IntegrityError, defer=True)
+    parent, child = "INSERT INTO parent (id) VALUES (:id)", "INSERT INTO child VALUES (:id, :n)"
+    conn.execute("BEGIN")
+    tx.insert_later(parent, [{"id": "p1"}])
+    tx.insert_later(child, [{"id": "p1", "n": 1}])
+    mark = tx.mark()
+    tx.insert_later(parent, [{"id": "lost"}])
+    tx.rollback_to(mark)
+    tx.insert_later(parent, [{"id": "p2"}])  # after a child row: still inserted before the children
+    tx.insert_later(child, [{"id": "p2", "n": 2}])
+    assert conn.execute("SELECT COUNT(*) FROM parent").fetchone() == (0,)
+    tx.flush()
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT id FROM parent ORDER BY id").fetchall() == [("p1",), ("p2",)]
+    assert conn.execute("SELECT parent_id, n FROM child ORDER BY n").fetchall() == [("p1", 1), ("p2", 2)]
+    tx.flush()  # nothing left: a no-op
+    immediate = Tx(conn.cursor(), SQLITE, sqlite3.IntegrityError)
+    immediate.insert_later(parent, [{"id": "p3"}])  # without defer: inserted at once
+    assert conn.execute("SELECT COUNT(*) FROM parent").fetchone() == (3,)

@@ -108,8 +108,10 @@ def _holder(kind: str | None, ident: str | None) -> Holder | None:
 def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False) -> list[EventRecord]:
     """Insert events and their related resources in ``tx``; return those inserted.
 
-    With ``dedupe`` (client events) an id already stored inserts nothing. Inserted events are
-    queued on ``tx.events`` for publication after the commit.
+    With ``dedupe`` (client events) an id already stored inserts nothing, so each row goes in at
+    once. Without (server-written events, fresh UUIDv7 ids), the rows go through
+    :meth:`Tx.insert_later`: on SQLite, inserted with those of the whole group just before its
+    commit. Inserted events are queued on ``tx.events`` for publication after the commit.
     """
     written: list[EventRecord] = []
     rows = [
@@ -130,7 +132,7 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
     if dedupe:
         written = [e for e, row in zip(events, rows, strict=True) if tx.one(q.INSERT_EVENT_IF_NEW, row)]
     else:
-        tx.many(q.INSERT_EVENT, rows)
+        tx.insert_later(q.INSERT_EVENT, rows)
         written = list(events)
     related = [
         {
@@ -145,7 +147,10 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
         for i, r in enumerate(e.related)
     ]
     if related:
-        tx.many(q.INSERT_EVENT_RESOURCE, related)
+        if dedupe:
+            tx.many(q.INSERT_EVENT_RESOURCE, related)
+        else:
+            tx.insert_later(q.INSERT_EVENT_RESOURCE, related)
     tx.events.extend(written)
     return written
 

@@ -89,16 +89,34 @@ def run_handoffs(handoffs: Iterable[Handoff]) -> None:
 class Tx:
     """One open transaction, as operations in ``core.py`` see it."""
 
-    __slots__ = ("_cursor", "_dialect", "_pipeline", "events", "handoffs", "integrity_error", "woken")
+    __slots__ = (
+        "_cursor",
+        "_deferred",
+        "_dialect",
+        "_pipeline",
+        "events",
+        "handoffs",
+        "integrity_error",
+        "woken",
+    )
 
     def __init__(
-        self, cursor: Any, dialect: Dialect, integrity_error: type[Exception], pipeline: Any = None
+        self,
+        cursor: Any,
+        dialect: Dialect,
+        integrity_error: type[Exception],
+        pipeline: Any = None,
+        *,
+        defer: bool = False,
     ) -> None:
         self._cursor = cursor
         self._dialect = dialect
         #: PostgreSQL: the connection's pipeline (psycopg), through which every statement goes
         #: without waiting for the previous ones (see :meth:`write`).
         self._pipeline = pipeline
+        #: With ``defer`` (the SQLite writer): the rows of :meth:`insert_later`, in write order,
+        #: inserted by :meth:`flush` just before the commit. None: inserted at once.
+        self._deferred: list[tuple[str, Params]] | None = [] if defer else None
         self.integrity_error = integrity_error
         #: Events written in this transaction, in order; published once it commits.
         self.events: list[EventRecord] = []
@@ -116,15 +134,59 @@ class Tx:
         self.events, self.woken, self.handoffs = [], [], []
         return commit
 
-    def mark(self) -> tuple[int, int, int]:
+    def mark(self) -> tuple[int, int, int, int]:
         """A point to roll the publications back to (see :meth:`rollback_to`)."""
-        return len(self.events), len(self.woken), len(self.handoffs)
+        deferred = len(self._deferred) if self._deferred is not None else 0
+        return len(self.events), len(self.woken), len(self.handoffs), deferred
 
-    def rollback_to(self, mark: tuple[int, int, int]) -> None:
-        """Forget what was published after ``mark`` (its savepoint was rolled back)."""
+    def rollback_to(self, mark: tuple[int, int, int, int]) -> None:
+        """Forget what was published, and the rows deferred, after ``mark`` (its savepoint was
+        rolled back)."""
         del self.events[mark[0] :]
         del self.woken[mark[1] :]
         del self.handoffs[mark[2] :]
+        if self._deferred is not None:
+            del self._deferred[mark[3] :]
+
+    def insert_later(self, query: str, rows: Iterable[Params]) -> None:
+        """Insert ``rows`` with ``query`` before this transaction commits.
+
+        Elsewhere they are inserted at once (:meth:`many`). On the SQLite writer (``defer``)
+        they wait, and :meth:`flush` inserts those of every operation of the group together,
+        one ``executemany`` per statement, just before the group's COMMIT: outside the
+        operations' savepoints, so the pages they change are not copied to a savepoint journal
+        once per operation (measured in docs/benchmarks.md, "Cost of events"). A rolled-back
+        operation's rows go with its savepoint (:meth:`rollback_to`).
+
+        For rows nothing in the group reads back: server-written events. The scripts that write
+        them never read the events tables; an event-store operation later in the same group
+        (only it reads them) does not see them yet, as if it had run before the scripts that
+        wrote them, which is a valid order since none of them had completed. Their ids are
+        fresh UUIDv7s, so the insert cannot conflict; if it fails all the same (or the disk is
+        full), the whole group fails, as when its COMMIT fails.
+        """
+        if self._deferred is None:
+            self.many(query, rows)
+        else:
+            self._deferred.extend((query, row) for row in rows)
+
+    def flush(self) -> None:
+        """Insert the deferred rows: each statement's rows in one ``executemany``, statements in
+        the order of their first row (an event before its related resources). Raises what the
+        insert raises; the rows are forgotten either way."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        by_query: dict[str, list[Params]] = {}
+        for query, row in pending:
+            by_query.setdefault(query, []).append(row)
+        for query, rows in by_query.items():
+            self.many(query, rows)
+
+    def discard(self) -> None:
+        """Forget the deferred rows (the transaction is rolled back)."""
+        if self._deferred:
+            self._deferred = []
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""

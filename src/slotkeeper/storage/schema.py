@@ -73,6 +73,9 @@ grants = sa.Table(
 )
 
 #: Every event, server-written or ingested. JSON columns are text on both backends.
+#: Two secondary indexes, each paid on every event written: ``occurred`` (every query is a range
+#: of it, ordered by it; retention) and ``resource_id, occurred`` (``resource.id`` lookups, and
+#: ``any_resource.id`` on SQLite). There is no index on the name: see migration 0006.
 events = sa.Table(
     "events",
     metadata,
@@ -87,7 +90,6 @@ events = sa.Table(
     sa.Column("follows", sa.String(36), nullable=True),
     # Lower-cased name, label values and payload: what the text filter searches.
     sa.Column("search", sa.Text, nullable=False),
-    sa.Index("ix_events_event_occurred", "event", "occurred"),
     sa.Index("ix_events_resource_id_occurred", "resource_id", "occurred"),
 )
 

@@ -77,7 +77,7 @@ class SQLiteBackend:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = _connect(self.path)
         self._cursor = self._conn.cursor()
-        self._tx = Tx(self._cursor, SQLITE, sqlite3.IntegrityError)
+        self._tx = Tx(self._cursor, SQLITE, sqlite3.IntegrityError, defer=True)
         self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._closed = False
@@ -172,12 +172,16 @@ class SQLiteBackend:
                     if not alone:
                         cursor.execute("RELEASE op")
                     outcomes.append((True, result))
-            if self._conn.in_transaction:
+            if self._conn.in_transaction:  # not rolled back already (an operation alone)
+                # The events of every operation that held, in one insert per table, outside the
+                # savepoints (see Tx.insert_later).
+                tx.flush()
                 cursor.execute("COMMIT")
             committed = tx.committed()
         except Exception as exc:  # the commit itself failed: nothing of the group holds
             if self._conn.in_transaction:
                 self._conn.rollback()
+            tx.discard()
             tx.committed()  # dropped
             outcomes = [(False, exc)] * len(group)
         if committed is not None:
