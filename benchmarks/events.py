@@ -319,7 +319,7 @@ def measure_latency(backend: str, rate: float, warmup: float, seconds: float) ->
                     }
                     async with http.post(url + "/events", json=[probe]) as r:
                         assert r.status == 204, await r.text()
-                    return probe["id"]
+                    return str(probe["id"])
 
             probe_id = asyncio.run(prepare())
             ctx = multiprocessing.get_context("spawn")
@@ -335,12 +335,15 @@ def measure_latency(backend: str, rate: float, warmup: float, seconds: float) ->
             result.busy = cores()
             time.sleep(1.0)  # let the last events arrive
             parent.send("stop")
-            message = parent.recv() if parent.poll(60) else ("missing", None)
+            message: tuple[Any, ...] = parent.recv() if parent.poll(60) else ("missing", None)
             sub.join(10)
             if message[0] == "closed":
                 result.note = f"subscriber closed by the server: code {message[1]} {message[2]}"
                 return result
-            rows = message[1]
+            if message[0] != "rows":
+                result.note = "the subscriber did not send its rows within 60 s"
+                return result
+            rows: list[Any] = message[1]
     finally:
         shutil.rmtree(home, ignore_errors=True)
     in_window = [r for r in rows if window[0] <= r[0] < window[1]]
@@ -398,9 +401,17 @@ def events_mode(mode: str) -> Iterator[None]:
     )
     try:
         if mode in ("no-write", "no-events"):
-            core.write_events = lambda tx, events, dedupe=False: list(events)  # type: ignore[assignment]
+
+            def built_only(tx: Any, events: Any, *, dedupe: bool = False) -> list[EventRecord]:
+                return list(events)
+
+            core.write_events = built_only
         if mode == "no-events":
-            builders.slot_event = lambda *args, **kwargs: constant  # type: ignore[assignment]
+
+            def constant_event(*args: Any, **kwargs: Any) -> EventRecord:
+                return constant
+
+            builders.slot_event = constant_event
         yield
     finally:
         core.write_events, builders.slot_event = saved_write, saved_build
