@@ -5,6 +5,7 @@ Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotke
 """
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from enum import Enum
 from typing import Any, cast
@@ -34,45 +35,34 @@ def _storage(request: Request) -> Storage:
 async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
     """Await a waiting acquisition, or withdraw it if the client disconnects first.
 
-    The acquisition runs in the request's own task, so that a grant handed over by a commit
-    is answered in the very next loop step (a hand-off is on the critical path of the next
-    holder). The body has been read, so the next ASGI message is the disconnect: a watcher
-    waits for it and cancels this task, which withdraws the acquisition (it leaves the queue and
-    releases a grant that raced the disconnect, see ``Storage.acquire``).
+    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
+    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
+    that completed in the same loop step as the disconnect is released here.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    settled = False  # the acquisition has returned: the watcher must no longer cancel the task
-    left = False
-
-    def on_disconnect(watcher: asyncio.Future[None]) -> None:
-        nonlocal left
-        if not settled and not watcher.cancelled() and watcher.exception() is None:
-            left = True
-            task.cancel()
-
+    task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
-    gone.add_done_callback(on_disconnect)
     try:
-        granted = await acquiring
-    except asyncio.CancelledError:
-        if not left:
-            raise  # not the client: the server is shutting down
-        task.uncancel()
-        return None
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        settled = True
-        gone.remove_done_callback(on_disconnect)
+        left = gone.done() and not gone.cancelled()
         gone.cancel()
-    # The connection may have been lost in the loop steps that completed the grant, before the
-    # watcher ran: the server would then drop the answer (uvicorn does, silently). Nothing
-    # yields between this check and the answer being written, so a grant is either sent or
-    # released here.
-    if _lost_already(request):
+    if not left:
+        # The connection may have been lost in the loop steps that completed the grant, before
+        # ``gone`` ran: the server would then drop the answer (uvicorn does, silently). Nothing
+        # yields between this check and the answer being written, so a grant is either sent or
+        # released here.
+        left = _lost_already(request)
+    if not left:
+        return task.result()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if task.done() and not task.cancelled() and task.exception() is None:
+        granted = task.result()
         if granted.lease_id is not None:  # nobody is there to hold it
             await _storage(request).release_lease(granted.lease_id)
-        return None
-    return granted
+    return None
 
 
 def _lost_already(request: Request) -> bool:
