@@ -25,7 +25,10 @@ from alembic.script import ScriptDirectory
 
 import slotkeeper.storage
 from slotkeeper.storage import migrate, queries, schema
+from slotkeeper.storage.dialect import POSTGRES, SQLITE
 from slotkeeper.storage.schema import metadata
+
+DIALECTS = {d.name: d for d in (SQLITE, POSTGRES)}
 
 MIGRATIONS = Path(slotkeeper.storage.__file__).parent / "migrations"
 
@@ -181,7 +184,11 @@ def test_waiters_queued_before_the_arrival_sequence_keep_their_order(empty_url: 
         migrate(empty_url)
         with engine.begin() as connection:
             connection.execute(
-                sa.text(queries.INSERT_WAITER[engine.dialect.name]),
+                sa.text(
+                    queries.INSERT_WAITER.replace(
+                        "NEXT_WAITER_SEQUENCE", DIALECTS[engine.dialect.name].next_waiter_sequence
+                    )
+                ),
                 {"id": "w-0", "enqueued": 0.0, "holder_type": None, "holder_id": None, **columns},
             )
             rows = connection.execute(sa.text("SELECT id, sequence FROM waiters ORDER BY sequence")).all()

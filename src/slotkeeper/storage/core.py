@@ -129,10 +129,12 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
         }
         for e in events
     ]
+    # Client events go in at once (an id already stored is skipped); the server's are fresh.
+    insert = tx.many if dedupe else tx.insert_later
     if dedupe:
         written = [e for e, row in zip(events, rows, strict=True) if tx.one(q.INSERT_EVENT_IF_NEW, row)]
     else:
-        tx.insert_later(q.INSERT_EVENT, rows)
+        insert(q.INSERT_EVENT, rows)
         written = list(events)
     related = [
         {
@@ -147,10 +149,7 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
         for i, r in enumerate(e.related)
     ]
     if related:
-        if dedupe:
-            tx.many(q.INSERT_EVENT_RESOURCE, related)
-        else:
-            tx.insert_later(q.INSERT_EVENT_RESOURCE, related)
+        insert(q.INSERT_EVENT_RESOURCE, related)
     tx.events.extend(written)
     return written
 
@@ -292,18 +291,21 @@ class Storage:
 
     # --- reading helpers (run inside ops) -------------------------------------------------------
 
+    @staticmethod
+    def _leased_sums(tx: Tx, ids: Sequence[str], now: float) -> dict[str, int]:
+        """The slots held by live leases on each of these limits (absent: none)."""
+        return {i: int(n) for i, n in tx.all(q.SELECT_LEASED_SLOTS, {"ids": list(ids), "now": now})}
+
     def _with_leased(self, tx: Tx, rows: Sequence[Row], now: float) -> list[Limit]:
         if not rows:
             return []
-        sums: dict[str, int] = dict(tx.all(q.SELECT_LEASED_SLOTS, {"ids": [r[0] for r in rows], "now": now}))
-        return [_limit(r, int(sums.get(r[0], 0))) for r in rows]
+        sums = self._leased_sums(tx, [r[0] for r in rows], now)
+        return [_limit(r, sums.get(r[0], 0)) for r in rows]
 
     def _with_leased_now(self, tx: Tx, limits: Sequence[Limit], now: float) -> dict[str, Limit]:
         """These limits (read earlier in this transaction) by id, with their leased slots now."""
-        sums: dict[str, int] = dict(
-            tx.all(q.SELECT_LEASED_SLOTS, {"ids": [lim.id for lim in limits], "now": now})
-        )
-        return {lim.id: replace(lim, leased_slots=int(sums.get(lim.id, 0))) for lim in limits}
+        sums = self._leased_sums(tx, [lim.id for lim in limits], now)
+        return {lim.id: replace(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}
 
     def _find(self, tx: Tx, key: str) -> tuple[Limit, float]:
         """The limit with this id or name, locked; and ``now``. Ids are tried for UUID keys."""
@@ -480,14 +482,26 @@ class Storage:
         """
         why = deleted_while_waiting(lim.name)
         for (waiter_id,) in tx.all(q.SELECT_QUEUED_WAITERS_OF, {"id": lim.id}):
-            if waiter_id in self._wakes:
-                tx.write(q.DELETE_WAITER, {"id": waiter_id})
-                refusal = InvalidRequest(why)
-                tx.handoffs.append(functools.partial(self._hand_over, waiter_id, refusal))
-            else:
-                tx.write(q.MARK_WAITER_REFUSED, {"id": waiter_id, "refused": why})
-                tx.write(q.DELETE_WAITER_LIMITS, {"id": waiter_id})
-                tx.woken.append(waiter_id)
+            self._end_wait(tx, waiter_id, InvalidRequest(why))
+
+    def _end_wait(self, tx: Tx, waiter_id: str, outcome: Outcome) -> None:
+        """End a queued wait with its grant or refusal, in this transaction.
+
+        A waiter whose request waits in this process leaves the queue, and the outcome goes to
+        the request in memory once this transaction commits (``_deliver``), with no transaction
+        of its own to collect it. One of another process keeps its row, marked with the outcome
+        (a refused one also leaves every queue), is woken (``NOTIFY``) and collects it from there.
+        """
+        if waiter_id in self._wakes:
+            tx.write(q.DELETE_WAITER, {"id": waiter_id})
+            tx.handoffs.append(functools.partial(self._hand_over, waiter_id, outcome))
+            return
+        if isinstance(outcome, Granted):
+            tx.write(q.MARK_WAITER_GRANTED, {"id": waiter_id, "lease_id": outcome.lease_id})
+        else:
+            tx.write(q.MARK_WAITER_REFUSED, {"id": waiter_id, "refused": outcome.detail})
+            tx.write(q.DELETE_WAITER_LIMITS, {"id": waiter_id})
+        tx.woken.append(waiter_id)
 
     # --- slots ----------------------------------------------------------------------------------
 
@@ -725,7 +739,7 @@ class Storage:
     ) -> None:
         holder = lease.holder
         tx.write(
-            q.INSERT_WAITER[self.backend.name],
+            q.INSERT_WAITER,
             {
                 "id": waiter_id,
                 "enqueued": now,
@@ -877,14 +891,7 @@ class Storage:
                 limits[lim.id] = replace(
                     lim, leased_slots=lim.leased_slots + decision.grant_slots.get(lim.id, 0)
                 )
-            if waiter.id in self._wakes:
-                # Its request waits in this process: the grant goes to it in memory once this
-                # transaction commits (``_deliver``), with no transaction of its own to collect it.
-                tx.write(q.DELETE_WAITER, {"id": waiter.id})
-                tx.handoffs.append(functools.partial(self._hand_over, waiter.id, granted))
-            else:  # another process's: it is woken (NOTIFY) and collects the grant from its row
-                tx.write(q.MARK_WAITER_GRANTED, {"id": waiter.id, "lease_id": granted.lease_id})
-                tx.woken.append(waiter.id)
+            self._end_wait(tx, waiter.id, granted)
 
     def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Outcome | None:
         """End a wait. A granted waiter's grant is returned (``keep``) or released; a refused

@@ -31,6 +31,8 @@ class Dialect:
 
     name: str
     for_update: str
+    #: The next place in the waiters' arrival order (see ``schema.waiters``).
+    next_waiter_sequence: str
     _cache: dict[str, str] = field(default_factory=dict)
 
     def sql(self, query: str) -> str:
@@ -44,6 +46,7 @@ class Dialect:
 
     def _expand(self, query: str) -> str:
         text = query.replace("FOR_UPDATE", self.for_update)
+        text = text.replace("NEXT_WAITER_SEQUENCE", self.next_waiter_sequence)
         if self.name == "sqlite":
             return _IN_LIST.sub(r"IN (SELECT value FROM json_each(:\1))", text)
         text = _IN_LIST.sub(r"= ANY(:\1)", text)
@@ -59,8 +62,14 @@ class Dialect:
         return {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in params.items()}
 
 
-SQLITE = Dialect("sqlite", for_update="")
-POSTGRES = Dialect("postgresql", for_update=" FOR UPDATE")
+#: SQLite's one writer inserts waiters one at a time: the largest plus one. PostgreSQL draws from
+#: one sequence, which every server process shares.
+SQLITE = Dialect(
+    "sqlite", for_update="", next_waiter_sequence="(SELECT COALESCE(MAX(sequence), 0) + 1 FROM waiters)"
+)
+POSTGRES = Dialect(
+    "postgresql", for_update=" FOR UPDATE", next_waiter_sequence="nextval('waiters_sequence_seq')"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,13 @@
 """Every SQL statement slotkeeper runs, in one place, for both backends.
 
-Statements use ``:name`` parameters and two macros that each dialect expands
+Statements use ``:name`` parameters and three macros that each dialect expands
 (:class:`slotkeeper.storage.dialect.Dialect`):
 
 * ``IN_LIST(param)``: membership in a list parameter (``json_each`` on SQLite, ``ANY`` on
   PostgreSQL);
 * ``FOR_UPDATE``: a row lock on PostgreSQL; nothing on SQLite, whose single writer already
-  serialises every transaction.
+  serialises every transaction;
+* ``NEXT_WAITER_SEQUENCE``: the next place in the waiters' arrival order.
 
 They run through the DB-API driver directly: SQLAlchemy Core spends about 70 µs building and
 executing each statement on this hardware, the driver about 4 µs, and the acquire/release hot
@@ -244,48 +245,40 @@ JOIN limits m ON m.id = wl.limit_id
 WHERE m.name IN_LIST(names) AND w.lease_id IS NULL GROUP BY wl.limit_id
 """
 
-#: Per backend: the waiter's place in the arrival order (``sequence``) is drawn here, while the
-#: transaction holds the locks of its limits. PostgreSQL draws it from one sequence, which every
-#: server process shares; SQLite's one writer takes the largest plus one.
-INSERT_WAITER = {
-    "sqlite": """
+#: The waiter's place in the arrival order (``sequence``) is drawn here, while the transaction
+#: holds the locks of its limits.
+INSERT_WAITER = """
 INSERT INTO waiters (id, sequence, enqueued, priority, slots, lease_duration, holder_type,
     holder_id, deadline, owner, heartbeat, lease_id)
-VALUES (:id, (SELECT COALESCE(MAX(sequence), 0) + 1 FROM waiters), :enqueued, :priority, :slots,
-    :lease_duration, :holder_type, :holder_id, :deadline, :owner, :heartbeat, NULL)
-""",
-    "postgresql": """
-INSERT INTO waiters (id, sequence, enqueued, priority, slots, lease_duration, holder_type,
-    holder_id, deadline, owner, heartbeat, lease_id)
-VALUES (:id, nextval('waiters_sequence_seq'), :enqueued, :priority, :slots, :lease_duration,
-    :holder_type, :holder_id, :deadline, :owner, :heartbeat, NULL)
-""",
-}
+VALUES (:id, NEXT_WAITER_SEQUENCE, :enqueued, :priority, :slots, :lease_duration, :holder_type,
+    :holder_id, :deadline, :owner, :heartbeat, NULL)
+"""
 
 INSERT_WAITER_LIMIT = """
 INSERT INTO waiter_limits (waiter_id, limit_id, position) VALUES (:waiter_id, :limit_id, :position)
 """
 
-#: The queue, in order (``domain.admit``'s: ``(-priority, sequence)``), of every waiter naming one
-#: of these limits: one row per waiter and limit it names (the last column), in its request's
-#: order, so that one read gives both the queue and every limit its waiters need.
-SELECT_WAITERS_ON = """
+
+def _queue_of(waiter_ids: str) -> str:
+    """The queue, in order (``domain.admit``'s: ``(-priority, sequence)``), of the waiters that
+    ``waiter_ids`` (a subquery) selects: one row per waiter and limit it names (the last column),
+    in its request's order, so that one read gives both the queue and every limit it needs."""
+    return f"""
 SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id
 FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
-WHERE w.lease_id IS NULL AND w.id IN (SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids))
+WHERE w.lease_id IS NULL AND w.id IN ({waiter_ids})
 ORDER BY w.priority DESC, w.sequence, wl.position
 """
 
+
+#: The queue of every waiter naming one of these limits.
+SELECT_WAITERS_ON = _queue_of("SELECT waiter_id FROM waiter_limits WHERE limit_id IN_LIST(ids)")
+
 #: The same for the limits a lease holds (what releasing it frees).
-SELECT_WAITERS_ON_LEASE = """
-SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id
-FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
-WHERE w.lease_id IS NULL AND w.id IN (
-    SELECT waiter_id FROM waiter_limits
-    WHERE limit_id IN (SELECT g.limit_id FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id)
+SELECT_WAITERS_ON_LEASE = _queue_of(
+    "SELECT waiter_id FROM waiter_limits WHERE limit_id IN "
+    "(SELECT g.limit_id FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id)"
 )
-ORDER BY w.priority DESC, w.sequence, wl.position
-"""
 
 #: Which of these waiters are still queued (neither granted nor refused, nor gone).
 SELECT_STILL_QUEUED = """
