@@ -182,17 +182,27 @@ async def test_commits_are_published_once_in_commit_order(storage: Storage, publ
     assert None not in published.commits
 
 
+async def kept_lost_after(
+    storage: Storage, kept: list[EventRecord], lost: list[EventRecord], after: list[EventRecord]
+) -> list[int | BaseException]:
+    """Three writers started together (on SQLite: one group commit, a savepoint each), the middle
+    one failing after it wrote ``lost``: their results, or the error."""
+    return list(
+        await asyncio.gather(
+            storage.backend.run(writer(kept)),
+            storage.backend.run(writer(lost, fail=True)),
+            storage.backend.run(writer(after)),
+            return_exceptions=True,
+        )
+    )
+
+
 async def test_a_rolled_back_transaction_publishes_and_stores_nothing(
     storage: Storage, published: Collected
 ) -> None:
     kept, lost, after = [record("kept")], [record("lost"), record("lost")], [record("after")]
     # Started together: on SQLite they share one group commit, each in its own savepoint.
-    results = await asyncio.gather(
-        storage.backend.run(writer(kept)),
-        storage.backend.run(writer(lost, fail=True)),
-        storage.backend.run(writer(after)),
-        return_exceptions=True,
-    )
+    results = await kept_lost_after(storage, kept, lost, after)
     assert results[0] == 1 and results[2] == 1
     assert isinstance(results[1], RuntimeError)
     events = await published.until(2)
@@ -216,12 +226,7 @@ async def test_related_resources_are_stored_exactly_for_the_committed_events(
     after = [related(record("after"), "c.1")]
     # One SQLite group: the events of all three are inserted at its commit, the rolled-back one's
     # not at all; each related row needs its event's row (foreign key).
-    results = await asyncio.gather(
-        storage.backend.run(writer(kept)),
-        storage.backend.run(writer(lost, fail=True)),
-        storage.backend.run(writer(after)),
-        return_exceptions=True,
-    )
+    results = await kept_lost_after(storage, kept, lost, after)
     assert results[0] == 2 and results[2] == 1
     assert isinstance(results[1], RuntimeError)
     assert sorted(e.event for e in await published.until(3)) == ["after", "kept", "kept"]
