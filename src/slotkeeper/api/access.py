@@ -54,8 +54,21 @@ def route_of(scope: Scope) -> str:
     if hot is not None:
         return hot
     route: Any = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
+    template = getattr(route, "path", None)
+    regex = getattr(route, "path_regex", None)
+    if not isinstance(template, str):
+        return UNMATCHED
+    if regex is None:
+        return template
+    # FastAPI may hand over the route as its router declared it, without the prefixes of the
+    # routers that include it: put back the part of the path in front of what it matches.
+    path: str = scope["path"]
+    start = 0
+    while not regex.match(path[start:]):
+        start = path.find("/", start + 1)
+        if start < 0:
+            return template
+    return path[:start] + template
 
 
 class RequestLog:

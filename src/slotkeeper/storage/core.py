@@ -830,7 +830,7 @@ class Storage:
         def abandoned(tx: Tx) -> list[str]:
             now = self.clock()
             late = now - WAITER_STALE_SECONDS
-            stale = {"stale": late, "late": late, "detached": DETACHED}
+            stale = {"stale": late, "late": late, "detached": DETACHED, "now": now}
             return [r[0] for r in tx.all(q.SELECT_ABANDONED_WAITERS, stale)]
 
         ids = await self.backend.run(abandoned)

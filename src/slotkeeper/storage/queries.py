@@ -311,9 +311,11 @@ SELECT_WAITER_LEASE = "SELECT lease_id, refused FROM waiters WHERE id = :id"
 
 TOUCH_WAITERS = "UPDATE waiters SET heartbeat = :now WHERE owner = :owner"
 
-#: Waiters whose request is gone: its process stopped sending heartbeats, or it outlived its wait.
+#: Waiters whose request is gone: its process stopped sending heartbeats, or it outlived its wait;
+#: or detached at a shutdown (no heartbeat) and not taken back before its deadline.
 SELECT_ABANDONED_WAITERS = """
-SELECT id FROM waiters WHERE (heartbeat < :stale AND owner <> :detached) OR deadline < :late
+SELECT id FROM waiters
+WHERE (heartbeat < :stale AND owner <> :detached) OR deadline < :late OR (owner = :detached AND deadline < :now)
 """
 
 #: At shutdown: these waiters belong to nobody until ``until`` (their request was answered 503);
