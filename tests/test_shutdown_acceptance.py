@@ -70,11 +70,13 @@ def acquire(server: ServerProcess) -> str:
 
 def waiting(server: ServerProcess) -> int:
     """Requests waiting in the queue on this very server process (its own metric)."""
-    with contextlib.suppress(OSError):
-        with urllib.request.urlopen(server.url.removesuffix("/api") + "/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("slotkeeper_waiting_requests "):
-                    return int(float(line.split()[-1]))
+    with (
+        contextlib.suppress(OSError),
+        urllib.request.urlopen(server.url.removesuffix("/api") + "/metrics", timeout=5) as r,
+    ):
+        for line in r.read().decode().splitlines():
+            if line.startswith("slotkeeper_waiting_requests "):
+                return int(float(line.split()[-1]))
     return -1
 
 
