@@ -2,7 +2,8 @@
 
     slotkeeper server start [--host H] [--port P] [--log-level L]
     slotkeeper db upgrade
-    slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases
+    slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases | top
+    slotkeeper events ls | tail
     slotkeeper gcl ...            (the same commands, under Prefect's name)
     slotkeeper tag-limit create | inspect | ls | reset | delete | holders   (tag-based, v1)
 
@@ -720,6 +721,10 @@ def upgrade() -> None:
         reason = getattr(exc, "orig", None) or exc
         _fail(f"Could not upgrade the database at {redact_url(url)}: {reason}")
     _ok(f"Database {redact_url(url)} is up to date.")
+
+
+# The events group and `limit top` (their own module; registered on the groups above).
+from slotkeeper import cli_events  # noqa: E402, F401
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ Every number comes from the place that already holds it, so none can drift from 
 gauges name the N busiest limits at each scrape (slots in use plus waiters) and sum all others
 under ``limit="_other"``; counters and histograms name the first N limits this process saw a
 grant or release on, for as long as they exist, and count the others under ``"_other"`` (so no
-counter ever goes down: a limit never moves out of ``_other``). With N = 0 every series is
-``_other``. docs/metrics.md lists every metric.
+counter ever goes down: a limit never moves out of ``_other``); a deleted limit's series go
+after the first scrape that follows its deletion. With N = 0 every series is ``_other``. docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ def limit_of(event: EventRecord) -> tuple[str, str]:
     return limit_id, name
 
 
+def _lease_key(event: EventRecord) -> tuple[Any, ...]:
+    """What the released events of one lease share (one per limit): its end, when it was
+    recorded, its limits, its holder."""
+    ids = frozenset({event.resource_id, *(r["prefect.resource.id"] for r in event.related)})
+    return event.occurred, event.received, ids
+
+
 class LimitLabels:
     """Which limits have series of their own: the first ``size`` seen, until deleted."""
 
@@ -84,6 +91,7 @@ class LimitLabels:
         self._forget = forget  # removes every series of a label
         self._by_id: dict[str, str] = {}
         self._ids: dict[str, str] = {}  # label -> limit id
+        self._gone: set[str] = set()
         self._lock = threading.Lock()  # PostgreSQL commits are observed on pool threads
 
     def of(self, limit_id: str, name: str) -> str:
@@ -111,9 +119,17 @@ class LimitLabels:
         return name if name in self._ids else OTHER
 
     def deleted(self, limit_id: str) -> None:
-        """The limit is gone: its series go, and its room goes to the next limit."""
+        """The limit is gone: its series go after the next scrape (which shows what its deletion
+        released), and its room goes to the next limit then."""
         with self._lock:
-            self._drop(limit_id)
+            self._gone.add(limit_id)
+
+    def sweep(self) -> None:
+        """Drop the series of the limits deleted before the scrape that just ended."""
+        with self._lock:
+            for limit_id in self._gone:
+                self._drop(limit_id)
+            self._gone.clear()
 
     def _drop(self, limit_id: str) -> None:
         label = self._by_id.pop(limit_id, None)
@@ -239,7 +255,7 @@ class Metrics:
 
     def committed(self, commit: Commit) -> None:
         """Count the slot events of one commit of this process."""
-        expired: set[tuple[float, float]] = set()
+        expired: dict[tuple[Any, ...], float] = {}
         for event in commit.events:
             name = event.event
             if name in _ACQUIRED:
@@ -248,13 +264,13 @@ class Metrics:
                 cause = event.cause or builders.RELEASE
                 self.releases.labels(self.labels.of(*limit_of(event)), cause).inc()
                 if cause == builders.EXPIRY:
-                    expired.add((event.occurred, event.received))
+                    expired[_lease_key(event)] = event.received - event.occurred
             elif name == builders.DELETED:
                 self.labels.deleted(limit_of(event)[0])
             elif name == builders.UPDATED:
                 self.labels.of(*limit_of(event))  # a rename moves the label
-        for occurred, received in expired:  # one per lease: its events share both times
-            self.reaper_lateness.observe(max(0.0, received - occurred))
+        for late in expired.values():
+            self.reaper_lateness.observe(max(0.0, late))
 
     def refused(self, names: Sequence[str]) -> None:
         """An acquisition naming these limits got 423."""
@@ -294,6 +310,7 @@ class Metrics:
                 return generate_latest(self.registry)
             finally:
                 self._snapshot.families = []
+                self.labels.sweep()
 
     def limit_families(self, stats: list[LimitStats]) -> list[Metric]:
         """The gauges of every limit: the busiest ``max_limits`` named, the rest summed."""

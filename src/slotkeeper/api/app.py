@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, errors, events, limits, tags, websockets
+from slotkeeper.api import admin, errors, events, limits, stats, tags, websockets
 from slotkeeper.api import metrics as metrics_route
 from slotkeeper.api.access import RequestLog
 from slotkeeper.api.fastroute import FastRoute
@@ -168,6 +168,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     routers = [
         admin.router,
         admin.hot,
+        stats.router(settings),
         *limits.routers(settings),
         *tags.routers(settings),
         events.router,
