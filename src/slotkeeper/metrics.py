@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -217,6 +218,10 @@ class Metrics:
             registry=r,
         )
         self.labels = LimitLabels(max_limits, self._forget)
+        # The labelled children used per request and per event, looked up once: the client's
+        # ``labels()`` validates and locks on every call (about as costly as the update itself).
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._grant_children: dict[str, Any] = {}
         self.max_limits = max_limits
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
@@ -244,6 +249,7 @@ class Metrics:
         return detach
 
     def _forget(self, label: str) -> None:
+        self._grant_children.pop(label, None)
         for metric in (self.grants, self.unavailable, self.wait, self.handoff):
             with suppress(KeyError):
                 metric.remove(label)
@@ -259,7 +265,11 @@ class Metrics:
         for event in commit.events:
             name = event.event
             if name in _ACQUIRED:
-                self.grants.labels(self.labels.of(*limit_of(event))).inc()
+                label = self.labels.of(*limit_of(event))
+                child = self._grant_children.get(label)
+                if child is None:
+                    child = self._grant_children[label] = self.grants.labels(label)
+                child.inc()
             elif name in _RELEASED:
                 cause = event.cause or builders.RELEASE
                 self.releases.labels(self.labels.of(*limit_of(event)), cause).inc()
@@ -287,7 +297,11 @@ class Metrics:
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """One HTTP request answered (see :class:`slotkeeper.api.access.RequestLog`)."""
-        self.requests.labels(method, route, str(status)).observe(seconds)
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(method, route, str(status))
+        child.observe(seconds)
 
     def published(self, events: list[EventRecord]) -> None:
         """A committed batch is about to be fanned out to live subscribers (on the loop)."""
@@ -329,24 +343,26 @@ class Metrics:
         active = sum(1 for s in stats if s.active)
         count.add_metric(["active"], active)
         count.add_metric(["inactive"], len(stats) - active)
-        if len(stats) <= self.max_limits:
-            named, rest = stats, []
-        else:
-            named = heapq.nlargest(self.max_limits, stats, key=lambda s: (s.busy, s.name))
-            chosen = {s.id for s in named}
-            rest = [s for s in stats if s.id not in chosen]
+        named = stats
+        if len(stats) > self.max_limits:
+            named = heapq.nlargest(self.max_limits, stats, key=attrgetter("busy", "name"))
         for s in named:
             for family, value in zip(
                 families, (s.limit, s.leased_slots, s.pool_slots, s.waiters), strict=True
             ):
                 family.add_metric([s.name], value)
-        if rest:
-            totals = (
-                sum(s.limit for s in rest),
-                sum(s.leased_slots for s in rest),
-                sum(s.pool_slots for s in rest),
-                sum(s.waiters for s in rest),
-            )
+        if len(named) < len(stats):
+            totals = [0, 0, 0, 0]
+            for s in stats:
+                totals[0] += s.limit
+                totals[1] += s.leased_slots
+                totals[2] += s.pool_slots
+                totals[3] += s.waiters
+            for s in named:
+                totals[0] -= s.limit
+                totals[1] -= s.leased_slots
+                totals[2] -= s.pool_slots
+                totals[3] -= s.waiters
             for family, value in zip(families, totals, strict=True):
                 family.add_metric([OTHER], value)
         return [*families, count]

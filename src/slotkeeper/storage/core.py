@@ -660,12 +660,14 @@ class Storage:
                     queued = False
                     return _granted(polled)
             # Out of time; a grant (or refusal) that raced the deadline is still taken.
-            del self._wakes[waiter_id]  # a hand-off that arrives from now on is released
+            self._wakes.pop(waiter_id, None)  # a hand-off that arrives from now on is released
             queued = False
             if wake.granted is not None:
                 return wake.granted
             if wake.refused is not None:
                 raise wake.refused
+            if wake.detached:  # detached as its time ran out: it keeps its place all the same
+                raise ShuttingDown((self._draining or (SHUTDOWN_RETRY_AFTER,))[0], waiter_id)
             collected = await self._answer(self._send(lambda tx: self._collect(tx, waiter_id, keep=True)))
             if collected is not None:
                 return _granted(collected)

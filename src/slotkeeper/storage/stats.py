@@ -18,8 +18,8 @@ from slotkeeper.storage.dialect import Tx
 
 @dataclass(frozen=True, slots=True)
 class LimitStats:
-    """One limit now: its limit, slots held by live leases, slots in its (decayed) pool, and the
-    requests queued for it."""
+    """One limit now: its limit, slots held by live leases, slots in its (decayed) pool, the
+    requests queued for it, and how busy it is (to rank limits: slots in use plus waiters)."""
 
     id: str
     name: str
@@ -28,24 +28,26 @@ class LimitStats:
     leased_slots: int
     pool_slots: int
     waiters: int
-
-    @property
-    def busy(self) -> int:
-        """How busy it is, to rank limits: slots in use plus queued requests."""
-        return self.leased_slots + self.pool_slots + self.waiters
+    busy: int
 
 
 async def read_limit_stats(storage: Storage) -> list[LimitStats]:
     """Every limit, as it is now (unordered)."""
     now = storage.clock()
+    decay = domain.decay_pool
 
     def read(tx: Tx) -> list[LimitStats]:
         stats = []
+        # A plain loop: 10,000 rows cost milliseconds each step of it takes (see the module doc).
         for lid, name, limit, active, pool, clock, rate, leased, waiters in tx.all(
             q.SELECT_LIMIT_STATS, {"now": now}
         ):
-            settled, _ = domain.decay_pool(pool, clock, rate, now)
-            stats.append(LimitStats(lid, name, limit, bool(active), int(leased), settled, int(waiters)))
+            if pool and rate > 0:
+                pool = decay(pool, clock, rate, now)[0]
+            leased, waiters = int(leased), int(waiters)
+            stats.append(
+                LimitStats(lid, name, limit, bool(active), leased, pool, waiters, leased + pool + waiters)
+            )
         return stats
 
     return await storage.backend.read(read)
