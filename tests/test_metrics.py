@@ -42,6 +42,12 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def requests(samples: Samples, method: str, route: str, status: str) -> float | None:
+    """How many requests the latency histogram counted for this route and status."""
+    name = "slotkeeper_http_request_duration_seconds_count"
+    return value(samples, name, method=method, route=route, status=status)
+
+
 @contextlib.asynccontextmanager
 async def serving(storage: Storage, tmp_path: Path, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client on the real ASGI app over ``storage``, with these settings."""
@@ -87,35 +93,12 @@ async def test_grants_releases_refusals_and_the_gauges(app_client: httpx.AsyncCl
     assert value(samples, "slotkeeper_limit_waiters", limit="db") == 0
     assert value(samples, "slotkeeper_limits", state="active") == 1
     route = f"/api{V2}/increment-with-lease"
-    assert (
-        value(
-            samples,
-            "slotkeeper_http_request_duration_seconds_count",
-            method="POST",
-            route=route,
-            status="200",
-        )
-        == 2
-    )
-    assert (
-        value(
-            samples,
-            "slotkeeper_http_request_duration_seconds_count",
-            method="POST",
-            route=route,
-            status="423",
-        )
-        == 1
-    )
+    assert requests(samples, "POST", route, "200") == 2
+    assert requests(samples, "POST", route, "423") == 1
     read = f"/api{V2}/{{id_or_name}}"
     await http.get(f"{V2}/db")
     samples = await scrape(http)
-    assert (
-        value(
-            samples, "slotkeeper_http_request_duration_seconds_count", method="GET", route=read, status="200"
-        )
-        == 1
-    )
+    assert requests(samples, "GET", read, "200") == 1
 
 
 async def test_waits_and_hand_offs(app_client: httpx.AsyncClient, storage: Storage) -> None:

@@ -371,11 +371,13 @@ class Metrics:
         families: list[Metric] = []
         storage, broker = self._storage, self._broker
         if storage is not None:
-            waiting = GaugeMetricFamily(
-                "slotkeeper_waiting_requests", "Requests of this process waiting in the queue."
+            families.append(
+                _gauge(
+                    "slotkeeper_waiting_requests",
+                    "Requests of this process waiting in the queue.",
+                    storage.waiting_requests,
+                )
             )
-            waiting.add_metric([], storage.waiting_requests)
-            families.append(waiting)
             pool = getattr(storage.backend, "pool_stats", None)
             if pool is not None:
                 stats = pool()
@@ -386,23 +388,37 @@ class Metrics:
                 )
                 gauge.add_metric(["busy"], stats.busy)
                 gauge.add_metric(["idle"], max(0, stats.connections - stats.busy))
-                size = GaugeMetricFamily(
-                    "slotkeeper_postgres_pool_size", "Threads and connections the pool may open."
-                )
-                size.add_metric([], stats.size)
-                queued = GaugeMetricFamily(
-                    "slotkeeper_postgres_pool_waiting_operations", "Operations waiting for a pool thread."
-                )
-                queued.add_metric([], stats.waiting)
-                families += [gauge, size, queued]
+                families += [
+                    gauge,
+                    _gauge(
+                        "slotkeeper_postgres_pool_size",
+                        "Threads and connections the pool may open.",
+                        stats.size,
+                    ),
+                    _gauge(
+                        "slotkeeper_postgres_pool_waiting_operations",
+                        "Operations waiting for a pool thread.",
+                        stats.waiting,
+                    ),
+                ]
         if broker is not None:
-            subscribers = GaugeMetricFamily(
-                "slotkeeper_event_subscribers", "Live event subscribers of this process."
-            )
-            subscribers.add_metric([], broker.subscribers)
             dropped = CounterMetricFamily(
                 "slotkeeper_event_subscribers_dropped", "Live subscribers cut off for lagging too far behind."
             )
             dropped.add_metric([], broker.overflows)
-            families += [subscribers, dropped]
+            families += [
+                _gauge(
+                    "slotkeeper_event_subscribers",
+                    "Live event subscribers of this process.",
+                    broker.subscribers,
+                ),
+                dropped,
+            ]
         return families
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    """A gauge without labels, read now."""
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
