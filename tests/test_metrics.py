@@ -205,3 +205,44 @@ async def test_the_postgres_pool_is_reported(app_client: httpx.AsyncClient, stor
         idle = value(samples, "slotkeeper_postgres_pool_connections", state="idle")
         assert busy is not None and idle is not None and busy + idle >= 1
         assert value(samples, "slotkeeper_postgres_pool_waiting_operations") == 0
+
+
+async def test_every_way_a_grant_ends_is_told_to_this_processs_observers(
+    storage: Storage, clock: FakeClock
+) -> None:
+    from slotkeeper.events import builders
+    from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
+    from slotkeeper.storage.dialect import Commit
+    from slotkeeper.storage.tags import TagStore
+
+    seen: list[tuple[str, str | None]] = []
+
+    def observe(commit: Commit) -> None:
+        seen.extend((e.resource.get("prefect.resource.name", ""), e.cause) for e in commit.events if e.cause)
+
+    stop = storage.backend.observe(observe)
+    try:
+        for name in ("released", "expired", "ended", "deleted"):
+            await storage.create_limit(LimitSpec(name, 1))
+        lease = {}
+        for name in ("released", "expired", "ended", "deleted"):
+            granted = await storage.acquire(AcquireRequest([name], 1, lease=LeaseSpec(60)))
+            lease[name] = granted.lease_id
+        await storage.release_lease(lease["released"])
+        await storage.release_lease(lease["ended"], cause=builders.OPERATOR)
+        await storage.delete_limit("deleted")
+        clock.advance(61)
+        await storage.reap_expired()
+        tags = TagStore(storage)
+        await tags.upsert("t", 1)
+        await tags.acquire(["t"], "5f8a3c1e-2b4d-4e6f-8a9b-0c1d2e3f4a5b")
+        await tags.reset("t")
+    finally:
+        stop()
+    assert sorted(seen) == [
+        ("deleted", builders.DELETION),
+        ("ended", builders.OPERATOR),
+        ("expired", builders.EXPIRY),
+        ("released", builders.RELEASE),
+        ("t", builders.RESET),
+    ]
