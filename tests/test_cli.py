@@ -3,7 +3,7 @@
 Acceptance tier (``slow``): one real server process, started with ``slotkeeper server start``
 (with basic auth on), shared by the module and driven by the CLI. The other tests need no server:
 argument checks that fail before any request, an unreachable server, ``server start`` with
-uvicorn replaced, ``db upgrade`` on a temporary SQLite file.
+its uvicorn server replaced, ``db upgrade`` on a temporary SQLite file.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from click.testing import Result
 from typer.testing import CliRunner
 
 from slotkeeper import cli
+from slotkeeper.api import server as server_module
 from slotkeeper.cli import app, redact_url, relative_time
 from tests.conftest import SLOTKEEPER, ServerProcess, clean_env, free_port
 
@@ -336,12 +336,13 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_server_start_runs_uvicorn_as_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    calls: list[Any] = []
+    monkeypatch.setattr(server_module.Server, "run", lambda self: calls.append(self))
     env = {
         "SLOTKEEPER_HOME": str(tmp_path),
         "SLOTKEEPER_DATABASE_URL": "postgresql://slot:hunter2@db.internal:5432/slots",
         "SLOTKEEPER_PORT": "4999",
+        "SLOTKEEPER_SHUTDOWN_GRACE_SECONDS": "7.5",
     }
     result = CliRunner().invoke(
         app, ["server", "start", "--host", "0.0.0.0", "--log-level", "DEBUG"], env=env
@@ -352,22 +353,24 @@ def test_server_start_runs_uvicorn_as_configured(monkeypatch: pytest.MonkeyPatch
         f"Starting slotkeeper {cli.__version__}, listening on http://0.0.0.0:4999/api",
         "Database: postgresql://slot:***@db.internal:5432/slots",
     ]
-    (call,) = calls
-    assert call["app"].state.settings.port == 4999
-    assert {k: call[k] for k in ("host", "port", "loop", "http", "access_log", "lifespan", "log_level")} == {
-        "host": "0.0.0.0",
-        "port": 4999,
-        "loop": "uvloop",
-        "http": "httptools",
-        "access_log": False,
-        "lifespan": "on",
-        "log_level": "debug",
-    }
-    assert call["log_config"]["loggers"]["slotkeeper"]["level"] == "DEBUG"
+    (started,) = calls
+    config = started.config
+    assert started.app.state.settings.port == 4999
+    assert (config.host, config.port, config.loop, config.http, config.access_log, config.lifespan) == (
+        "0.0.0.0",
+        4999,
+        "uvloop",
+        "httptools",
+        False,
+        "on",
+    )
+    assert config.log_level == "debug"
+    assert config.timeout_graceful_shutdown == 7.5
+    assert config.log_config["loggers"]["slotkeeper"]["level"] == "DEBUG"
 
 
 def test_server_start_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("must not start"))
+    monkeypatch.setattr(server_module.Server, "run", lambda self: pytest.fail("must not start"))
     result = CliRunner().invoke(app, ["server", "start"], env={"SLOTKEEPER_LEASE_MIN_SECONDS": "-1"})
     assert result.exit_code == 1
     assert result.stderr.startswith("Invalid settings")

@@ -2,7 +2,8 @@
 
     slotkeeper server start [--host H] [--port P] [--log-level L]
     slotkeeper db upgrade
-    slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases
+    slotkeeper limit ls | inspect | create | update | delete | enable | disable | leases | top
+    slotkeeper events ls | tail
     slotkeeper gcl ...            (the same commands, under Prefect's name)
     slotkeeper tag-limit create | inspect | ls | reset | delete | holders   (tag-based, v1)
 
@@ -18,7 +19,6 @@ inside the commands that use them, so a limit command starts without paying for 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import re
@@ -203,6 +203,12 @@ def _call(
         _fail(str(exc))
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"slotkeeper {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -214,6 +220,10 @@ def _root(
             help="The server's API, with its /api prefix. Auth: set SLOTKEEPER_API_AUTH_STRING.",
         ),
     ] = DEFAULT_API_URL,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     ctx.obj = Target(api_url, os.environ.get("SLOTKEEPER_API_AUTH_STRING") or None)
 
@@ -666,16 +676,6 @@ def _settings(**overrides: Any) -> Settings:
         _fail(f"Invalid settings (SLOTKEEPER_* environment variables or options):\n{exc}")
 
 
-def _log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging setup, with slotkeeper's own loggers printed the same way."""
-    import uvicorn.config
-
-    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    numeric = "DEBUG" if level == "trace" else level.upper()
-    config["loggers"]["slotkeeper"] = {"handlers": ["default"], "level": numeric, "propagate": False}
-    return config
-
-
 @server_app.command("start")
 def start(
     host: Annotated[
@@ -691,9 +691,8 @@ def start(
     ] = None,
 ) -> None:
     """Start the server (settings from SLOTKEEPER_* variables; options override them)."""
-    import uvicorn
-
     from slotkeeper.api.app import create_app
+    from slotkeeper.api.server import serve
 
     overrides = {"host": host, "port": port, "log_level": log_level.value if log_level else None}
     settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -705,17 +704,7 @@ def start(
     _print(f"Database: {redact_url(settings.resolved_database_url)}")
     if settings.api_auth_string:
         _print("API auth: HTTP basic (SLOTKEEPER_API_AUTH_STRING)")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        lifespan="on",
-        log_level=level,
-        log_config=_log_config(level),
-    )
+    serve(create_app(settings), settings, level)
 
 
 @db_app.command("upgrade")
@@ -732,6 +721,10 @@ def upgrade() -> None:
         reason = getattr(exc, "orig", None) or exc
         _fail(f"Could not upgrade the database at {redact_url(url)}: {reason}")
     _ok(f"Database {redact_url(url)} is up to date.")
+
+
+# The events group and `limit top` (their own module; registered on the groups above).
+from slotkeeper import cli_events  # noqa: E402, F401
 
 
 def main() -> None:

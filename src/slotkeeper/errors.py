@@ -8,6 +8,7 @@
     │   ├── InvalidRequest          422: a request that can never succeed as sent
     │   └── SlotsUnavailable        423: not now; try again after ``retry_after`` seconds
     ├── StorageClosed               the server is shutting down (503)
+    ├── ShuttingDown                503 to a waiting request at shutdown: retry (its place is kept)
     └── ClientError                 raised by clients of the API (CLI, SDK)
         ├── ServerUnreachable       the server could not be reached at all
         └── ApiError                the server answered with an error status
@@ -57,6 +58,23 @@ class SlotsUnavailable(DomainError):
 
 class StorageClosed(SlotkeeperError):
     """The storage was closed (the server is stopping); the request was not carried out."""
+
+
+class ShuttingDown(SlotkeeperError):
+    """The server is stopping: a waiting request is answered 503 with ``Retry-After``.
+
+    ``waiter_id`` names its place in the queue, which is kept (detached) for a while: a retry
+    that sends it back (``"waiter_id"`` in the body), to this server restarted or to any other
+    process of the same database, takes that place again (see ``docs/queue.md``).
+    """
+
+    code = "shutting_down"
+
+    def __init__(self, retry_after: float, waiter_id: str | None = None) -> None:
+        super().__init__("The server is shutting down; retry (a waiting request keeps its place).")
+        self.detail = str(self)
+        self.retry_after = retry_after
+        self.waiter_id = waiter_id
 
 
 class ClientError(SlotkeeperError):

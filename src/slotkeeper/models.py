@@ -49,17 +49,21 @@ class AcquireRequest:
     lease: LeaseSpec | None = None
     wait: float | None = None
     priority: int = 0
+    #: A waiter answered 503 at a server's shutdown, whose place this request takes back.
+    rejoin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Granted:
     """A committed acquisition: the limits found (request order) and, with a lease, its id.
 
-    ``limits`` carry their new ``fencing_token``.
+    ``limits`` carry their new ``fencing_token``. ``admitted``: for a grant to a queued waiter,
+    when the queue admitted it (the granting transaction's time), for the hand-off metric.
     """
 
     limits: list[Limit]
     lease_id: str | None
+    admitted: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from slotkeeper.events import builders
 from slotkeeper.storage import Storage
+from slotkeeper.storage.dialect import Commit
 
 log = logging.getLogger("slotkeeper.reaper")
 
@@ -33,3 +35,30 @@ async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
             log.debug("reaped %d expired lease(s)", ended)
         if ended < batch:
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+
+def log_expired(commit: Commit) -> None:
+    """Log each lease this process's reaper ended (one line per limit of the lease), with its
+    limit and holder: ``Backend.observe`` calls it with every commit of this process."""
+    for event in commit.events:
+        if event.cause != builders.EXPIRY:
+            continue
+        holder = next(
+            (
+                r["prefect.resource.id"]
+                for r in event.related
+                if r["prefect.resource.role"] != "concurrency-limit"
+            ),
+            None,
+        )
+        if holder is None and "task_run_id" in event.resource:  # a v1 hold
+            holder = f"prefect.task-run.{event.resource['task_run_id']}"
+        limit = event.resource.get("prefect.resource.name", event.resource_id)
+        log.info(
+            "lease expired: limit %r, holder %s, %s slot(s), reclaimed %.3f s after its expiry",
+            limit,
+            holder or "unknown",
+            event.resource.get("slots-acquired", "1"),
+            max(0.0, event.received - event.occurred),
+            extra={"limit": limit, "holder": holder, "event_id": event.id},
+        )

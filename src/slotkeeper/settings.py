@@ -6,6 +6,7 @@ Every knob of the server is a field here; nothing else reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +74,32 @@ class Settings(BaseSettings):
     )
     pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per process.")
     log_level: str = Field(default="info")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Server logs as text lines or as one JSON object per line."
+    )
+    access_log: bool = Field(default=False, description="Log one line per HTTP request.")
+    metrics_enabled: bool = Field(default=True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_open: bool = Field(
+        default=False, description="Serve /metrics without auth even when api_auth_string is set."
+    )
+    metrics_max_limits: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        description="Limits with series of their own in /metrics; the others are summed as limit='_other'.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, how long requests in flight may take before the server exits.",
+    )
+    detached_waiter_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="How long a waiter answered 503 at shutdown keeps its place in the queue.",
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

@@ -12,13 +12,17 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, errors, events, limits, tags, websockets
+from slotkeeper.api import admin, errors, events, limits, stats, tags, websockets
+from slotkeeper.api import metrics as metrics_route
+from slotkeeper.api.access import RequestLog
 from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.hotpath import HotPaths
 from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
-from slotkeeper.reaper import run_reaper
+from slotkeeper.events.models import EventRecord
+from slotkeeper.metrics import Metrics
+from slotkeeper.reaper import log_expired, run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
 from slotkeeper.storage.dialect import Commit
@@ -66,8 +70,12 @@ class App(FastAPI):
         app: ASGIApp = HotPaths(self.hot_routes, super().build_middleware_stack())
         app = BodyLimit(app, max_bytes=settings.max_body_bytes)
         if settings.api_auth_string:
-            app = BasicAuth(app, auth_string=settings.api_auth_string)
-        return app
+            opened = frozenset({metrics_route.PATH}) if settings.metrics_open else frozenset()
+            app = BasicAuth(app, auth_string=settings.api_auth_string, open_paths=opened)
+        metrics: Metrics | None = getattr(self.state, "metrics", None)
+        return RequestLog(
+            app, access_log=settings.access_log, observe=metrics.request if metrics is not None else None
+        )
 
 
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> FastAPI:
@@ -97,14 +105,27 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         app.state.events = EventStore(store.backend, store.clock)
         loop = asyncio.get_running_loop()
 
+        metrics: Metrics | None = app.state.metrics
+        fan_out = broker.publish
+        if metrics is not None:
+            observe = metrics.published
+
+            def fan_out(events: list[EventRecord] | None) -> None:
+                if events:
+                    observe(events)
+                broker.publish(events)
+
         def publish(commit: Commit | None) -> None:  # called from a storage thread
             events = None if commit is None else commit.events
             if events == []:
                 return
             with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
-                loop.call_soon_threadsafe(broker.publish, events)
+                loop.call_soon_threadsafe(fan_out, events)
 
         unsubscribe = store.backend.subscribe(publish)
+        unobserve = [store.backend.observe(log_expired)]
+        if metrics is not None:
+            unobserve.append(metrics.attach(store, broker))
         jobs = [
             asyncio.create_task(
                 run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
@@ -128,6 +149,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
                 with contextlib.suppress(asyncio.CancelledError):
                     await job
             unsubscribe()
+            for undo in unobserve:
+                undo()
             if owned:
                 await app.state.storage.close()
 
@@ -141,9 +164,11 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         redoc_url=None,
         lifespan=lifespan,
     )
+    app.state.metrics = Metrics(settings.metrics_max_limits) if settings.metrics_enabled else None
     routers = [
         admin.router,
         admin.hot,
+        stats.router(settings),
         *limits.routers(settings),
         *tags.routers(settings),
         events.router,
@@ -157,5 +182,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         for route in router.routes
         if isinstance(route, FastRoute)
     ]
+    if settings.metrics_enabled:
+        app.include_router(metrics_route.router)
     errors.install(app)
     return app

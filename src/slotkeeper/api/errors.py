@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from slotkeeper.api.responses import json_response
-from slotkeeper.errors import DomainError, SlotsUnavailable, StorageClosed, http_status
+from slotkeeper.errors import DomainError, ShuttingDown, SlotsUnavailable, StorageClosed, http_status
 
 log = logging.getLogger("slotkeeper.api")
 
@@ -76,6 +76,14 @@ async def _database(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "The database is unavailable; try again."}, 503, {"Retry-After": "1"})
 
 
+async def _shutting_down(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ShuttingDown)
+    body: dict[str, Any] = {"detail": exc.detail, "code": exc.code}
+    if exc.waiter_id is not None:
+        body["waiter_id"] = exc.waiter_id
+    return json_response(body, 503, {"Retry-After": str(exc.retry_after)})
+
+
 async def _bug(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return json_response({"exception_message": "Internal Server Error"}, 500)
@@ -89,6 +97,7 @@ def _table() -> dict[type[Exception], Handler]:
         DomainError: _domain,
         RequestValidationError: _invalid,
         HTTPException: _http,
+        ShuttingDown: _shutting_down,
     }
     for error in _database_errors():
         table[error] = _database

@@ -17,10 +17,9 @@ cap wrap both paths (see :func:`slotkeeper.api.app.create_app`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Request
 from starlette.convertors import Convertor
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -28,7 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from slotkeeper.api import errors
 from slotkeeper.api.fastroute import FastRoute
 
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+#: The scope key where the full path template of the hot route that serves a request is put.
+ROUTE_TEMPLATE = "slotkeeper.route"
 
 
 class HotPaths:
@@ -40,24 +40,26 @@ class HotPaths:
         It runs inside the app's ``__call__``, which has set ``scope["app"]`` already.
         """
         self.fallback = fallback
-        self.exact: dict[tuple[str, str], Handler] = {}
-        self.patterns: list[tuple[str, re.Pattern[str], dict[str, Convertor[Any]], Handler]] = []
+        self.exact: dict[tuple[str, str], tuple[FastRoute, str]] = {}
+        self.patterns: list[
+            tuple[str, re.Pattern[str], dict[str, Convertor[Any]], tuple[FastRoute, str]]
+        ] = []
         for path, route in routes:
             regex, _, convertors = compile_path(path)
             for method in route.methods or ():
                 if convertors:
-                    self.patterns.append((method, regex, convertors, route.handler))
+                    self.patterns.append((method, regex, convertors, (route, path)))
                 else:
-                    self.exact[(method, path)] = route.handler
+                    self.exact[(method, path)] = (route, path)
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, Any]] | None:
-        """The hot handler for this request and its path parameters, or None."""
-        handler = self.exact.get((method, path))
-        if handler is not None:
-            return handler, {}
-        for wanted, pattern, convertors, handler in self.patterns:
+    def match(self, method: str, path: str) -> tuple[tuple[FastRoute, str], dict[str, Any]] | None:
+        """The hot route for this request (with its full path) and its path parameters, or None."""
+        route = self.exact.get((method, path))
+        if route is not None:
+            return route, {}
+        for wanted, pattern, convertors, route in self.patterns:
             if wanted == method and (found := pattern.match(path)) is not None:
-                return handler, {k: convertors[k].convert(v) for k, v in found.groupdict().items()}
+                return route, {k: convertors[k].convert(v) for k, v in found.groupdict().items()}
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,11 +67,12 @@ class HotPaths:
         if matched is None:
             await self.fallback(scope, receive, send)
             return
-        handler, params = matched
+        (route, template), params = matched
         scope["path_params"] = params
+        scope[ROUTE_TEMPLATE] = template  # for the access log and metrics (see api/access.py)
         request = Request(scope, receive, send)
         try:
-            response = await handler(request)
+            response = await route.handler(request)
         except Exception as exc:  # rendered as FastAPI's stack would (a bug is a logged 500)
             response = await errors.render(request, exc)
         await response(scope, receive, send)

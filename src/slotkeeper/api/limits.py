@@ -137,8 +137,9 @@ def routers(settings: Settings) -> list[APIRouter]:
         values: Any = body
         holder = values.holder
         lease = LeaseSpec(values.lease_duration, Holder(holder.type, str(holder.id)) if holder else None)
+        rejoin = str(values.waiter_id) if values.waiter_id is not None else None
         wanted = AcquireRequest(
-            values.names, values.slots, values.mode, lease, values.wait_seconds, values.priority
+            values.names, values.slots, values.mode, lease, values.wait_seconds, values.priority, rejoin
         )
         if values.wait_seconds is None:
             granted: Granted | None = await _storage(request).acquire(wanted)

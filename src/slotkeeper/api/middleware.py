@@ -29,14 +29,17 @@ async def _send_json(send: Send, status: int, body: object) -> None:
 
 
 class BasicAuth:
-    """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``."""
+    """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``.
 
-    def __init__(self, app: ASGIApp, auth_string: str) -> None:
+    ``open_paths``: more paths that GET may read without it (``/metrics`` when opened)."""
+
+    def __init__(self, app: ASGIApp, auth_string: str, open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.expected = b"Basic " + base64.b64encode(auth_string.encode())
+        self.open_paths = OPEN_PATHS | open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"] == "GET" and scope["path"] in OPEN_PATHS):
+        if scope["type"] != "http" or (scope["method"] == "GET" and scope["path"] in self.open_paths):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

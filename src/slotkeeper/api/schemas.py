@@ -141,6 +141,7 @@ def lease_models(
 
     ``wait_seconds`` and ``priority`` are slotkeeper's additions (absent, the endpoint behaves as
     Prefect's): wait up to that long in the limits' queue instead of answering 423 at once.
+    ``waiter_id`` (with ``wait_seconds``): the place of a waiter answered 503 at a shutdown.
     """
     duration: Any = (float, Field(default=300.0, ge=min_seconds, le=max_seconds))
     with_lease = create_model(
@@ -153,6 +154,8 @@ def lease_models(
         holder=(HolderModel | None, None),
         wait_seconds=(float | None, Field(default=None, gt=0, le=max_wait)),
         priority=(int, Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)),
+        # A waiter answered 503 at a server's shutdown: the retry takes its place back.
+        waiter_id=(UUID | None, None),
     )
     renew = create_model("RenewLease", __base__=Strict, lease_duration=duration)
     return with_lease, renew

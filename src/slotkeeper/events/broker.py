@@ -19,6 +19,8 @@ log = logging.getLogger("slotkeeper.events")
 #: Why a subscription ended, when the broker ended it.
 OVERFLOWED = "overflowed"
 INTERRUPTED = "interrupted"
+#: Ended by its reader (:meth:`Subscription.close`).
+CLOSED = "closed"
 
 
 class Subscription:
@@ -44,6 +46,11 @@ class Subscription:
         if self.ended is None:
             self.ended = reason
             self._queue.put_nowait(None)  # wakes the reader; the queue bound excludes it
+
+    def close(self) -> None:
+        """End it from the reader's side (its client left): :meth:`next` returns None once the
+        events already queued are read, and ``ended`` is :data:`CLOSED`."""
+        self._end(CLOSED)
 
     def get_nowait(self) -> EventRecord | None:
         """The next queued event without waiting (``asyncio.QueueEmpty`` if none yet)."""

@@ -25,6 +25,12 @@ DELETED = "prefect.concurrency-limit.deleted"
 #: Slot events the server records itself; copies sent by clients are acknowledged, not stored.
 SLOT_EVENTS = frozenset({ACQUIRED, RELEASED, V1_ACQUIRED, V1_RELEASED})
 
+#: How a grant ended (``EventRecord.cause`` of its released events): released by its holder (or
+#: for it, by the server, when the request that was granted had left), expired (the reaper),
+#: its limit deleted, its tag limit reset (v1), ended by an operator.
+RELEASE, EXPIRY, DELETION, RESET, OPERATOR = "release", "expiry", "deletion", "reset", "operator"
+ENDED_BY = (RELEASE, EXPIRY, DELETION, RESET, OPERATOR)
+
 
 def new_event_id() -> str:
     """A UUIDv7: time-ordered, as Prefect's server-side event ids."""

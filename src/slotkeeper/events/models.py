@@ -221,6 +221,9 @@ class EventRecord:
     payload: dict[str, Any] = field(default_factory=dict)
     follows: str | None = None
     received: float = 0.0
+    #: Why a released event's slots came back (``events.builders.ENDED_BY``), set by the process
+    #: that wrote it, for its own observers (metrics, logs); never stored nor sent (None there).
+    cause: str | None = field(default=None, compare=False)
 
     @property
     def resource_id(self) -> str:

@@ -333,6 +333,7 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
         body["holder"] = spec.holder
     contended = False  # a 423 was seen: wait on the server from now on
     polling = False  # the server will not queue this request: poll with Retry-After
+    place: str | None = None  # the waiter a server answered 503 at its shutdown: take it back
     while True:
         wait: float | None = None
         sent_body = body
@@ -344,12 +345,16 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             if remaining is not None:
                 wait = min(wait, remaining)
             sent_body = {**body, "wait_seconds": wait, "priority": spec.priority}
+            if place is not None:
+                sent_body["waiter_id"] = place
         sent = clock.loop.time()
         answered = await attempts.send(ep, f"{V2}/increment-with-lease", sent_body, wait)
         if answered is None:
             continue
         answer, cancelled = answered
         status, _, headers, payload = answer
+        # Kept until another answer (a refused connection is none): retries while a server restarts.
+        place = shutdown_place(payload) or place if status == 503 and wait is not None else None
         if status == 200:
             return granted(rt, ep, spec, payload, sent, wait is not None)
         if cancelled:
@@ -376,6 +381,19 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             if action == "again":
                 continue
         await attempts.retry_or_raise(answer)
+
+
+def shutdown_place(payload: bytes) -> str | None:
+    """The waiter id of a 503 ``shutting_down`` answer: the place in the queue the server kept
+    for this request, which the next request names (``waiter_id``) to take it back."""
+    try:
+        answer = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(answer, dict) and answer.get("code") == "shutting_down":
+        place = answer.get("waiter_id")
+        return place if isinstance(place, str) else None
+    return None
 
 
 def refused(ep: Endpoint, spec: Spec, wait: float, detail: str) -> str:

@@ -30,7 +30,7 @@ import orjson
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode, RetryPolicy
-from slotkeeper.errors import Conflict, InvalidRequest, NotFound, SlotsUnavailable
+from slotkeeper.errors import Conflict, InvalidRequest, NotFound, ShuttingDown, SlotsUnavailable
 from slotkeeper.events import builders
 from slotkeeper.events.filters import search_text
 from slotkeeper.events.models import EventRecord
@@ -57,6 +57,23 @@ WAITER_STALE_SECONDS = 5.0
 
 LIMIT_NOT_FOUND = "Concurrency Limit not found"
 
+#: The ``owner`` of a waiter whose request was answered at a shutdown: nobody's, its place kept
+#: until its deadline (see :meth:`Storage.detach_waiters`).
+DETACHED = "detached"
+#: ``Retry-After`` of the answer to a request waiting when its server shuts down.
+SHUTDOWN_RETRY_AFTER = 1.0
+
+
+class Observer(Protocol):
+    """Told, in this process, what the committed events do not say (the metrics)."""
+
+    def refused(self, names: Sequence[str]) -> None:
+        """An acquisition naming these limits was refused for want of slots (423)."""
+
+    def waited(self, granted: Granted, seconds: float, handoff: float | None) -> None:
+        """A waiting request got its grant ``seconds`` after it arrived; ``handoff``: seconds
+        from the transaction that admitted it from the queue to now (None: granted at once)."""
+
 
 class Backend(Protocol):
     """Runs a transaction script: commits its writes if it returns, rolls back if it raises."""
@@ -80,6 +97,15 @@ class Backend(Protocol):
         ``None`` means publications may have been missed (a lost database connection): live
         subscribers must start again from the store, waiters must look at their rows.
         """
+
+    def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
+        """Call ``callback`` with each commit of *this process* that published something, right
+        after it committed, on the committing thread; returns a function that stops it.
+
+        Unlike :meth:`subscribe`, never another process's commits: what a process counts from
+        here (metrics) sums across processes without counting anything twice.
+        """
+        ...
 
 
 def _limit(row: Row, leased: int) -> Limit:
@@ -224,14 +250,17 @@ class _Wake:
     ``refused`` its refusal, handed over the same way by the transaction that deleted a limit it
     waited for. ``event`` is set with either, and also when the request should look at its row (a
     grant or refusal written by another process, or publications that may have been missed).
+    ``detached``: the server is shutting down and the waiter's row was detached (see
+    :meth:`Storage.detach_waiters`): the request is answered :class:`ShuttingDown`.
     """
 
-    __slots__ = ("event", "granted", "refused")
+    __slots__ = ("detached", "event", "granted", "refused")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.granted: Granted | None = None
         self.refused: InvalidRequest | None = None
+        self.detached = False
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -278,6 +307,17 @@ class Storage:
         self._heartbeat_task: asyncio.Task[None] | None = None
         #: Releases of grants that nobody will take (see ``_deliver``).
         self._releasing: set[asyncio.Task[None]] = set()
+        #: Told of refusals and waits (metrics), when set.
+        self.observer: Observer | None = None
+        #: Set by :meth:`detach_waiters`: (Retry-After, how long a detached place is kept).
+        self._draining: tuple[float, float] | None = None
+        #: Waiters of this process detached at shutdown: never handed a grant in memory again.
+        self._detached: set[str] = set()
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests of this process waiting in the queue now."""
+        return len(self._wakes)
 
     async def close(self) -> None:
         """Finish pending work and close every connection."""
@@ -416,7 +456,9 @@ class Storage:
         """Delete a limit; its grants go with it (their leases stay for their other limits)."""
         return await self.backend.run(lambda tx: self._delete(tx, key))
 
-    def _take_back(self, tx: Tx, lim: Limit, now: float) -> tuple[list[EventRecord], list[str]]:
+    def _take_back(
+        self, tx: Tx, lim: Limit, now: float, cause: str = builders.DELETION
+    ) -> tuple[list[EventRecord], list[str]]:
         """Everything this limit has out, as it is taken back (deleted, or a v1 reset): the
         released events, and the leases holding a grant on it.
 
@@ -439,19 +481,23 @@ class Storage:
                     follows=row[2],
                 ),
                 received=now,
+                cause=cause,
             )
             for batch, row in batches.values()
         ]
         pool = lim.settled(now).pool_slots
         if pool and lim.slot_decay_per_second <= 0 and lim.pool_event_id:
             released.append(
-                builders.slot_event(
-                    builders.RELEASED,
-                    lim,
-                    slots=pool,
-                    batch=[lim.id],
-                    occurred=now,
-                    follows=lim.pool_event_id,
+                replace(
+                    builders.slot_event(
+                        builders.RELEASED,
+                        lim,
+                        slots=pool,
+                        batch=[lim.id],
+                        occurred=now,
+                        follows=lim.pool_event_id,
+                    ),
+                    cause=cause,
                 )
             )
         return released, list(batches)
@@ -492,7 +538,7 @@ class Storage:
         of its own to collect it. One of another process keeps its row, marked with the outcome
         (a refused one also leaves every queue), is woken (``NOTIFY``) and collects it from there.
         """
-        if waiter_id in self._wakes:
+        if waiter_id in self._wakes and waiter_id not in self._detached:
             tx.write(q.DELETE_WAITER, {"id": waiter_id})
             tx.handoffs.append(functools.partial(self._hand_over, waiter_id, outcome))
             return
@@ -514,9 +560,14 @@ class Storage:
         that was out at that moment, or handed over to the wait meanwhile, is released, and a
         waiter that was queued leaves the queue.
         """
-        if request.wait is not None and request.lease is not None:
-            return await self._acquire_waiting(request)
-        granted = await self._answer(self._send(lambda tx: self._acquire(tx, request)))
+        try:
+            if request.wait is not None and request.lease is not None:
+                return await self._acquire_waiting(request)
+            granted = await self._answer(self._send(lambda tx: self._acquire(tx, request)))
+        except SlotsUnavailable:
+            if self.observer is not None:
+                self.observer.refused(request.names)
+            raise
         assert granted is not None
         return granted
 
@@ -544,24 +595,48 @@ class Storage:
             await asyncio.shield(self.release_lease(granted.lease_id))
 
     async def _acquire_waiting(self, request: AcquireRequest) -> Granted:
+        started = self.clock()
+        granted = await self._wait(request)
+        if self.observer is not None:
+            now = self.clock()
+            handoff = None if granted.admitted is None else max(0.0, now - granted.admitted)
+            self.observer.waited(granted, now - started, handoff)
+        return granted
+
+    async def _wait(self, request: AcquireRequest) -> Granted:
+        if self._draining is not None:  # shutting down: no new wait (a detached one stays so)
+            raise ShuttingDown(self._draining[0], request.rejoin)
         loop = asyncio.get_running_loop()
         self._listen(loop)
-        waiter_id = str(uuid.uuid4())
-        # Registered before the request is queued: a grant may come before the queueing returns.
-        wake = self._wakes[waiter_id] = _Wake()
+        waiter_id = request.rejoin or str(uuid.uuid4())
+        wake = _Wake()
+        if request.rejoin is None:
+            # Registered before the request is queued: a grant may come before the queueing returns.
+            self._wakes[waiter_id] = wake
         deadline = loop.time() + (request.wait or 0.0)
         queued = False  # a row of this request may be in the queue: leave it on the way out
         try:
-            sent = self._send(lambda tx: self._acquire(tx, request, waiter_id))
+            sent: asyncio.Future[Outcome | None]
+            if request.rejoin is None:
+                sent = self._send(lambda tx: self._acquire(tx, request, waiter_id))
+            else:
+                sent = self._send(lambda tx: self._rejoin(tx, request, waiter_id))
             try:
                 granted = await self._answer(sent)
             except asyncio.CancelledError:  # did the operation out queue the request?
                 queued = not sent.cancelled() and sent.exception() is None and sent.result() is None
                 raise
             if granted is not None:
-                return granted
+                return _granted(granted)
             queued = True
+            if request.rejoin is not None:
+                # Registered once the row is this process's again: what was granted in between
+                # is on the row, so the first pass looks at it.
+                self._wakes[waiter_id] = wake
+                wake.event.set()
             self._start_heartbeat()
+            if self._draining is not None:  # the shutdown began while it was being queued
+                await self.detach_waiters(*self._draining)
             while (remaining := deadline - loop.time()) > 0:
                 # Not wait_for: it may swallow a cancellation that comes with the wake-up.
                 with contextlib.suppress(TimeoutError):
@@ -573,6 +648,9 @@ class Storage:
                 if wake.refused is not None:  # by the transaction that deleted one of its limits
                     queued = False
                     raise wake.refused
+                if wake.detached:  # the server is shutting down: its row keeps its place
+                    queued = False
+                    raise ShuttingDown((self._draining or (SHUTDOWN_RETRY_AFTER,))[0], waiter_id)
                 if not wake.event.is_set():
                     break  # out of time
                 # Granted or refused by another process (the row says so), or told to look: look.
@@ -582,12 +660,14 @@ class Storage:
                     queued = False
                     return _granted(polled)
             # Out of time; a grant (or refusal) that raced the deadline is still taken.
-            del self._wakes[waiter_id]  # a hand-off that arrives from now on is released
+            self._wakes.pop(waiter_id, None)  # a hand-off that arrives from now on is released
             queued = False
             if wake.granted is not None:
                 return wake.granted
             if wake.refused is not None:
                 raise wake.refused
+            if wake.detached:  # detached as its time ran out: it keeps its place all the same
+                raise ShuttingDown((self._draining or (SHUTDOWN_RETRY_AFTER,))[0], waiter_id)
             collected = await self._answer(self._send(lambda tx: self._collect(tx, waiter_id, keep=True)))
             if collected is not None:
                 return _granted(collected)
@@ -664,6 +744,73 @@ class Storage:
         except Exception:  # the storage closed, or the database failed: the lease expires
             log.warning("could not release lease %s handed to a request that left", granted.lease_id)
 
+    # --- shutdown: waiters leave, their places stay -----------------------------------------------
+
+    async def detach_waiters(self, retry_after: float = SHUTDOWN_RETRY_AFTER, hold: float = 60.0) -> int:
+        """The server is shutting down: answer every request of this process waiting in the queue
+        with :class:`ShuttingDown` (503, ``Retry-After``, its waiter id), and every new waiting
+        request from now on. Returns how many waiters were detached.
+
+        A detached waiter keeps its row, and so its place in the queue, for ``hold`` seconds,
+        owned by nobody (:data:`DETACHED`): admission may grant it meanwhile (the grant waits on
+        the row, as for a waiter of another process). A retry that names it (``rejoin``), on any
+        process of the database, takes that place back (:meth:`_rejoin`); if none comes, the
+        sweeper drops it, and releases what it was granted. Leases are not touched.
+        """
+        self._draining = (retry_after, hold)
+        ids = [i for i, wake in self._wakes.items() if wake.granted is None and wake.refused is None]
+        if not ids:
+            return 0
+        detached = await asyncio.shield(self.backend.run(lambda tx: self._detach(tx, ids, hold)))
+        for waiter_id in detached:
+            wake = self._wakes.pop(waiter_id, None)
+            if wake is not None:
+                wake.detached = True
+                wake.event.set()
+        return len(detached)
+
+    def _detach(self, tx: Tx, ids: list[str], hold: float) -> list[str]:
+        # The waiters' limits are locked first, as admission locks them before it grants a
+        # waiter: one that chose to hand a grant over in memory has committed (the row is gone,
+        # not detached: its request gets the grant), and every later one sees ``_detached`` and
+        # marks the row instead.
+        limit_ids = sorted({r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": ids})})
+        if limit_ids:
+            tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": limit_ids})
+        self._detached.update(ids)
+        now = self.clock()
+        params = {"ids": ids, "detached": DETACHED, "now": now, "until": now + hold}
+        return [r[0] for r in tx.all(q.DETACH_WAITERS, params)]
+
+    def _rejoin(self, tx: Tx, request: AcquireRequest, waiter_id: str) -> Outcome | None:
+        """A request that names a waiter detached at a shutdown takes its place back: its grant
+        or refusal if one came meanwhile (a grant's lease starts again from now), else the place
+        in the queue, now this process's (None). A waiter that is gone (dropped after its hold)
+        is queued anew, at the back; one that is not detached is someone else's (409)."""
+        row = tx.one(q.SELECT_WAITER_STATE, {"id": waiter_id})
+        if row is None:
+            return self._acquire(tx, request, waiter_id)
+        owner, lease_id, refused, lease_duration = row
+        if owner != DETACHED:
+            raise Conflict(
+                f"Waiter {waiter_id} is waiting already; only a waiter answered 503 at a shutdown may be named"
+            )
+        if lease_id is None and refused is None:
+            now = self.clock()
+            wait = request.wait or 0.0
+            tx.write(
+                q.ATTACH_WAITER, {"id": waiter_id, "owner": self.owner, "now": now, "deadline": now + wait}
+            )
+            return None
+        outcome = self._collect(tx, waiter_id, keep=True)
+        if isinstance(outcome, Granted) and outcome.lease_id is not None:
+            # Its lease ran while nobody held it: it runs from now, as a grant answered now does.
+            now = self._lock_lease_limits(tx, outcome.lease_id)
+            renewal = {"id": outcome.lease_id, "expires": now + lease_duration, "now": now}
+            if tx.run(q.RENEW_LEASE, renewal) == 0:  # it expired meanwhile: queue again
+                return self._acquire(tx, request, waiter_id)
+        return outcome
+
     def _start_heartbeat(self) -> None:
         if self._heartbeat_task is None or self._heartbeat_task.done():
             self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="slotkeeper-waiters")
@@ -684,7 +831,8 @@ class Storage:
 
         def abandoned(tx: Tx) -> list[str]:
             now = self.clock()
-            stale = {"stale": now - WAITER_STALE_SECONDS, "late": now - WAITER_STALE_SECONDS}
+            late = now - WAITER_STALE_SECONDS
+            stale = {"stale": late, "late": late, "detached": DETACHED, "now": now}
             return [r[0] for r in tx.all(q.SELECT_ABANDONED_WAITERS, stale)]
 
         ids = await self.backend.run(abandoned)
@@ -891,7 +1039,7 @@ class Storage:
                 limits[lim.id] = replace(
                     lim, leased_slots=lim.leased_slots + decision.grant_slots.get(lim.id, 0)
                 )
-            self._end_wait(tx, waiter.id, granted)
+            self._end_wait(tx, waiter.id, replace(granted, admitted=now))
 
     def _collect(self, tx: Tx, waiter_id: str, *, keep: bool) -> Outcome | None:
         """End a wait. A granted waiter's grant is returned (``keep``) or released; a refused
@@ -911,13 +1059,15 @@ class Storage:
             tx.write(q.DELETE_WAITER, {"id": waiter_id})
             return InvalidRequest(refused) if keep else None
         if lease_id is not None and keep:
+            created = tx.pending(q.SELECT_LEASE_CREATED, {"id": lease_id})
             tokens: dict[str, int] = dict(tx.all(q.SELECT_LEASE_TOKENS, {"lease_id": lease_id}))
             rows = tx.all(q.SELECT_LIMITS_BY_IDS, {"ids": list(tokens)}) if tokens else []
             by_id = {r[0]: _limit(r, 0) for r in rows}
             order = [r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
             tx.run(q.DELETE_WAITER, {"id": waiter_id})
             limits = [replace(by_id[i], fencing_token=tokens[i]) for i in order if i in by_id]
-            return Granted(limits, lease_id)
+            admitted = next(iter(created()), (None,))[0]
+            return Granted(limits, lease_id, admitted)
         if not keep or lease_id is None:
             limit_ids = [r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
             tx.run(q.DELETE_WAITER, {"id": waiter_id})
@@ -980,16 +1130,21 @@ class Storage:
         self._admit(tx, [new.id for new, _ in changed])
         return found
 
-    async def release_lease(self, lease_id: str) -> bool:
-        """Release a lease and every slot it holds. False if it was already gone."""
-        return await self.backend.run(lambda tx: self._end_lease(tx, lease_id, expired_only=False))
+    async def release_lease(self, lease_id: str, *, cause: str = builders.RELEASE) -> bool:
+        """Release a lease and every slot it holds. False if it was already gone.
+
+        ``cause``: who ends it (``builders.OPERATOR`` for an operator's action), for the metrics.
+        """
+        return await self.backend.run(
+            lambda tx: self._end_lease(tx, lease_id, expired_only=False, cause=cause)
+        )
 
     def _lock_lease_limits(self, tx: Tx, lease_id: str) -> float:
         """Lock the limits of a lease (by id); return ``now``."""
         tx.all(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
         return self.clock()
 
-    def _end_lease(self, tx: Tx, lease_id: str, *, expired_only: bool) -> bool:
+    def _end_lease(self, tx: Tx, lease_id: str, *, expired_only: bool, cause: str = builders.RELEASE) -> bool:
         # Sent together, so that a release waits for one round trip before its writes; they run
         # in this order. The lease row is deleted once its limit rows are locked, as always, and
         # the queue of those limits is read before the deletion takes the grants along.
@@ -1047,6 +1202,7 @@ class Storage:
                         follows=grants.get(lim.id),
                     ),
                     received=now,
+                    cause=builders.EXPIRY if expired_only else cause,
                 )
                 for lim in limits
             ],

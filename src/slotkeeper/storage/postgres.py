@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -49,6 +50,16 @@ _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 _ATTEMPTS = 5
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The connection pool of one process (metrics)."""
+
+    size: int
+    connections: int
+    busy: int
+    waiting: int
+
+
 class PostgresBackend:
     """Runs transaction scripts on a pool of threads, each with its own connection."""
 
@@ -63,6 +74,10 @@ class PostgresBackend:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(pool_size, thread_name_prefix="slotkeeper-pg")
         self._subscribers: list[Callable[[Commit | None], None]] = []
+        self._observers: list[Callable[[Commit], None]] = []
+        self.pool_size = pool_size
+        #: Operations handed to the pool and not finished (counted on the event loop).
+        self._in_flight = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -84,6 +99,8 @@ class PostgresBackend:
                 result, commit = _attempt(conn, op)
                 if commit is not None:
                     run_handoffs(commit.handoffs)  # in this process only, and only once committed
+                    for observer in self._observers:
+                        observer(commit)
                 return result
             except _RETRYABLE:
                 _rollback(conn)
@@ -101,7 +118,22 @@ class PostgresBackend:
 
     async def run(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` in one transaction on a pool thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
+        self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
+        finally:
+            self._in_flight -= 1
+
+    def pool_stats(self) -> PoolStats:
+        """The pool now: its size, connections open, operations running and queued for a thread."""
+        busy = min(self._in_flight, self.pool_size)
+        return PoolStats(self.pool_size, len(self._connections), busy, self._in_flight - busy)
+
+    def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the pool thread) with each transaction of this process that
+        published something, once it committed (see ``Backend.observe``)."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback)
 
     def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:
         """Call ``callback`` (on the listener thread) with what each transaction published."""

@@ -311,8 +311,25 @@ SELECT_WAITER_LEASE = "SELECT lease_id, refused FROM waiters WHERE id = :id"
 
 TOUCH_WAITERS = "UPDATE waiters SET heartbeat = :now WHERE owner = :owner"
 
-#: Waiters whose request is gone: its process stopped sending heartbeats, or it outlived its wait.
-SELECT_ABANDONED_WAITERS = "SELECT id FROM waiters WHERE heartbeat < :stale OR deadline < :late"
+#: Waiters whose request is gone: its process stopped sending heartbeats, or it outlived its wait;
+#: or detached at a shutdown (no heartbeat) and not taken back before its deadline.
+SELECT_ABANDONED_WAITERS = """
+SELECT id FROM waiters
+WHERE (heartbeat < :stale AND owner <> :detached) OR deadline < :late OR (owner = :detached AND deadline < :now)
+"""
+
+#: At shutdown: these waiters belong to nobody until ``until`` (their request was answered 503);
+#: the rows that are still there.
+DETACH_WAITERS = """
+UPDATE waiters SET owner = :detached, heartbeat = :now, deadline = :until
+WHERE id IN_LIST(ids) RETURNING id
+"""
+
+#: Whose a waiter is, and how its wait ended (if it did); and its lease's duration.
+SELECT_WAITER_STATE = "SELECT owner, lease_id, refused, lease_duration FROM waiters WHERE id = :id"
+
+#: A detached waiter is taken back by the request that names it.
+ATTACH_WAITER = "UPDATE waiters SET owner = :owner, heartbeat = :now, deadline = :deadline WHERE id = :id"
 
 SELECT_QUEUED_LIMITS = """
 SELECT DISTINCT wl.limit_id FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
@@ -321,6 +338,8 @@ WHERE w.lease_id IS NULL
 
 #: The fencing token of each grant of a lease.
 SELECT_LEASE_TOKENS = "SELECT limit_id, fencing_token FROM grants WHERE lease_id = :lease_id"
+
+SELECT_LEASE_CREATED = "SELECT created FROM leases WHERE id = :id"
 
 #: The other limits that the waiters of one limit wait for.
 SELECT_CO_WAITED_LIMITS = """
@@ -368,4 +387,21 @@ ORDER BY g.limit_id, g.fencing_token
 DELETE_EMPTY_V1_LEASES = """
 DELETE FROM leases WHERE kind = 'v1' AND id IN_LIST(ids)
     AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.lease_id = leases.id)
+"""
+
+# --- statistics (read at a metrics scrape; see storage/stats.py) ---------------------------------
+
+#: Every limit with what its live leases hold and how many queued waiters name it.
+SELECT_LIMIT_STATS = """
+SELECT m.id, m.name, m.slot_limit, m.active, m.pool_slots, m.pool_clock, m.slot_decay_per_second,
+    COALESCE(g.leased, 0), COALESCE(q.waiters, 0)
+FROM limits m
+LEFT JOIN (
+    SELECT gr.limit_id AS limit_id, SUM(gr.slots) AS leased FROM grants gr
+    JOIN leases le ON le.id = gr.lease_id WHERE le.expires > :now GROUP BY gr.limit_id
+) g ON g.limit_id = m.id
+LEFT JOIN (
+    SELECT wl.limit_id AS limit_id, COUNT(*) AS waiters FROM waiter_limits wl
+    JOIN waiters w ON w.id = wl.waiter_id WHERE w.lease_id IS NULL GROUP BY wl.limit_id
+) q ON q.limit_id = m.id
 """

@@ -82,6 +82,9 @@ class SQLiteBackend:
         self._scheduled = False
         self._closed = False
         self._subscribers: list[Callable[[Commit | None], None]] = []
+        self._observers: list[Callable[[Commit], None]] = []
+        #: Told the number of operations of every group it commits (metrics), when set.
+        self.on_group: Callable[[int], None] | None = None
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="slotkeeper-sqlite-read")
         self._stop = threading.Event()
@@ -128,6 +131,12 @@ class SQLiteBackend:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
+    def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
+        """Call ``callback`` with what each group published, after its commit: every group is
+        this process's (see ``Backend.observe``)."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback)
+
     async def close(self) -> None:
         """Finish the queued operations, then close every connection."""
         if self._closed:
@@ -149,6 +158,8 @@ class SQLiteBackend:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         cursor, tx = self._cursor, self._tx
+        if self.on_group is not None:
+            self.on_group(len(group))
         outcomes: list[tuple[bool, Any]] = []
         committed: Commit | None = None
         try:
@@ -197,6 +208,8 @@ class SQLiteBackend:
                 future.set_exception(value)
         if committed is None:
             return
+        for observer in self._observers:
+            observer(committed)
         if committed.events or committed.woken:
             for callback in list(self._subscribers):
                 callback(committed)

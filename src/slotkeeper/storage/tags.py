@@ -167,7 +167,7 @@ class TagStore:
     def _reset(self, tx: Tx, tag: str, slot_override: Sequence[str]) -> None:
         lim, now = self._find_tag(tx, tag)
         settled = lim.settled(now)
-        released, leases = self.storage._take_back(tx, lim, now)
+        released, leases = self.storage._take_back(tx, lim, now, builders.RESET)
         if leases:
             tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
             tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
