@@ -28,16 +28,17 @@ import psycopg
 import pytest
 
 from slotkeeper.api.app import create_app
+from slotkeeper.errors import CODES
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from tests.conftest import FakeClock
 
 V2 = "/v2/concurrency_limits"
 JSON = {"content-type": "application/json"}
-NOT_FOUND = {"detail": "Concurrency Limit not found"}
-LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked"}
-SLOTS_OVER_LIMIT = {"detail": "Slots requested is greater than the limit"}
-TOO_LARGE = {"detail": "Request body is larger than 1024 bytes."}
+NOT_FOUND = {"detail": "Concurrency Limit not found", "code": "limit_not_found"}
+LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked", "code": "lease_gone"}
+SLOTS_OVER_LIMIT = {"detail": "Slots requested is greater than the limit", "code": "slots_exceed_limit"}
+TOO_LARGE = {"detail": "Request body is larger than 1024 bytes.", "code": "body_too_large"}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 HOLDER = {"type": "task_run", "id": "0b6b2f4e-8c0a-4a55-9b5c-3a8c1c2f8f10"}
 UUID_NAME = "4641973e-7063-47b7-8033-015e116d3bdc"
@@ -148,7 +149,8 @@ def invalid(r: httpx.Response, where: str = "body") -> list[dict[str, Any]]:
     """Check Prefect's request-validation shape and return its ``exception_detail``."""
     assert r.status_code == 422, r.text
     body = r.json()
-    assert set(body) == {"exception_message", "exception_detail", "request_body"}
+    assert set(body) == {"exception_message", "exception_detail", "request_body", "code"}
+    assert body["code"] == "invalid_request"
     assert body["exception_message"] == "Invalid request received."
     details: list[dict[str, Any]] = body["exception_detail"]
     assert details
@@ -177,10 +179,12 @@ async def refused_422(
 
 
 def error(r: httpx.Response, status: int) -> str:
-    """Check an explicit error (``{"detail": ...}``) and return its detail."""
+    """Check an explicit error (``{"detail": ..., "code": ...}``, the code one of this status)
+    and return its detail."""
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
+    assert CODES[body["code"]][0] == status, body
     detail: str = body["detail"]
     return detail
 

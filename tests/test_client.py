@@ -11,7 +11,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from slotkeeper.api.app import create_app
-from slotkeeper.client import SlotkeeperClient, error_detail, limit_path
+from slotkeeper.client import SlotkeeperClient, limit_path
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -200,26 +200,3 @@ def test_limit_path() -> None:
     assert limit_path("..") == "/v2/concurrency_limits/%2E%2E"
     with pytest.raises(ValueError):
         limit_path("")
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b'{"detail": "Concurrency Limit not found"}', "Concurrency Limit not found"),
-        (
-            b'{"exception_message": "Invalid request received.", "exception_detail": ['
-            b'{"loc": ["body", "slots"], "msg": "Input should be greater than 0"},'
-            b'{"loc": ["body", "holder", "id"], "msg": "Input should be a valid UUID"},'
-            b'{"loc": ["body"], "msg": "Field required"}], "request_body": {}}',
-            "slots: Input should be greater than 0; holder.id: Input should be a valid UUID; Field required",
-        ),
-        (b'{"detail": [{"loc": ["path", "lease_id"], "msg": "bad"}]}', "path.lease_id: bad"),
-        (b'{"exception_message": "Internal Server Error"}', "Internal Server Error"),
-        (b"", "Bad Gateway"),
-        (b"{}", "Bad Gateway"),
-        (b"[1]", "[1]"),
-        (b"upstream down\n", "upstream down"),
-    ],
-)
-def test_error_detail(body: bytes, expected: str) -> None:
-    assert error_detail(body, "Bad Gateway") == expected

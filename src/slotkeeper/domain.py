@@ -212,13 +212,14 @@ def check_request(limits: Sequence[Limit], slots: int, mode: Mode) -> None:
     more slots than an active limit holds, then ``rate_limit`` on active limits without decay."""
     candidates = [lim for lim in limits if lim.active]
     if any(lim.limit < slots for lim in candidates):
-        raise InvalidRequest("Slots requested is greater than the limit")
+        raise InvalidRequest("Slots requested is greater than the limit", code="slots_exceed_limit")
     if mode is Mode.RATE_LIMIT:
         without_decay = [lim.name for lim in candidates if lim.slot_decay_per_second <= 0]
         if without_decay:
             raise InvalidRequest(
                 "Only concurrency limits with slot decay can be used for rate limiting. "
-                f"The following limits do not have a decay configured: '{','.join(without_decay)}'"
+                f"The following limits do not have a decay configured: '{','.join(without_decay)}'",
+                code="rate_limit_without_decay",
             )
 
 
@@ -252,7 +253,8 @@ def set_active_slots(limit: Limit, active_slots: int, now: float) -> Limit:
         raise Conflict(
             f"active_slots cannot be set to {active_slots}: live leases hold "
             f"{limit.leased_slots} slot(s) of this limit. Release those leases first "
-            "(list them with GET /api/v2/concurrency_limits/{name}/leases)."
+            "(list them with GET /api/v2/concurrency_limits/{name}/leases).",
+            code="active_slots_below_leased",
         )
     return replace(limit, pool_slots=active_slots - limit.leased_slots, pool_clock=now)
 
