@@ -216,6 +216,7 @@ async def test_create_refuses_invalid_bodies_with_422(client: httpx.AsyncClient)
         ({"tag": "50%", "concurrency_limit": 1}, "string_pattern_mismatch", ["body", "tag"]),
         ({"tag": "<x>", "concurrency_limit": 1}, "string_pattern_mismatch", ["body", "tag"]),
         ({"tag": "", "concurrency_limit": 1}, "string_too_short", ["body", "tag"]),
+        ({"tag": " ", "concurrency_limit": 1}, "value_error", ["body", "tag"]),  # Prefect accepts it
         ({"tag": "x" * 1021, "concurrency_limit": 1}, "string_too_long", ["body", "tag"]),
         ({"tag": "a\x00b", "concurrency_limit": 1}, "value_error", ["body", "tag"]),
         ({"tag": 5, "concurrency_limit": 1}, "string_type", ["body", "tag"]),

@@ -243,12 +243,25 @@ def next_avg_occupancy(avg: float, occupancy_seconds: float, slots: int, limit: 
     return avg + per_slot / window - avg / window
 
 
+def check_active_slots(active_slots: int, limit: int) -> None:
+    """An operator may say how many slots are taken (``active_slots``, at create or update), never
+    more than the limit has (:class:`InvalidRequest`, 422; Prefect accepts it). Lowering the
+    limit below what is taken stays allowed: the holders keep their slots."""
+    if active_slots > limit:
+        raise InvalidRequest(
+            f"active_slots cannot be set to {active_slots}: the limit is {limit}",
+            code="active_slots_above_limit",
+        )
+
+
 def set_active_slots(limit: Limit, active_slots: int, now: float) -> Limit:
     """An operator sets ``active_slots``: the pool takes whatever the live grants do not hold.
 
-    Setting it below what live leases hold would forget real holders; that is refused
-    (the caller turns the error into 409) instead of letting the count lie.
+    More than the limit is refused (:func:`check_active_slots`). Setting it below what live
+    leases hold would forget real holders; that is refused (the caller turns the error into 409)
+    instead of letting the count lie.
     """
+    check_active_slots(active_slots, limit.limit)
     if active_slots < limit.leased_slots:
         raise Conflict(
             f"active_slots cannot be set to {active_slots}: live leases hold "

@@ -32,6 +32,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_request": (422, "the body, path or query is invalid (Prefect's 422 shape, or a `detail`)"),
     "slots_exceed_limit": (422, "more slots asked than an active limit has"),
     "rate_limit_without_decay": (422, "`mode: rate_limit` on an active limit without decay"),
+    "active_slots_above_limit": (422, "`active_slots` set above the limit, at create or update"),
     "cannot_wait": (
         422,
         "`wait_seconds` on limits that do not exist or are inactive, in `rate_limit` mode, "

@@ -388,6 +388,7 @@ class Storage:
         return await self.backend.run(lambda tx: self._create(tx, spec))
 
     def _create(self, tx: Tx, spec: LimitSpec) -> LimitView:
+        domain.check_active_slots(spec.active_slots, spec.limit)
         now = self.clock()
         lim = Limit(
             id=str(uuid.uuid4()),
