@@ -18,6 +18,7 @@ only the URL and auth of a client it is given.
 from __future__ import annotations
 
 import base64
+import json
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
@@ -96,7 +97,7 @@ class SlotkeeperClient:
         """
         session = self._open()
         url = URL(self.base_url + path, encoded=True)
-        data = None if body is None else orjson.dumps(body)
+        data = None if body is None else json_body(body)
         try:
             async with session.request(
                 method, url, data=data, headers=_JSON_BODY if data is not None else None
@@ -222,22 +223,35 @@ class SlotkeeperClient:
         return self._headers.get("Authorization")
 
 
-def limit_path(id_or_name: str) -> str:
-    """The percent-encoded path of one limit. Names may hold spaces, ``?``, ``#``, non-ASCII."""
-    if not id_or_name:
-        raise ValueError("A limit id or name must not be empty")
-    segment = quote(id_or_name, safe="")
+def json_body(body: Any) -> bytes:
+    """``body`` as JSON. Integers of any size go as they are (the server says what is wrong with
+    one too large); a float that is not finite cannot be written in JSON: ValueError (orjson
+    would silently write null)."""
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        raise ValueError(f"Cannot send {body!r}: JSON has no NaN or infinity") from None
+
+
+def _segment(value: str, what: str) -> str:
+    """``value`` as one percent-encoded path segment."""
+    if not value:
+        raise ValueError(f"A {what} must not be empty")
+    try:
+        segment = quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ValueError(f"Not a valid {what}: {value!r} (it is not valid Unicode)") from None
     if segment in (".", ".."):
         # A bare dot segment would be resolved away by URL normalisation; %2E is kept as is.
         segment = segment.replace(".", "%2E")
-    return f"{_LIMITS}/{segment}"
+    return segment
+
+
+def limit_path(id_or_name: str) -> str:
+    """The percent-encoded path of one limit. Names may hold spaces, ``?``, ``#``, non-ASCII."""
+    return f"{_LIMITS}/{_segment(id_or_name, 'limit id or name')}"
 
 
 def _tag_path(tag: str) -> str:
     """The percent-encoded path of one tag limit."""
-    if not tag:
-        raise ValueError("A tag must not be empty")
-    segment = quote(tag, safe="")
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    return f"{_TAG_LIMITS}/tag/{segment}"
+    return f"{_TAG_LIMITS}/tag/{_segment(tag, 'tag')}"
