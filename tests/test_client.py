@@ -15,7 +15,9 @@ from slotkeeper.client import SlotkeeperClient, limit_path
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
-from tests.conftest import free_port, serving
+from tests.conftest import basic_auth, free_port, serving
+from tests.test_wire import FakeProxy
+from tests.test_wire import serving as serving_raw
 
 AUTH = "admin:s3cret"
 LEASES = "/v2/concurrency_limits/increment-with-lease"
@@ -200,3 +202,24 @@ def test_limit_path() -> None:
     assert limit_path("..") == "/v2/concurrency_limits/%2E%2E"
     with pytest.raises(ValueError):
         limit_path("")
+
+
+async def test_proxies_from_the_environment(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As other Python clients: HTTP_PROXY for http:// URLs (with the proxy's credentials from its
+    # URL), NO_PROXY to go direct.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    proxy = FakeProxy()
+    async with serving_raw(proxy.handle) as proxy_port:
+        monkeypatch.setenv("HTTP_PROXY", f"http://me:secret@127.0.0.1:{proxy_port}")
+        async with SlotkeeperClient("http://slotkeeper.invalid:4200/api", AUTH) as client:
+            assert await client.request("GET", "/v2/concurrency_limits/db") == {"lease_id": "x"}
+        ((line, headers),) = proxy.requests
+        assert line == "GET http://slotkeeper.invalid:4200/api/v2/concurrency_limits/db HTTP/1.1"
+        assert headers["proxy-authorization"] == basic_auth("me:secret")
+        assert headers["authorization"] == basic_auth(AUTH)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with SlotkeeperClient(api_url) as client:
+        assert await client.health() is True

@@ -12,7 +12,8 @@ Errors are translated where they cross this module, and nowhere else:
 
 aiohttp rather than httpx: a request costs a fraction of the CPU. The SDK does not use this
 module: it has its own small client (:mod:`slotkeeper.sdk._wire`, see ``docs/sdk.md``) and takes
-only the URL and auth of a client it is given.
+only the URL and auth of a client it is given. Proxies are taken from the environment
+(``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``), as other Python clients do.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ class SlotkeeperClient:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            # trust_env: HTTP(S)_PROXY and NO_PROXY from the environment, as other clients.
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, trust_env=True
+            )
         return self._session
 
     async def close(self) -> None:
