@@ -613,6 +613,38 @@ def test_a_lease_that_expires_while_the_server_is_away_is_lost(
     assert any("could not be renewed before it expired" in m for m in caplog.messages)
 
 
+@pytest.mark.slow
+def test_an_acquisition_and_a_release_ride_out_a_server_restart(own_server: Server) -> None:
+    # Refused connections while the server is away are retried (the one retry policy), within
+    # the caller's timeout: the block runs once the server is back, and its release too.
+    name = unique()
+    own_server.create(name, 1)
+    own_server.stop()
+    outcome: list[Lease | BaseException] = []
+
+    def block() -> None:
+        try:
+            with concurrency(
+                name, timeout_seconds=PATIENCE, strict=True, client=own_server.client()
+            ) as lease:
+                outcome.append(lease)
+                own_server.stop()  # the release meets a server that is away, too
+                restarted.set()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    restarted = threading.Event()
+    worker = threading.Thread(target=block)
+    worker.start()
+    own_server.start()
+    assert restarted.wait(PATIENCE), outcome
+    own_server.start()
+    worker.join(PATIENCE)
+    (lease,) = outcome
+    assert isinstance(lease, Lease) and lease.lease_id is not None, lease
+    assert own_server.leases(name) == []
+
+
 # --- rate limits and tags -------------------------------------------------------------------------
 
 
@@ -841,6 +873,20 @@ def test_acquire_counts_refusals_and_keeps_to_its_timeout(monkeypatch: pytest.Mo
     assert script.sent == [("increment-with-lease", None), *[("increment-with-lease", 55.0)] * 2]
     with pytest.raises(AcquireConcurrencySlotTimeoutError, match=r"slots timed out after 0 second"):
         Scripted(monkeypatch, DOWN).acquire(timeout_seconds=0)
+
+
+def test_a_server_shutting_down_is_waited_for_as_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 503 with Retry-After (a server that is stopping, contract 2) is retried after the pause it
+    # names, not a backoff; never past the caller's timeout.
+    stopping = (503, {"retry-after": "0.01"}, {"detail": "Shutting down", "code": "shutting_down"})
+    nothing = (200, {}, {"lease_id": "x", "limits": []})
+    script = Scripted(monkeypatch, stopping, stopping, DOWN, nothing)
+    assert script.acquire(timeout_seconds=PATIENCE).lease_id is None
+    assert script.backoffs == [3]  # the refused connection only
+    with pytest.raises(AcquireConcurrencySlotTimeoutError):
+        Scripted(monkeypatch, (503, {"retry-after": "30"}, {"code": "shutting_down"})).acquire(
+            timeout_seconds=0.05
+        )
 
 
 def test_rate_limit_and_v1_retry_alike(monkeypatch: pytest.MonkeyPatch) -> None:
