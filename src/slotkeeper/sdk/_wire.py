@@ -1,14 +1,14 @@
 """The SDK's HTTP/1.1 client: a pool of keep-alive connections per server, and withdrawable waits.
 
 Why not aiohttp (which the CLI uses): the SDK sends two requests around every block of user
-code, and aiohttp's request machinery costs several times the CPU of this one (measured, with
-the command: ``docs/sdk.md``, "Cost per block"). The SDK needs little of HTTP: JSON POSTs to one
+code, and the same two requests cost about twice the CPU with aiohttp as a whole block does with
+this client (measured, with the command: ``docs/sdk.md``, "Cost per block"). The SDK needs little of HTTP: JSON POSTs to one
 server it knows, keep-alive. This module writes those requests itself (one ``bytes`` per
 request) and reads the answers with ``httptools`` (the parser uvicorn serves with: llhttp, in
 C): status line, headers, ``Content-Length``, chunked bodies, HTTP/1.0 and keep-alive are its
 work, not this module's. It runs on asyncio's protocol API, so a request costs one write and
-one parser call per arriving segment. h11 was measured too: about 20 times the CPU per answer
-(37 µs against 2 µs), which would have added a fifth to the SDK's whole cost per block.
+one parser call per arriving segment. h11 was measured too: about 15 times the CPU per answer
+(``benchmarks/sdk_cpu.py --parsers``), which would have added a fifth to the SDK's cost per block.
 
 It also does what aiohttp cannot: **withdraw a waiting request without losing its answer.** A
 waiting acquisition (``wait_seconds``) stays open until the server grants the slots. To give up
