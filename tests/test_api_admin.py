@@ -47,7 +47,7 @@ async def test_version_is_a_prefect_3_version_string(client: httpx.AsyncClient) 
 async def test_csrf_token_says_protection_is_disabled(client: httpx.AsyncClient) -> None:
     r = await client.get("/csrf-token", params={"client": "x"})
     assert r.status_code == 422
-    assert r.json() == {"detail": "CSRF protection is disabled."}
+    assert r.json() == {"detail": "CSRF protection is disabled.", "code": "csrf_disabled"}
 
 
 def _refs(node: Any) -> list[str]:
@@ -101,4 +101,4 @@ async def test_docs_page_is_served(client: httpx.AsyncClient) -> None:
 async def test_an_unknown_path_is_404(client: httpx.AsyncClient) -> None:
     r = await client.get("/v3/nothing")
     assert r.status_code == 404
-    assert r.json() == {"detail": "Not Found"}
+    assert r.json() == {"detail": "Not Found", "code": "route_not_found"}

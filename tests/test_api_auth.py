@@ -20,7 +20,7 @@ from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 
 V2 = "/v2/concurrency_limits"
-UNAUTHORIZED = {"exception_message": "Unauthorized"}
+UNAUTHORIZED = {"exception_message": "Unauthorized", "code": "unauthorized"}
 LEASE = "0b6b2f4e-8c0a-4a55-9b5c-3a8c1c2f8f10"
 
 

@@ -353,7 +353,7 @@ VALID_INNER = {"filter": {}, "count": 5, "page_size": 2, "offset": 2}
 async def test_bad_page_tokens_are_forbidden(api: httpx.AsyncClient, token: str) -> None:
     response = await api.get("/events/filter/next", params={"page-token": token})
     assert response.status_code == 403
-    assert response.json() == {"detail": "Forbidden"}
+    assert response.json() == {"detail": "Forbidden", "code": "invalid_page_token"}
 
 
 async def test_a_valid_handmade_token_pages(api: httpx.AsyncClient, clock: FakeClock) -> None:

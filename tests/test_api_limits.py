@@ -28,16 +28,17 @@ import psycopg
 import pytest
 
 from slotkeeper.api.app import create_app
+from slotkeeper.errors import CODES
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from tests.conftest import FakeClock
 
 V2 = "/v2/concurrency_limits"
 JSON = {"content-type": "application/json"}
-NOT_FOUND = {"detail": "Concurrency Limit not found"}
-LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked"}
-SLOTS_OVER_LIMIT = {"detail": "Slots requested is greater than the limit"}
-TOO_LARGE = {"detail": "Request body is larger than 1024 bytes."}
+NOT_FOUND = {"detail": "Concurrency Limit not found", "code": "limit_not_found"}
+LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked", "code": "lease_gone"}
+SLOTS_OVER_LIMIT = {"detail": "Slots requested is greater than the limit", "code": "slots_exceed_limit"}
+TOO_LARGE = {"detail": "Request body is larger than 1024 bytes.", "code": "body_too_large"}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 HOLDER = {"type": "task_run", "id": "0b6b2f4e-8c0a-4a55-9b5c-3a8c1c2f8f10"}
 UUID_NAME = "4641973e-7063-47b7-8033-015e116d3bdc"
@@ -148,7 +149,8 @@ def invalid(r: httpx.Response, where: str = "body") -> list[dict[str, Any]]:
     """Check Prefect's request-validation shape and return its ``exception_detail``."""
     assert r.status_code == 422, r.text
     body = r.json()
-    assert set(body) == {"exception_message", "exception_detail", "request_body"}
+    assert set(body) == {"exception_message", "exception_detail", "request_body", "code"}
+    assert body["code"] == "invalid_request"
     assert body["exception_message"] == "Invalid request received."
     details: list[dict[str, Any]] = body["exception_detail"]
     assert details
@@ -177,10 +179,12 @@ async def refused_422(
 
 
 def error(r: httpx.Response, status: int) -> str:
-    """Check an explicit error (``{"detail": ...}``) and return its detail."""
+    """Check an explicit error (``{"detail": ..., "code": ...}``, the code one of this status)
+    and return its detail."""
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
+    assert CODES[body["code"]][0] == status, body
     detail: str = body["detail"]
     return detail
 
@@ -244,11 +248,9 @@ async def test_create_answers_201_with_the_full_model(client: httpx.AsyncClient,
     assert iso(clock.now) == body["created"]
 
 
-async def test_create_takes_every_field_and_active_slots_may_exceed_the_limit(
-    client: httpx.AsyncClient,
-) -> None:
+async def test_create_takes_every_field(client: httpx.AsyncClient) -> None:
     body = await create(
-        client, "busy", 2, active=False, active_slots=5, denied_slots=3, slot_decay_per_second=0.5
+        client, "busy", 5, active=False, active_slots=5, denied_slots=3, slot_decay_per_second=0.5
     )
     assert (body["active"], body["active_slots"], body["denied_slots"], body["slot_decay_per_second"]) == (
         False,
@@ -267,7 +269,7 @@ async def test_create_takes_every_field_and_active_slots_may_exceed_the_limit(
         "active_slots",
         "slot_decay_per_second",
     }
-    assert (got["active"], got["active_slots"], got["limit"]) == (False, 5, 2)
+    assert (got["active"], got["active_slots"], got["limit"]) == (False, 5, 5)
 
 
 async def test_create_accepts_any_name_prefect_accepts_and_reads_it_back(client: httpx.AsyncClient) -> None:
@@ -296,6 +298,8 @@ BAD_CREATES: list[Case] = [
     _create("> in name", {"name": "a>b", "limit": 1}, "string_pattern_mismatch", "name"),
     _create("< in name", {"name": "a<b", "limit": 1}, "string_pattern_mismatch", "name"),
     _create("empty name", {"name": "", "limit": 1}, "string_pattern_mismatch", "name"),
+    _create("blank name", {"name": " ", "limit": 1}, "value_error", "name"),
+    _create("whitespace name", {"name": "\t \n", "limit": 1}, "value_error", "name"),
     _create("name over 1024", {"name": "x" * 1025, "limit": 1}, "string_too_long", "name"),
     _create("uuid name", {"name": UUID_NAME, "limit": 1}, "value_error", "name"),
     _create("hex uuid name", {"name": UUID_NAME.replace("-", ""), "limit": 1}, "value_error", "name"),
@@ -494,14 +498,41 @@ async def test_update_writes_each_field_sent_by_name_or_id(client: httpx.AsyncCl
     )
 
 
-async def test_update_with_null_values_leaves_those_fields_alone(client: httpx.AsyncClient) -> None:
+async def test_an_update_that_sets_a_field_to_null_is_422(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    # Deliberate difference: Prefect answers 409 (the column is NOT NULL); this server answered
+    # 204 and changed nothing. Leaving the key out keeps the value; null says so.
     await create(client, "db", 3, active_slots=1)
-    r = await client.patch(
-        f"{V2}/db", json={"name": None, "limit": None, "active": None, "active_slots": None}
-    )
-    assert r.status_code == 204
-    got = await read(client, "db")
-    assert (got["name"], got["limit"], got["active"], got["active_slots"]) == ("db", 3, True, 1)
+    fields = ["name", "limit", "active", "active_slots", "denied_slots", "slot_decay_per_second"]
+    cases = [_update(f"null {field}", {field: None}, "null_not_allowed", field) for field in fields]
+    await refused_422(client, clock, "PATCH", f"{V2}/db", cases)
+    r = await refused(client, clock, 422, "PATCH", f"{V2}/db", {"slot_decay_per_second": None, "limit": None})
+    assert [(e["loc"], e["msg"]) for e in invalid(r)] == [
+        (["body", "limit"], "Input should not be null: leave the field out to keep its value"),
+        (
+            ["body", "slot_decay_per_second"],
+            "Input should not be null: leave the field out to keep its value",
+        ),
+    ]
+    assert (await client.patch(f"{V2}/db", json={"limit": 4})).status_code == 204
+
+
+async def test_active_slots_above_the_limit_is_422(client: httpx.AsyncClient, clock: FakeClock) -> None:
+    # Deliberate difference: Prefect accepts it, at create and in a PATCH. Lowering the limit
+    # below what is taken stays allowed (the holders keep their slots).
+    r = await client.post(f"{V2}/", json={"name": "db", "limit": 5, "active_slots": 99})
+    assert error(r, 422) == "active_slots cannot be set to 99: the limit is 5"
+    assert r.json()["code"] == "active_slots_above_limit"
+    assert (await client.post(f"{V2}/filter", json={})).json() == []
+    await create(client, "db", 5, active_slots=5)
+    r = await refused(client, clock, 422, "PATCH", f"{V2}/db", {"active_slots": 6})
+    assert error(r, 422) == "active_slots cannot be set to 6: the limit is 5"
+    r = await refused(client, clock, 422, "PATCH", f"{V2}/db", {"active_slots": 4, "limit": 3})
+    assert error(r, 422) == "active_slots cannot be set to 4: the limit is 3"
+    assert (await client.patch(f"{V2}/db", json={"active_slots": 6, "limit": 6})).status_code == 204
+    assert (await client.patch(f"{V2}/db", json={"limit": 2})).status_code == 204
+    assert (await read(client, "db"))["active_slots"] == 6
 
 
 async def test_update_of_an_unknown_limit_is_404(client: httpx.AsyncClient, clock: FakeClock) -> None:
@@ -540,6 +571,7 @@ def _update(case: str, body: Any, kind: str, field: str) -> Case:
 BAD_UPDATES: list[Case] = [
     _update("slash in name", {"name": "a/b"}, "string_pattern_mismatch", "name"),
     _update("empty name", {"name": ""}, "string_pattern_mismatch", "name"),
+    _update("blank name", {"name": "  "}, "value_error", "name"),
     _update("uuid name", {"name": UUID_NAME}, "value_error", "name"),
     _update("NUL in name", {"name": "a\x00"}, "value_error", "name"),
     _update("negative limit", {"limit": -1}, "greater_than_equal", "limit"),

@@ -30,8 +30,8 @@ from tests.conftest import FakeClock
 
 V1 = "/concurrency_limits"
 V2 = "/v2/concurrency_limits"
-NOT_FOUND = {"detail": "Concurrency limit not found"}
-ROUTE_NOT_FOUND = {"detail": "Not Found"}
+NOT_FOUND = {"detail": "Concurrency limit not found", "code": "limit_not_found"}
+ROUTE_NOT_FOUND = {"detail": "Not Found", "code": "route_not_found"}
 HUNDRED_YEARS = 100 * 365 * 86400.0
 #: The default cap of Retry-After for ``tag:`` limits (``SLOTKEEPER_TAG_SLOT_WAIT_SECONDS``).
 TAG_RETRY_CAP = 10.0
@@ -50,12 +50,13 @@ def run_id() -> str:
 
 def deadlock(tag: str) -> dict[str, str]:
     return {
-        "detail": f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.'
+        "detail": f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.',
+        "code": "limit_is_zero",
     }
 
 
 def reached(tag: str) -> dict[str, str]:
-    return {"detail": f"Concurrency limit for the {tag} tag has been reached"}
+    return {"detail": f"Concurrency limit for the {tag} tag has been reached", "code": "slots_unavailable"}
 
 
 def v1_rid(limit_id: str) -> str:
@@ -156,7 +157,8 @@ def invalid(r: httpx.Response) -> list[tuple[str, list[Any]]]:
     """Prefect's request-validation shape; returns (type, loc) of each error."""
     assert r.status_code == 422, r.text
     body = r.json()
-    assert set(body) == {"exception_message", "exception_detail", "request_body"}
+    assert set(body) == {"exception_message", "exception_detail", "request_body", "code"}
+    assert body["code"] == "invalid_request"
     assert body["exception_message"] == "Invalid request received."
     return [(d["type"], d["loc"]) for d in body["exception_detail"]]
 
@@ -214,6 +216,7 @@ async def test_create_refuses_invalid_bodies_with_422(client: httpx.AsyncClient)
         ({"tag": "50%", "concurrency_limit": 1}, "string_pattern_mismatch", ["body", "tag"]),
         ({"tag": "<x>", "concurrency_limit": 1}, "string_pattern_mismatch", ["body", "tag"]),
         ({"tag": "", "concurrency_limit": 1}, "string_too_short", ["body", "tag"]),
+        ({"tag": " ", "concurrency_limit": 1}, "value_error", ["body", "tag"]),  # Prefect accepts it
         ({"tag": "x" * 1021, "concurrency_limit": 1}, "string_too_long", ["body", "tag"]),
         ({"tag": "a\x00b", "concurrency_limit": 1}, "value_error", ["body", "tag"]),
         ({"tag": 5, "concurrency_limit": 1}, "string_type", ["body", "tag"]),
@@ -300,11 +303,14 @@ async def test_filter_lists_tag_limits_only_ordered_and_paged(client: httpx.Asyn
 
 async def test_filter_refuses_bad_pages(client: httpx.AsyncClient) -> None:
     r = await client.post(f"{V1}/filter", json={"limit": 201})
-    assert (r.status_code, r.json()) == (422, {"detail": "Invalid limit: must be less than or equal to 200."})
+    assert (r.status_code, r.json()) == (
+        422,
+        {"detail": "Invalid limit: must be less than or equal to 200.", "code": "invalid_request"},
+    )
     r = await client.post(f"{V1}/filter", json={"limit": -1})
     assert (r.status_code, r.json()) == (
         422,
-        {"detail": "Invalid limit: must be greater than or equal to 0."},
+        {"detail": "Invalid limit: must be greater than or equal to 0.", "code": "invalid_request"},
     )
     assert invalid(await client.post(f"{V1}/filter", json={"offset": -1})) == [
         ("greater_than_equal", ["body", "offset"])

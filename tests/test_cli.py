@@ -21,9 +21,10 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from slotkeeper import cli
+from slotkeeper import cli, storage
 from slotkeeper.api import server as server_module
-from slotkeeper.cli import app, redact_url, relative_time
+from slotkeeper.cli import app, expires, redact_url, relative_time
+from slotkeeper.storage import migrate
 from tests.conftest import SLOTKEEPER, ServerProcess, clean_env, free_port
 
 AUTH = "admin:s3cret"
@@ -215,6 +216,62 @@ def test_invalid_arguments_show_the_server_reason(server: Server) -> None:
 
 
 @pytest.mark.slow
+def test_what_a_new_user_tried_is_told_plainly(server: Server) -> None:
+    # Each of these printed a traceback, or answered "done" having done nothing (issue 12).
+    too_big = "99999999999999999999"
+    _error(
+        server.cli("limit", "create", "huge", "-l", too_big),
+        "Invalid arguments provided: limit: Input should be less than or equal to 2147483647",
+    )
+    _error(
+        server.cli("tag-limit", "create", "t", "--limit", too_big),
+        "Invalid arguments provided: concurrency_limit: Input should be less than or equal to 2147483647",
+    )
+    _ok(server.cli("limit", "create", "plain", "-l", "5"))
+    for value in ("nan", "inf", "-inf"):
+        for argv in (["update", "plain"], ["create", "rate", "-l", "1"]):
+            result = server.cli("limit", *argv, "--slot-decay-per-second", value)
+            assert result.exit_code == 2, (argv, value)
+            assert f"Invalid value for '--slot-decay-per-second': {value} is not a finite number." in (
+                result.stderr
+            )
+    assert (
+        json.loads(server.cli("limit", "inspect", "plain", "-o", "json").stdout)["slot_decay_per_second"] == 0
+    )
+    _error(
+        server.cli("limit", "create", " ", "-l", "1"),
+        "Invalid arguments provided: name: Value error, a name must not be blank (only whitespace)",
+    )
+    _error(
+        server.cli("limit", "create", "over", "-l", "5", "--active-slots", "99"),
+        "Invalid arguments provided: active_slots cannot be set to 99: the limit is 5",
+    )
+    _error(
+        server.cli("limit", "update", "plain", "--active-slots", "99"),
+        "Error updating global concurrency limit: active_slots cannot be set to 99: the limit is 5",
+    )
+    deprecated = server.cli("tag-limit", "create", "old-form", "2")
+    assert deprecated.exit_code == 0
+    assert deprecated.stderr == cli.POSITIONAL_LIMIT_DEPRECATED + "\n"
+    assert deprecated.stdout.startswith("Created concurrency limit with properties:\n    tag - 'old-form'\n")
+    root = server.url.removesuffix("/api")
+    for argv in (["limit", "ls"], ["limit", "inspect", "plain"], ["tag-limit", "inspect", "old-form"]):
+        _error(
+            run("--api-url", root, *argv),
+            f"The server at {root} has no such path (HTTP 404): its API is under /api. "
+            f"Did you mean --api-url {root}/api ?",
+        )
+    _error(
+        run("--api-url", server.url + "/v2", "tag-limit", "ls"),
+        f"The server at {server.url}/v2 answered in a shape this command does not know (it reads id, "
+        "tag, concurrency_limit, active_slots, created, updated): is --api-url the /api of a slotkeeper "
+        "server?",
+    )
+    _ok(server.cli("limit", "delete", "plain"))
+    _ok(server.cli("tag-limit", "delete", "old-form"))
+
+
+@pytest.mark.slow
 def test_names_print_as_typed(server: Server) -> None:
     name = "[bold]odd name? #1"
     result = _ok(server.cli("limit", "create", name, "-l", "1", "--disable"))
@@ -338,6 +395,8 @@ def test_usage_errors_exit_2() -> None:
 def test_server_start_runs_uvicorn_as_configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[Any] = []
     monkeypatch.setattr(server_module.Server, "run", lambda self: calls.append(self))
+    migrated: list[str] = []
+    monkeypatch.setattr(storage, "migrate", lambda url: migrated.append(url) or ("0001", "0001"))
     env = {
         "SLOTKEEPER_HOME": str(tmp_path),
         "SLOTKEEPER_DATABASE_URL": "postgresql://slot:hunter2@db.internal:5432/slots",
@@ -354,6 +413,7 @@ def test_server_start_runs_uvicorn_as_configured(monkeypatch: pytest.MonkeyPatch
         "Database: postgresql://slot:***@db.internal:5432/slots",
     ]
     (started,) = calls
+    assert migrated == ["postgresql://slot:hunter2@db.internal:5432/slots"]  # before uvicorn starts
     config = started.config
     assert started.app.state.settings.port == 4999
     assert (config.host, config.port, config.loop, config.http, config.access_log, config.lifespan) == (
@@ -377,14 +437,57 @@ def test_server_start_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch) -> N
     assert CliRunner().invoke(app, ["server", "start", "--port", "70000"]).exit_code == 2
 
 
-def test_db_upgrade(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["db", "upgrade"], env={"SLOTKEEPER_HOME": str(tmp_path / "home")})
+def test_server_start_refuses_what_uvicorn_would_fail_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Told in one line, before uvicorn starts (whose lifespan would print a traceback).
+    monkeypatch.setattr(server_module.Server, "run", lambda self: pytest.fail("must not start"))
+    url = f"postgresql://slot:hunter2@127.0.0.1:{free_port()}/slots?connect_timeout=2"
+    result = CliRunner().invoke(app, ["server", "start"], env={"SLOTKEEPER_DATABASE_URL": url})
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Could not open the database at postgresql://slot:***@127.0.0.1:")
+    for host in ["a..b", "\udcff"]:
+        result = CliRunner().invoke(app, ["server", "start", "--host", host])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"Cannot listen on {cli.printable(repr(host))}: not a host name")
+
+
+def test_an_unexpected_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(**kwargs: Any) -> None:
+        raise KeyError("tag")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == "slotkeeper: unexpected error: KeyError('tag'). This is a bug in slotkeeper; please report it.\n"
+    )
+
+
+def test_db_upgrade_says_what_it_did(tmp_path: Path) -> None:
+    env = {"SLOTKEEPER_HOME": str(tmp_path / "home"), "SLOTKEEPER_DATABASE_URL": None}
     db = tmp_path / "home" / "slotkeeper.db"
-    assert result.exit_code == 0, result.output
-    assert result.stdout == f"Database sqlite:///{db} is up to date.\n"
+    created = CliRunner().invoke(app, ["db", "upgrade"], env=env)
+    assert created.exit_code == 0, created.output
+    head = re.fullmatch(
+        rf"Created the schema of sqlite:///{re.escape(str(db))} \(revision (\w+)\)\.\n", created.stdout
+    )
+    assert head, created.stdout
     assert db.exists()
-    again = CliRunner().invoke(app, ["db", "upgrade"], env={"SLOTKEEPER_HOME": str(tmp_path / "home")})
+    again = CliRunner().invoke(app, ["db", "upgrade"], env=env)
     assert again.exit_code == 0
+    assert again.stdout == f"Database sqlite:///{db} is already up to date (revision {head.group(1)}).\n"
+
+    older = tmp_path / "older.db"
+    assert migrate(f"sqlite:///{older}", "0001") == (None, "0001")
+    upgraded = CliRunner().invoke(
+        app, ["db", "upgrade"], env={**env, "SLOTKEEPER_DATABASE_URL": f"sqlite:///{older}"}
+    )
+    assert upgraded.stdout == f"Upgraded sqlite:///{older} from revision 0001 to {head.group(1)}.\n"
 
 
 def test_db_upgrade_failure_hides_the_password() -> None:
@@ -411,6 +514,14 @@ def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+def test_expires() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert expires("2026-01-01T12:05:00.000000Z", now) == "in 5 minutes"
+    assert expires("2126-01-01T12:00:00.000000Z", now) == "never"  # a v1 hold: 100 years
+    assert expires("2030-01-01T12:00:00.000000Z", now) == "in 1461 days"
+    assert expires("not a time", now) == "not a time"
+
+
 def test_relative_time() -> None:
     now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert relative_time("2026-01-01T12:00:00.000000Z", now) == "just now"
@@ -431,7 +542,7 @@ def _no_tag(tag: str) -> str:
 @pytest.mark.slow
 def test_tag_limit_lifecycle(server: Server) -> None:
     tag = "etl db"
-    created = _ok(server.cli("tag-limit", "create", tag, "2")).stdout
+    created = _ok(server.cli("tag-limit", "create", tag, "--limit", "2")).stdout
     assert created == (
         "Created concurrency limit with properties:\n"
         "    tag - 'etl db'\n"
@@ -441,7 +552,7 @@ def test_tag_limit_lifecycle(server: Server) -> None:
         "Inspect the concurrency limit:\n"
         "    slotkeeper tag-limit inspect 'etl db'\n"
     )
-    assert _ok(server.cli("tag-limit", "create", tag, "3")).stdout.startswith(
+    assert _ok(server.cli("tag-limit", "create", tag, "-l", "3")).stdout.startswith(
         "Updated concurrency limit with properties:\n    tag - 'etl db'\n    concurrency_limit - 3\n"
     )
     inspected = json.loads(_ok(server.cli("tag-limit", "inspect", tag, "-o", "json")).stdout)
@@ -476,7 +587,7 @@ def test_tag_limit_lifecycle(server: Server) -> None:
     holder_table = _ok(server.cli("tag-limit", "holders", tag)).stdout
     assert f"Holders of the tag '{tag}'" in holder_table
     row = next(line for line in holder_table.splitlines() if runs[0] in line)
-    assert re.search(r"│ +(just now|\d+ seconds?) │ +1 │ in \d+ (years|days)", row), row
+    assert re.search(r"│ +(just now|\d+ seconds?) │ +1 │ never +│", row), row  # a v1 hold
 
     _ok(server.cli("tag-limit", "reset", tag), f"Reset concurrency limit set on the tag: {tag}")
     assert json.loads(server.cli("tag-limit", "inspect", tag, "-o", "json").stdout)["active_slots"] == []
@@ -507,8 +618,8 @@ def test_missing_tag_limit(server: Server, command: list[str]) -> None:
 def test_tag_limit_ls_pages_and_orders_by_update(server: Server) -> None:
     tags = ["page-a", "page-b", "page-c"]
     for tag in tags:
-        _ok(server.cli("tag-limit", "create", tag, "1"))
-    _ok(server.cli("tag-limit", "create", "page-a", "4"))  # now the most recently updated
+        _ok(server.cli("tag-limit", "create", tag, "--limit", "1"))
+    _ok(server.cli("tag-limit", "create", "page-a", "--limit", "4"))  # now the most recently updated
     page = json.loads(_ok(server.cli("tag-limit", "ls", "--limit", "200", "-o", "json")).stdout)
     mine = [lim["tag"] for lim in page if lim["tag"].startswith("page-")]
     assert mine == ["page-a", "page-c", "page-b"]
@@ -521,7 +632,7 @@ def test_tag_limit_ls_pages_and_orders_by_update(server: Server) -> None:
     )
     assert [lim["tag"] for lim in window] == ["page-b"]
     _error(
-        server.cli("tag-limit", "create", "a/b", "1"),
+        server.cli("tag-limit", "create", "a/b", "--limit", "1"),
         "Invalid arguments provided: tag: String should match pattern '^[^/%&><]+$'",
     )
     for tag in tags:
@@ -530,7 +641,7 @@ def test_tag_limit_ls_pages_and_orders_by_update(server: Server) -> None:
 
 @pytest.mark.slow
 def test_tag_limit_delete_asks_on_a_terminal(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    _ok(server.cli("tag-limit", "create", "kept", "1"))
+    _ok(server.cli("tag-limit", "create", "kept", "--limit", "1"))
     monkeypatch.setattr(cli, "_interactive", lambda: True)
     question = "Are you sure you want to delete concurrency limit with tag 'kept'? [y/N]: "
     kept = server.cli("tag-limit", "delete", "kept", input="n\n")
@@ -547,8 +658,19 @@ def test_tag_limit_only_json_output(command: list[str]) -> None:
 
 
 def test_tag_limit_usage_errors_exit_2() -> None:
-    assert run("tag-limit", "create", "db").exit_code == 2  # CONCURRENCY_LIMIT is required
+    assert run("tag-limit", "create", "db").exit_code == 2  # --limit is required
+    assert run("tag-limit", "create", "db", "--limit", "many").exit_code == 2
     assert run("tag-limit", "create", "db", "many").exit_code == 2
+    given_twice = run("tag-limit", "create", "db", "2", "--limit", "2")
+    assert given_twice.exit_code == 2
+    assert "give the size once, as --limit N" in given_twice.stderr
+    # Negative sizes are refused for their value, in either form (not "No such option: -1").
+    for argv in (["db", "-1"], ["db", "--limit", "-1"], ["db", "-l", "-1"]):
+        refused = run("tag-limit", "create", *argv)
+        assert refused.exit_code == 2, argv
+        assert "No such option" not in refused.stderr
+        said = " ".join(refused.stderr.replace("│", " ").split())  # unwrapped from its panel
+        assert "greater than or equal to 0" in said, said
     assert run("tag-limit", "ls", "--limit", "-1").exit_code == 2
 
 

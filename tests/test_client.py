@@ -11,11 +11,13 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from slotkeeper.api.app import create_app
-from slotkeeper.client import SlotkeeperClient, error_detail, limit_path
+from slotkeeper.client import SlotkeeperClient, limit_path
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
-from tests.conftest import free_port, serving
+from tests.conftest import basic_auth, free_port, serving
+from tests.test_wire import FakeProxy
+from tests.test_wire import serving as serving_raw
 
 AUTH = "admin:s3cret"
 LEASES = "/v2/concurrency_limits/increment-with-lease"
@@ -202,24 +204,22 @@ def test_limit_path() -> None:
         limit_path("")
 
 
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b'{"detail": "Concurrency Limit not found"}', "Concurrency Limit not found"),
-        (
-            b'{"exception_message": "Invalid request received.", "exception_detail": ['
-            b'{"loc": ["body", "slots"], "msg": "Input should be greater than 0"},'
-            b'{"loc": ["body", "holder", "id"], "msg": "Input should be a valid UUID"},'
-            b'{"loc": ["body"], "msg": "Field required"}], "request_body": {}}',
-            "slots: Input should be greater than 0; holder.id: Input should be a valid UUID; Field required",
-        ),
-        (b'{"detail": [{"loc": ["path", "lease_id"], "msg": "bad"}]}', "path.lease_id: bad"),
-        (b'{"exception_message": "Internal Server Error"}', "Internal Server Error"),
-        (b"", "Bad Gateway"),
-        (b"{}", "Bad Gateway"),
-        (b"[1]", "[1]"),
-        (b"upstream down\n", "upstream down"),
-    ],
-)
-def test_error_detail(body: bytes, expected: str) -> None:
-    assert error_detail(body, "Bad Gateway") == expected
+async def test_proxies_from_the_environment(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As other Python clients: HTTP_PROXY for http:// URLs (with the proxy's credentials from its
+    # URL), NO_PROXY to go direct.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    proxy = FakeProxy()
+    async with serving_raw(proxy.handle) as proxy_port:
+        monkeypatch.setenv("HTTP_PROXY", f"http://me:secret@127.0.0.1:{proxy_port}")
+        async with SlotkeeperClient("http://slotkeeper.invalid:4200/api", AUTH) as client:
+            assert await client.request("GET", "/v2/concurrency_limits/db") == {"lease_id": "x"}
+        ((line, headers),) = proxy.requests
+        assert line == "GET http://slotkeeper.invalid:4200/api/v2/concurrency_limits/db HTTP/1.1"
+        assert headers["proxy-authorization"] == basic_auth("me:secret")
+        assert headers["authorization"] == basic_auth(AUTH)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with SlotkeeperClient(api_url) as client:
+        assert await client.health() is True

@@ -433,8 +433,14 @@ def test_set_active_slots_below_live_leases_is_a_conflict() -> None:
     assert "live leases hold 3 slot(s)" in info.value.detail
 
 
-def test_set_active_slots_may_exceed_the_limit() -> None:
-    assert set_active_slots(make_limit(limit=2), 7, NOW).occupied(NOW) == 7
+def test_set_active_slots_may_not_exceed_the_limit() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        set_active_slots(make_limit(limit=2), 7, NOW)
+    assert (info.value.detail, info.value.code) == (
+        "active_slots cannot be set to 7: the limit is 2",
+        "active_slots_above_limit",
+    )
+    assert set_active_slots(make_limit(limit=2), 2, NOW).occupied(NOW) == 2
 
 
 # --- RetryPolicy ----------------------------------------------------------------------------------

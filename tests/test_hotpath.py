@@ -102,7 +102,7 @@ async def test_a_bug_in_a_hot_route_is_a_logged_500_in_prefects_shape(
     monkeypatch.setattr(storage, "acquire", broken)
     with caplog.at_level(logging.ERROR, logger="slotkeeper.api"):
         status, body = await answer(app, "POST", f"{V2}/increment", b'{"names": ["db"], "slots": 1}')
-    assert (status, body) == (500, {"exception_message": "Internal Server Error"})
+    assert (status, body) == (500, {"exception_message": "Internal Server Error", "code": "internal_error"})
     assert "a bug" in caplog.text
 
 

@@ -8,7 +8,7 @@ until the lease expires. After every step it checks, for every limit:
 * occupancy read from storage == decayed pool + slots of the live grants in the model;
 * the live leases storage lists are exactly those of the model;
 * an active limit is never over its ``limit`` because of an acquisition (only an update that
-  lowered the limit or set ``active_slots`` may leave it over).
+  lowered the limit may leave it over; ``active_slots`` above the limit is refused).
 
 Every outcome (granted, 422, 423, 409, True/False of release, renew and the reaper count) is
 predicted by the model first and compared with what storage did.
@@ -153,14 +153,12 @@ class StorageMachine(RuleBasedStateMachine):
 
     def create_limit(self, name: str, limit: int, active: bool, decay: float, active_slots: int) -> None:
         spec = LimitSpec(name, limit, active, active_slots, 0, decay)
-        if name in self.limits:
-            with pytest.raises(Conflict):
+        if active_slots > limit or name in self.limits:
+            with pytest.raises(InvalidRequest if active_slots > limit else Conflict):
                 self.run(self.storage.create_limit(spec))
             return
         view = self.run(self.storage.create_limit(spec))
-        self.limits[name] = ModelLimit(
-            view.limit.id, limit, active, decay, active_slots, self.now, over_allowed=active_slots > limit
-        )
+        self.limits[name] = ModelLimit(view.limit.id, limit, active, decay, active_slots, self.now)
 
     @rule(
         name=st.sampled_from(NAMES),
@@ -301,13 +299,12 @@ class StorageMachine(RuleBasedStateMachine):
         lim = self.limits[name]
         if change == "active_slots":
             leased = self.live_leased(lim.id)
-            if value < leased:
-                with pytest.raises(Conflict):
+            if value > lim.limit or value < leased:
+                with pytest.raises(InvalidRequest if value > lim.limit else Conflict):
                     self.run(self.storage.update_limit(name, {"active_slots": value}))
                 return
             self.run(self.storage.update_limit(name, {"active_slots": value}))
             lim.pool, lim.clock = value - leased, self.now
-            lim.over_allowed = True
             return
         new: Any = {"limit": value, "active": not lim.active, "slot_decay_per_second": decay}[change]
         self.run(self.storage.update_limit(name, {change: new}))

@@ -856,7 +856,7 @@ async def test_api_polling_request_is_refused_although_a_slot_is_free(
     assert (await client.get(f"{V2}/db")).json()["active_slots"] == 1
     refused = await post_wait(client, {"names": ["db"], "slots": 1})
     assert refused.status_code == 423
-    assert refused.json() == {"detail": "Locked"}
+    assert refused.json() == {"detail": "Locked", "code": "slots_unavailable"}
     assert "Retry-After" in refused.headers
     big.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -868,7 +868,10 @@ async def test_api_wait_times_out_with_423(client: httpx.AsyncClient) -> None:
     await post_wait(client, {"names": ["db"], "slots": 1})
     answer = await post_wait(client, {"names": ["db"], "slots": 1, "wait_seconds": 0.05})
     assert answer.status_code == 423
-    assert answer.json() == {"detail": "Timed out after waiting 0.05 s for slots"}
+    assert answer.json() == {
+        "detail": "Timed out after waiting 0.05 s for slots",
+        "code": "slots_unavailable",
+    }
     assert float(answer.headers["Retry-After"]) > 0
 
 
@@ -957,7 +960,8 @@ async def test_api_a_waiting_request_whose_limit_is_deleted_is_422(
     answer = await settle(waiting)
     assert answer.status_code == 422, answer.text
     assert answer.json() == {
-        "detail": f"Cannot wait for limits that do not exist: {names[0]!r} (deleted while the request waited)"
+        "detail": f"Cannot wait for limits that do not exist: {names[0]!r} (deleted while the request waited)",
+        "code": "cannot_wait",
     }
     assert await waiter_rows(storage) == []
     assert (await client.get(f"{V2}/b")).json()["active_slots"] == 0

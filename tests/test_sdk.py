@@ -32,6 +32,7 @@ import orjson
 import pytest
 
 from slotkeeper.client import SlotkeeperClient
+from slotkeeper.error_answers import api_error
 from slotkeeper.errors import ClientError, ServerUnreachable
 from slotkeeper.sdk import (
     AcquireConcurrencySlotTimeoutError,
@@ -39,6 +40,7 @@ from slotkeeper.sdk import (
     ConcurrencySlotAcquisitionError,
     Lease,
     _core,
+    _retry,
     _runtime,
     _wire,
     aconcurrency,
@@ -110,7 +112,7 @@ def own_server(tmp_path: Path) -> Iterator[Server]:
 def fast_renewals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Renew every 2% of the lease and back off at most 0.5 s: seconds instead of minutes."""
     monkeypatch.setattr(_core, "RENEW_FRACTION", 0.02)
-    monkeypatch.setattr(_core, "BACKOFF_CAP_SECONDS", 0.5)
+    monkeypatch.setattr(_retry, "BACKOFF_CAP_SECONDS", 0.5)
 
 
 def unique(prefix: str = "sdk") -> str:
@@ -611,6 +613,38 @@ def test_a_lease_that_expires_while_the_server_is_away_is_lost(
     assert any("could not be renewed before it expired" in m for m in caplog.messages)
 
 
+@pytest.mark.slow
+def test_an_acquisition_and_a_release_ride_out_a_server_restart(own_server: Server) -> None:
+    # Refused connections while the server is away are retried (the one retry policy), within
+    # the caller's timeout: the block runs once the server is back, and its release too.
+    name = unique()
+    own_server.create(name, 1)
+    own_server.stop()
+    outcome: list[Lease | BaseException] = []
+
+    def block() -> None:
+        try:
+            with concurrency(
+                name, timeout_seconds=PATIENCE, strict=True, client=own_server.client()
+            ) as lease:
+                outcome.append(lease)
+                own_server.stop()  # the release meets a server that is away, too
+                restarted.set()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    restarted = threading.Event()
+    worker = threading.Thread(target=block)
+    worker.start()
+    own_server.start()
+    assert restarted.wait(PATIENCE), outcome
+    own_server.start()
+    worker.join(PATIENCE)
+    (lease,) = outcome
+    assert isinstance(lease, Lease) and lease.lease_id is not None, lease
+    assert own_server.leases(name) == []
+
+
 # --- rate limits and tags -------------------------------------------------------------------------
 
 
@@ -723,17 +757,44 @@ def test_a_call_reports_its_error_to_either_kind_of_caller() -> None:
     asyncio.run(main())
 
 
+def invalid(*errors: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A 422 in Prefect's validation shape (as slotkeeper's, without its code if ``code`` is
+    left out of an error: a Prefect server)."""
+    body = {"exception_message": "Invalid request received.", "exception_detail": list(errors)}
+    return 422, {}, {**body, "request_body": {}}
+
+
+def field(name: str, kind: str, msg: str, **ctx: Any) -> dict[str, Any]:
+    """One of pydantic's validation errors about the body field ``name``."""
+    return {"type": kind, "loc": ["body", name], "msg": msg, "input": 1, **({"ctx": ctx} if ctx else {})}
+
+
+EXTRA = "Extra inputs are not permitted"
+PREFECT_REFUSES_WAITS = invalid(
+    field("wait_seconds", "extra_forbidden", EXTRA), field("priority", "extra_forbidden", EXTRA)
+)
+
+
 def test_what_a_422_to_a_wait_means() -> None:
     spec = _core.Spec(["a"], 1, None, None, 60.0, None, 0, False, ("http://127.0.0.1:1/api", None))
     ep = Endpoint("http://127.0.0.1:1/api", None)
-    lower = "wait_seconds: Input should be less than or equal to 10"
-    assert _core.refused(ep, spec, 55.0, lower) == "again"
+
+    def refused(answer: tuple[int, dict[str, str], dict[str, Any]], wait: float = 10.0) -> str:
+        status, headers, body = answer
+        return _core.refused(ep, spec, wait, api_error(status, "", headers, orjson.dumps(body)))
+
+    lower = field("wait_seconds", "less_than_equal", "Input should be less than or equal to 10", le=10.0)
+    assert refused(invalid(lower), wait=55.0) == "again"
     assert (ep.waits, ep.wait_chunk) == (True, 10.0)
-    assert _core.refused(ep, spec, 10.0, "Cannot wait for limits that do not exist: 'b'") == "poll"
-    assert _core.refused(ep, spec, 10.0, "Cannot wait for inactive limits (they never block): 'a'") == "poll"
-    assert _core.refused(ep, spec, 10.0, "priority: Input should be less than or equal to 1000") == "fail"
-    prefect = "wait_seconds: Extra inputs are not permitted; priority: Extra inputs are not permitted"
-    assert _core.refused(ep, spec, 10.0, prefect) == "again"
+    for detail in ["Cannot wait for limits that do not exist: 'b'", "Cannot wait for inactive limits: 'a'"]:
+        assert refused((422, {}, {"detail": detail, "code": "cannot_wait"})) == "poll"
+    # The words do not matter, the code does: a refusal for another reason fails.
+    slots = {"detail": "Slots requested is greater than the limit", "code": "slots_exceed_limit"}
+    assert refused((422, {}, slots)) == "fail"
+    assert refused((422, {}, {"detail": "Cannot wait for limits that do not exist: 'b'"})) == "fail"
+    high = field("priority", "less_than_equal", "Input should be less than or equal to 1000", le=1000)
+    assert refused(invalid(high)) == "fail"
+    assert refused(PREFECT_REFUSES_WAITS) == "again"
     assert ep.waits is False  # a server without the queue: poll Retry-After from now on
 
 
@@ -748,7 +809,7 @@ class Scripted:
         self.backoffs: list[int] = []
         self.key = (f"http://scripted-{uuid.uuid4().hex[:8]}:1/api", None)  # an endpoint of its own
         monkeypatch.setattr(_core, "exchange", self.exchange)
-        monkeypatch.setattr(_core, "backoff", self.backoff)
+        monkeypatch.setattr(_retry, "backoff", self.backoff)
 
     async def exchange(
         self, ep: Endpoint, path: str, body: dict[str, Any], wait: float | None, remaining: float | None
@@ -784,23 +845,25 @@ BUSY = (503, {}, {"detail": "busy"})
 
 
 def test_acquire_retries_in_a_row_what_is_not_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Unreachable and 408/429/5xx count together, 5 in a row at most; a 423 is an answer (the
-    # count starts again), a 422 to a wait is not (it goes on).
-    refused = (422, {}, {"detail": "wait_seconds: Extra inputs are not permitted"})
+    # Unreachable and 408/429/5xx count together, ATTEMPTS in a row at most; a 423 is an answer
+    # (the count starts again), a 422 to a wait is not (it goes on).
     nothing = (200, {}, {"lease_id": "x", "limits": []})
-    script = Scripted(monkeypatch, DOWN, BUSY, DOWN, DOWN, LOCKED, refused, DOWN, BUSY, DOWN, DOWN, nothing)
+    run = [DOWN, BUSY, DOWN, DOWN]
+    script = Scripted(monkeypatch, *run, LOCKED, PREFECT_REFUSES_WAITS, *run, nothing)
     assert script.acquire().lease_id is None
     assert script.backoffs == [1, 2, 3, 4, 1, 2, 3, 4]
     waited = [wait for _, wait in script.sent]
     assert waited == [None] * 5 + [_core.WAIT_CHUNK_SECONDS] + [None] * 5  # then polls (Prefect's)
 
+    too_many = [DOWN, BUSY] * _retry.ATTEMPTS
     for last, detail in [(DOWN, "No answer from the server"), (BUSY, "503 Service Unavailable: busy")]:
-        script = Scripted(monkeypatch, DOWN, BUSY, LOCKED, DOWN, BUSY, DOWN, DOWN, last)
+        script = Scripted(monkeypatch, DOWN, BUSY, LOCKED, *too_many[: _retry.ATTEMPTS - 1], last)
         with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
             script.acquire()
         assert str(failed.value) == f"Unable to acquire concurrency slots on ['a']: {detail}"
         assert failed.value.__cause__ is (DOWN if last is DOWN else None)
         assert script.answers == []
+        assert script.backoffs == [1, 2, *range(1, _retry.ATTEMPTS)]
 
 
 def test_acquire_counts_refusals_and_keeps_to_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -810,6 +873,20 @@ def test_acquire_counts_refusals_and_keeps_to_its_timeout(monkeypatch: pytest.Mo
     assert script.sent == [("increment-with-lease", None), *[("increment-with-lease", 55.0)] * 2]
     with pytest.raises(AcquireConcurrencySlotTimeoutError, match=r"slots timed out after 0 second"):
         Scripted(monkeypatch, DOWN).acquire(timeout_seconds=0)
+
+
+def test_a_server_shutting_down_is_waited_for_as_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 503 with Retry-After (a server that is stopping, contract 2) is retried after the pause it
+    # names, not a backoff; never past the caller's timeout.
+    stopping = (503, {"retry-after": "0.01"}, {"detail": "Shutting down", "code": "shutting_down"})
+    nothing = (200, {}, {"lease_id": "x", "limits": []})
+    script = Scripted(monkeypatch, stopping, stopping, DOWN, nothing)
+    assert script.acquire(timeout_seconds=PATIENCE).lease_id is None
+    assert script.backoffs == [3]  # the refused connection only
+    with pytest.raises(AcquireConcurrencySlotTimeoutError):
+        Scripted(monkeypatch, (503, {"retry-after": "30"}, {"code": "shutting_down"})).acquire(
+            timeout_seconds=0.05
+        )
 
 
 def test_rate_limit_and_v1_retry_alike(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -823,7 +900,7 @@ def test_rate_limit_and_v1_retry_alike(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for take, what in [(Scripted.take_rate, "slots on"), (Scripted.acquire_v1, "limits")]:
         with pytest.raises(ConcurrencySlotAcquisitionError) as failed:
-            take(Scripted(monkeypatch, DOWN, DOWN, DOWN, DOWN, DOWN))
+            take(Scripted(monkeypatch, *[DOWN] * _retry.ATTEMPTS))
         assert str(failed.value) == f"Unable to acquire concurrency {what} ['a']: No answer from the server"
         # A 423 without Retry-After (a limit of 0) fails at once.
         with pytest.raises(ConcurrencySlotAcquisitionError) as failed:

@@ -56,9 +56,11 @@ async def test_create_returns_the_new_limit(storage: Storage, clock: FakeClock) 
     assert view.active_slots == 2
 
 
-async def test_created_active_slots_count_and_may_exceed_the_limit(storage: Storage) -> None:
-    await make(storage, "db", 2, active_slots=5)
-    assert await occupied(storage) == 5
+async def test_created_active_slots_count_and_may_not_exceed_the_limit(storage: Storage) -> None:
+    with pytest.raises(InvalidRequest, match="active_slots cannot be set to 5: the limit is 2"):
+        await make(storage, "db", 2, active_slots=5)
+    await make(storage, "db", 2, active_slots=2)
+    assert await occupied(storage) == 2
     with pytest.raises(SlotsUnavailable):
         await take(storage)
 
@@ -251,6 +253,8 @@ async def test_active_slots_below_live_leases_is_a_conflict(storage: Storage) ->
     assert await occupied(storage) == 2
     assert (await storage.update_limit("db", {"active_slots": 2})).active_slots == 2
     assert (await storage.update_limit("db", {"active_slots": 4})).active_slots == 4
+    with pytest.raises(InvalidRequest, match="active_slots cannot be set to 6: the limit is 5"):
+        await storage.update_limit("db", {"active_slots": 6})
     assert await storage.release_lease(granted.lease_id or "")
     assert await occupied(storage) == 2  # the 2 unleased slots stay until decremented
 

@@ -10,7 +10,10 @@
 The limit commands mirror ``prefect global-concurrency-limit`` (messages included) and talk to
 the server over HTTP through :class:`slotkeeper.client.SlotkeeperClient`; ``--api-url`` (env
 ``SLOTKEEPER_API_URL``) says where, ``SLOTKEEPER_API_AUTH_STRING`` gives the basic-auth string.
-Exit codes: 0 on success, 1 on any error (its message in red on stderr), 2 for bad usage.
+Both groups take a limit's size as ``--limit N``. Exit codes: 0 on success, 1 on any error (its
+message in red on stderr), 2 for bad usage. No command shows a traceback: every failure is
+caught where it crosses a command (``_call``, the database commands) and told in one line;
+``tests/test_cli_hostile.py`` runs every command with hostile values to keep it so.
 
 The server, database and settings modules (uvicorn, SQLAlchemy, pydantic-settings) are imported
 inside the commands that use them, so a limit command starts without paying for them.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shlex
@@ -30,6 +34,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -38,7 +43,7 @@ from rich.text import Text
 
 from slotkeeper import __version__
 from slotkeeper.client import DEFAULT_API_URL, SlotkeeperClient
-from slotkeeper.errors import ApiError, ServerUnreachable
+from slotkeeper.errors import CODES, ApiError, ServerUnreachable
 
 if TYPE_CHECKING:
     from slotkeeper.settings import Settings
@@ -76,9 +81,17 @@ TAG_COMMAND = "slotkeeper tag-limit"
 # --- output ---------------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal can take it: bytes that were not UTF-8 in the command line (kept
+    as lone surrogates by Python) come back as themselves, or as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _print(message: str, style: str | None = None, *, stderr: bool = False) -> None:
     # markup=False: a limit name such as "a[b]" must print as typed, not as rich markup.
-    Console(stderr=stderr).print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+    Console(stderr=stderr).print(
+        printable(message), style=style, markup=False, highlight=False, soft_wrap=True
+    )
 
 
 def _ok(message: str) -> None:
@@ -116,9 +129,9 @@ def relative_time(value: str, now: datetime | None = None) -> str:
     """An ISO-8601 time as a human reads it: ``"3 minutes ago"``, ``"in 5 minutes"``."""
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
-        return value
-    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+        seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+    except (TypeError, ValueError):  # not a time (or a naive one): shown as it is
+        return str(value)
     past = seconds >= 0
     span = abs(seconds)
     if span < 1:
@@ -129,6 +142,22 @@ def relative_time(value: str, now: datetime | None = None) -> str:
             text = f"{count} {unit}{'s' if count != 1 else ''}"
             return f"{text} ago" if past else f"in {text}"
     return "just now"  # pragma: no cover - span >= 1 always matches "second"
+
+
+#: An expiry further away than this reads "never": a tag-based (v1) hold lasts 100 years unless
+#: SLOTKEEPER_V1_HOLD_TTL_SECONDS says otherwise (Prefect's v1 holds never expire).
+NEVER_SECONDS = 10 * 365 * 86400.0
+
+
+def expires(value: str, now: datetime | None = None) -> str:
+    """When a lease or hold expires, as a human reads it: ``"in 5 minutes"``, or ``"never"``."""
+    try:
+        ahead = (datetime.fromisoformat(value) - (now or datetime.now(UTC))).total_seconds()
+    except (TypeError, ValueError):
+        return str(value)
+    if ahead > NEVER_SECONDS:
+        return "never"
+    return relative_time(value, now)
 
 
 def _cell(value: Any) -> Text:
@@ -153,12 +182,56 @@ class _Abort(Exception):
     """A command-level failure found while talking to the server: print it and exit 1."""
 
 
-ErrorMessages = Mapping[int, Callable[[ApiError], str]]
+#: The message printed for an error answer, by the answer's code (see ``errors.CODES``).
+ErrorMessages = Mapping[str, Callable[[ApiError], str]]
+
+
+def codes_of(*statuses: int) -> list[str]:
+    """Every code answered with one of these statuses."""
+    return [code for code, (status, _) in CODES.items() if status in statuses]
+
+
+def has_api_prefix(api_url: str) -> bool:
+    """Whether the URL's path ends with ``/api``, where the server's API is."""
+    return urlsplit(api_url).path.rstrip("/").endswith("/api")
+
+
+def answer_code(exc: ApiError, api_url: str) -> str:
+    """The code of an error answer. A server that sends none (Prefect's) is read by its status."""
+    if exc.code != "api_error":
+        return exc.code
+    if exc.status == 401:
+        return "unauthorized"
+    if exc.status == 404:
+        return "limit_not_found" if has_api_prefix(api_url) else "route_not_found"
+    return exc.code
+
+
+def no_route(exc: ApiError, api_url: str) -> str:
+    """What to say when the server has no such path: most often, ``/api`` is missing."""
+    if not has_api_prefix(api_url):
+        return (
+            f"The server at {api_url} has no such path (HTTP {exc.status}): its API is under /api. "
+            f"Did you mean --api-url {api_url.rstrip('/')}/api ?"
+        )
+    return f"Error: {exc.detail} (HTTP {exc.status}): is {api_url} a slotkeeper server?"
 
 
 def not_found(name: str) -> str:
     """Prefect's message for a limit that does not exist."""
     return f"Global concurrency limit '{name}' not found."
+
+
+#: The keys the commands read in a limit, a lease, a tag limit.
+LIMIT_KEYS = ("id", "name", "active", "limit", "active_slots", "slot_decay_per_second", "created", "updated")
+LEASE_KEYS = ("lease_id", "holder", "slots", "created", "expires", "fencing_token")
+TAG_LIMIT_KEYS = ("id", "tag", "concurrency_limit", "active_slots", "created", "updated")
+
+
+def _shaped(answer: Any, keys: tuple[str, ...]) -> bool:
+    """Whether ``answer`` is an object with ``keys``, or a list of such objects."""
+    items = answer if isinstance(answer, list) else [answer]
+    return all(isinstance(item, dict) and all(key in item for key in keys) for item in items)
 
 
 def _call(
@@ -167,11 +240,14 @@ def _call(
     *,
     name: str | None = None,
     errors: ErrorMessages | None = None,
+    keys: tuple[str, ...] = (),
 ) -> T:
     """Run ``work`` with a client of the target server; turn every failure into exit 1.
 
-    ``errors`` maps an HTTP status to the message printed for it; a 404 on a command about
-    ``name`` prints Prefect's not-found message.
+    ``errors`` maps an answer's code to the message printed for it; ``limit_not_found`` on a
+    command about ``name`` prints Prefect's not-found message. ``keys``: what the command reads
+    in the answer (an object, or each object of a list); an answer without them (another
+    server, another path) is refused here rather than half read.
     """
     target = ctx.find_object(Target) or Target(DEFAULT_API_URL, None)
 
@@ -180,7 +256,13 @@ def _call(
             return await work(client)
 
     try:
-        return asyncio.run(run())
+        answer = asyncio.run(run())
+        if keys and not _shaped(answer, keys):
+            raise _Abort(
+                f"The server at {target.api_url} answered in a shape this command does not know "
+                f"(it reads {', '.join(keys)}): is --api-url the /api of a slotkeeper server?"
+            )
+        return answer
     except _Abort as exc:
         _fail(str(exc))
     except ServerUnreachable as exc:
@@ -189,17 +271,20 @@ def _call(
             "or point --api-url (SLOTKEEPER_API_URL) at it."
         )
     except ApiError as exc:
-        if errors and exc.status in errors:
-            _fail(errors[exc.status](exc))
-        if exc.status == 404 and name is not None:
+        code = answer_code(exc, target.api_url)
+        if errors and code in errors:
+            _fail(errors[code](exc))
+        if code == "limit_not_found" and name is not None:
             _fail(not_found(name))
-        if exc.status == 401:
+        if code == "route_not_found":
+            _fail(no_route(exc, target.api_url))
+        if code == "unauthorized":
             _fail(
                 f"The server at {target.api_url} refused the request (401 Unauthorized): set "
                 "SLOTKEEPER_API_AUTH_STRING to its auth string ('user:password')."
             )
         _fail(f"Error: {exc.detail} (HTTP {exc.status})")
-    except ValueError as exc:  # a malformed --api-url
+    except ValueError as exc:  # a malformed --api-url, a name that cannot be sent
         _fail(str(exc))
 
 
@@ -236,6 +321,13 @@ NameArgument = Annotated[
 ]
 
 
+def finite(value: float | None) -> float | None:
+    """A float option's check: JSON (and a limit) has no NaN or infinity."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
 # --- limit commands -------------------------------------------------------------------------------
 
 
@@ -253,7 +345,7 @@ async def _all_limits(client: SlotkeeperClient) -> list[dict[str, Any]]:
 def ls(ctx: typer.Context, output: OutputOption = None) -> None:
     """List every limit, ordered by name."""
     as_json = _check_output(output)
-    limits = _call(ctx, _all_limits)
+    limits = _call(ctx, _all_limits, keys=LIMIT_KEYS)
     if as_json:
         _print_json(limits)
         return
@@ -300,7 +392,7 @@ def inspect(
     as_json = _check_output(output)
     if file is not None and not as_json:
         _fail("The --file/-f option requires the --output option to be set.")
-    lim = _call(ctx, lambda client: client.read_limit(name), name=name)
+    lim = _call(ctx, lambda client: client.read_limit(name), name=name, keys=LIMIT_KEYS)
     if file is not None:
         try:
             file.write_text(json.dumps(lim, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -331,7 +423,9 @@ def create(
     active_slots: Annotated[int, typer.Option("--active-slots", help="Slots taken from the start.")] = 0,
     slot_decay_per_second: Annotated[
         float,
-        typer.Option("--slot-decay-per-second", help="Slots freed per second (makes a rate limit)."),
+        typer.Option(
+            "--slot-decay-per-second", help="Slots freed per second (makes a rate limit).", callback=finite
+        ),
     ] = 0.0,
 ) -> None:
     """Create a limit."""
@@ -345,12 +439,13 @@ def create(
             slot_decay_per_second=slot_decay_per_second,
         ),
         errors={
-            409: lambda _: (
+            "name_taken": lambda _: (
                 f"Global concurrency limit '{name}' already exists. "
                 "Please try creating with a different name."
             ),
-            422: lambda exc: f"Invalid arguments provided: {exc.detail}",
+            **dict.fromkeys(codes_of(422), lambda exc: f"Invalid arguments provided: {exc.detail}"),
         },
+        keys=("id",),
     )
     _ok(
         f"Created global concurrency limit with name '{name}' and ID '{created['id']}'. "
@@ -369,7 +464,7 @@ def update(
         int | None, typer.Option("--active-slots", help="Set the slots taken without a lease.")
     ] = None,
     slot_decay_per_second: Annotated[
-        float | None, typer.Option("--slot-decay-per-second", help="New decay rate.")
+        float | None, typer.Option("--slot-decay-per-second", help="New decay rate.", callback=finite)
     ] = None,
 ) -> None:
     """Change some settings of a limit; the others stay as they are."""
@@ -387,9 +482,9 @@ def update(
     }
     if not fields:
         _fail("No update arguments provided.")
-    updating = {
-        status: lambda exc: f"Error updating global concurrency limit: {exc.detail}" for status in (409, 422)
-    }
+    updating = dict.fromkeys(
+        codes_of(409, 422), lambda exc: f"Error updating global concurrency limit: {exc.detail}"
+    )
     _call(ctx, lambda client: client.update_limit(name, **fields), name=name, errors=updating)
     _ok(f"Updated global concurrency limit with name '{name}'.")
 
@@ -421,7 +516,7 @@ def _set_active(ctx: typer.Context, name: str, active: bool) -> None:
 
     async def work(client: SlotkeeperClient) -> None:
         lim = await client.read_limit(name)
-        if lim["active"] == active:
+        if lim.get("active") == active:
             raise _Abort(f"Global concurrency limit with name '{name}' is already {state}.")
         await client.update_limit(name, active=active)
 
@@ -445,7 +540,7 @@ def disable(ctx: typer.Context, name: NameArgument) -> None:
 def leases(ctx: typer.Context, name: NameArgument, output: OutputOption = None) -> None:
     """List the live leases on a limit: who holds how many slots, until when."""
     as_json = _check_output(output)
-    found = _call(ctx, lambda client: client.list_leases(name), name=name)
+    found = _call(ctx, lambda client: client.list_leases(name), name=name, keys=LEASE_KEYS)
     if as_json:
         _print_json(found)
         return
@@ -466,7 +561,7 @@ def leases(ctx: typer.Context, name: NameArgument, output: OutputOption = None) 
             _cell(f"{holder['type']} {holder['id']}" if holder else None),
             _cell(lease["slots"]),
             _cell(relative_time(lease["created"])),
-            _cell(relative_time(lease["expires"])),
+            _cell(expires(lease["expires"])),
             _cell(lease["fencing_token"]),
         )
     _print_table(table)
@@ -484,40 +579,65 @@ TagArgument = Annotated[str, typer.Argument(metavar="TAG", help="The tag.", show
 
 
 def _tag_errors(tag: str) -> ErrorMessages:
-    return {404: lambda _: no_tag_limit(tag)}
+    return {"limit_not_found": lambda _: no_tag_limit(tag)}
 
 
-@tag_app.command("create")
+#: Printed when the size of a tag limit is given as a second argument (Prefect's form).
+POSITIONAL_LIMIT_DEPRECATED = (
+    f"Note: `{TAG_COMMAND} create TAG N` is deprecated and will be removed; "
+    f"give the size as --limit N (`{TAG_COMMAND} create TAG --limit N`, as `{LIMIT_COMMAND} create`)."
+)
+
+
+# ignore_unknown_options: the deprecated positional size may be negative ("-1" is not an option),
+# so that it is refused for its value, not as "No such option".
+@tag_app.command("create", context_settings={"ignore_unknown_options": True})
 def tag_create(
     ctx: typer.Context,
     tag: TagArgument,
-    concurrency_limit: Annotated[
-        int,
-        typer.Argument(
-            metavar="CONCURRENCY_LIMIT", help="How many task runs may hold the tag at once.", min=0
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", "-l", help="How many task runs may hold the tag at once.", min=0, show_default=False
         ),
-    ],
+    ] = None,
+    concurrency_limit: Annotated[
+        int | None,
+        typer.Argument(
+            metavar="CONCURRENCY_LIMIT", help="Deprecated: the size, as --limit.", min=0, show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Create the limit of a tag, or change its size (an upsert, as Prefect's)."""
+    if limit is not None and concurrency_limit is not None:
+        raise typer.BadParameter("give the size once, as --limit N.", param_hint="'--limit'")
+    if concurrency_limit is not None:
+        _print(POSITIONAL_LIMIT_DEPRECATED, "yellow", stderr=True)
+        limit = concurrency_limit
+    if limit is None:
+        raise typer.BadParameter("the size of the tag's limit is required.", param_hint="'--limit' / '-l'")
+    size = limit
 
     async def work(client: SlotkeeperClient) -> bool:
         try:
             await client.read_tag_limit(tag)
         except ApiError as exc:
-            if exc.status != 404:
+            # route_not_found: a tag such as "a/b" is no path; the upsert says what is wrong.
+            if answer_code(exc, client.base_url) not in ("limit_not_found", "route_not_found"):
                 raise
             existed = False
         else:
             existed = True
-        await client.upsert_tag_limit(tag, concurrency_limit)
+        await client.upsert_tag_limit(tag, size)
         return existed
 
-    existed = _call(ctx, work, errors={422: lambda exc: f"Invalid arguments provided: {exc.detail}"})
+    invalid = dict.fromkeys(codes_of(422), lambda exc: f"Invalid arguments provided: {exc.detail}")
+    existed = _call(ctx, work, errors=invalid)
     quoted = shlex.quote(tag)
     _ok(
         f"{'Updated' if existed else 'Created'} concurrency limit with properties:\n"
         f"    tag - {tag!r}\n"
-        f"    concurrency_limit - {concurrency_limit}\n\n"
+        f"    concurrency_limit - {size}\n\n"
         f"Delete the concurrency limit:\n    {TAG_COMMAND} delete {quoted}\n\n"
         f"Inspect the concurrency limit:\n    {TAG_COMMAND} inspect {quoted}"
     )
@@ -527,7 +647,7 @@ def tag_create(
 def tag_inspect(ctx: typer.Context, tag: TagArgument, output: OutputOption = None) -> None:
     """Show the limit of a tag and the task runs holding it."""
     as_json = _check_output(output)
-    lim = _call(ctx, lambda client: client.read_tag_limit(tag), errors=_tag_errors(tag))
+    lim = _call(ctx, lambda client: client.read_tag_limit(tag), errors=_tag_errors(tag), keys=TAG_LIMIT_KEYS)
     if as_json:
         _print_json(lim)
         return
@@ -560,7 +680,7 @@ def tag_ls(
 ) -> None:
     """List tag limits (one page, ordered by tag), most recently updated first."""
     as_json = _check_output(output)
-    page = _call(ctx, lambda client: client.list_tag_limits(limit, offset))
+    page = _call(ctx, lambda client: client.list_tag_limits(limit, offset), keys=TAG_LIMIT_KEYS)
     page.sort(key=lambda lim: lim.get("updated") or lim.get("created") or "", reverse=True)
     if as_json:
         _print_json(page)
@@ -613,7 +733,9 @@ def tag_delete(
 def tag_holders(ctx: typer.Context, tag: TagArgument, output: OutputOption = None) -> None:
     """List who holds a tag now (v1 holds and v2 leases), oldest first, and for how long."""
     as_json = _check_output(output)
-    found = _call(ctx, lambda client: client.list_leases(f"tag:{tag}"), errors=_tag_errors(tag))
+    found = _call(
+        ctx, lambda client: client.list_leases(f"tag:{tag}"), errors=_tag_errors(tag), keys=LEASE_KEYS
+    )
     if as_json:
         _print_json(found)
         return
@@ -633,7 +755,7 @@ def tag_holders(ctx: typer.Context, tag: TagArgument, output: OutputOption = Non
             _cell(f"{holder['type']} {holder['id']}" if holder else None),
             _cell(held_for(lease["created"], now)),
             _cell(lease["slots"]),
-            _cell(relative_time(lease["expires"], now)),
+            _cell(expires(lease["expires"], now)),
             _cell(lease["lease_id"]),
         )
     _print_table(table)
@@ -699,6 +821,13 @@ def start(
     level = settings.log_level.lower()
     if level not in set(LogLevel):
         _fail(f"Invalid log level {settings.log_level!r}: use one of {', '.join(LogLevel)}.")
+    try:
+        settings.host.encode("idna")  # what resolving it needs (uvicorn would raise, not say)
+    except UnicodeError as exc:
+        _fail(f"Cannot listen on {settings.host!r}: not a host name or address ({exc}).")
+    # The app migrates as it starts, too; a failure there would be a traceback from uvicorn's
+    # lifespan, so a database that cannot be opened is told here, in one line.
+    _migrate(settings.resolved_database_url, "open")
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     _print(f"Starting slotkeeper {__version__}, listening on http://{shown_host}:{settings.port}/api")
     _print(f"Database: {redact_url(settings.resolved_database_url)}")
@@ -707,20 +836,33 @@ def start(
     serve(create_app(settings), settings, level)
 
 
+def _migrate(url: str, doing: str) -> tuple[str | None, str | None]:
+    """Migrate the database at ``url`` (see :func:`slotkeeper.storage.migrate`), or exit 1 saying
+    why it could not be done (``doing``: "upgrade", "open")."""
+    import alembic.util.exc
+    import sqlalchemy.exc
+
+    from slotkeeper import storage
+
+    try:
+        return storage.migrate(url)
+    except (sqlalchemy.exc.SQLAlchemyError, alembic.util.exc.CommandError, ValueError, OSError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        _fail(f"Could not {doing} the database at {redact_url(url)}: {reason}")
+
+
 @db_app.command("upgrade")
 def upgrade() -> None:
     """Create or migrate the database of SLOTKEEPER_DATABASE_URL (default: SQLite under home)."""
-    import sqlalchemy.exc
-
-    from slotkeeper.storage import migrate
-
     url = _settings().resolved_database_url
-    try:
-        migrate(url)
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as exc:
-        reason = getattr(exc, "orig", None) or exc
-        _fail(f"Could not upgrade the database at {redact_url(url)}: {reason}")
-    _ok(f"Database {redact_url(url)} is up to date.")
+    before, after = _migrate(url, "upgrade")
+    shown = redact_url(url)
+    if before is None:
+        _ok(f"Created the schema of {shown} (revision {after}).")
+    elif before != after:
+        _ok(f"Upgraded {shown} from revision {before} to {after}.")
+    else:
+        _ok(f"Database {shown} is already up to date (revision {after}).")
 
 
 # The events group and `limit top` (their own module; registered on the groups above).
@@ -728,8 +870,21 @@ from slotkeeper import cli_events  # noqa: E402, F401
 
 
 def main() -> None:
-    """Entry point of the ``slotkeeper`` console script."""
-    app(prog_name="slotkeeper")
+    """Entry point of the ``slotkeeper`` console script.
+
+    Every failure a command expects is told in one line where it happens; anything else is a bug,
+    told in one line too (``tests/test_cli_hostile.py`` runs the commands in-process, where such an
+    exception fails the test instead).
+    """
+    try:
+        app(prog_name="slotkeeper")
+    except Exception as exc:
+        _print(
+            f"slotkeeper: unexpected error: {exc!r}. This is a bug in slotkeeper; please report it.",
+            "red",
+            stderr=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

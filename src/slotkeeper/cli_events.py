@@ -74,7 +74,10 @@ def parse_time(value: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     found = _RELATIVE.fullmatch(value.strip())
     if found:
-        return now - timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2)])
+        try:
+            return now - timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2)])
+        except OverflowError:  # further back than a date goes (year 1)
+            raise typer.BadParameter(f"{value!r} is further back than any date") from None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

@@ -1,4 +1,4 @@
-"""An async client of slotkeeper's HTTP API, over aiohttp: the CLI uses it, the SDK builds on it.
+"""An async client of slotkeeper's HTTP API, over aiohttp, for the CLI and for scripts.
 
     async with SlotkeeperClient("http://127.0.0.1:4200/api") as client:
         await client.create_limit("db", 10)
@@ -7,17 +7,19 @@
 Errors are translated where they cross this module, and nowhere else:
 
 * the server could not be reached (refused, reset, timed out) → :class:`ServerUnreachable`;
-* the server answered with a status of 400 or more → :class:`ApiError` whose ``detail`` is the
-  ``detail`` of the body or, for Prefect's 422 shape, the validation errors as ``field: msg``
-  joined with ``"; "``.
+* the server answered with a status of 400 or more → :class:`ApiError`, read by
+  :func:`slotkeeper.error_answers.api_error` (its ``code``, and its ``detail`` as a person reads it).
 
-aiohttp rather than httpx: a request costs a fraction of the CPU, and the SDK that acquires and
-releases slots around every unit of work calls this module on its hot path.
+aiohttp rather than httpx: a request costs a fraction of the CPU. The SDK does not use this
+module: it has its own small client (:mod:`slotkeeper.sdk._wire`, see ``docs/sdk.md``) and takes
+only the URL and auth of a client it is given. Proxies are taken from the environment
+(``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``), as other Python clients do.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
@@ -26,9 +28,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from slotkeeper.error_answers import api_error
 from slotkeeper.errors import ApiError, ServerUnreachable
 
-__all__ = ["DEFAULT_API_URL", "SlotkeeperClient", "error_detail", "limit_path"]
+__all__ = ["DEFAULT_API_URL", "SlotkeeperClient", "limit_path"]
 
 #: Where ``slotkeeper server start`` listens unless told otherwise.
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
@@ -78,7 +81,10 @@ class SlotkeeperClient:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            # trust_env: HTTP(S)_PROXY and NO_PROXY from the environment, as other clients.
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, trust_env=True
+            )
         return self._session
 
     async def close(self) -> None:
@@ -95,7 +101,7 @@ class SlotkeeperClient:
         """
         session = self._open()
         url = URL(self.base_url + path, encoded=True)
-        data = None if body is None else orjson.dumps(body)
+        data = None if body is None else json_body(body)
         try:
             async with session.request(
                 method, url, data=data, headers=_JSON_BODY if data is not None else None
@@ -103,6 +109,7 @@ class SlotkeeperClient:
                 payload = await response.read()
                 status = response.status
                 reason = response.reason or ""
+                headers = {k.lower(): v for k, v in response.headers.items()}
         except TimeoutError as exc:
             total = self._timeout.total
             raise ServerUnreachable(f"No answer from {self.base_url} within {total} s") from exc
@@ -111,7 +118,7 @@ class SlotkeeperClient:
                 f"Could not reach {self.base_url}: {str(exc) or type(exc).__name__}"
             ) from exc
         if status >= 400:
-            raise ApiError(status, error_detail(payload, reason or str(status)))
+            raise api_error(status, reason, headers, payload)
         if not payload:
             return None
         try:
@@ -220,55 +227,35 @@ class SlotkeeperClient:
         return self._headers.get("Authorization")
 
 
-def limit_path(id_or_name: str) -> str:
-    """The percent-encoded path of one limit. Names may hold spaces, ``?``, ``#``, non-ASCII."""
-    if not id_or_name:
-        raise ValueError("A limit id or name must not be empty")
-    segment = quote(id_or_name, safe="")
+def json_body(body: Any) -> bytes:
+    """``body`` as JSON. Integers of any size go as they are (the server says what is wrong with
+    one too large); a float that is not finite cannot be written in JSON: ValueError (orjson
+    would silently write null)."""
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        raise ValueError(f"Cannot send {body!r}: JSON has no NaN or infinity") from None
+
+
+def _segment(value: str, what: str) -> str:
+    """``value`` as one percent-encoded path segment."""
+    if not value:
+        raise ValueError(f"A {what} must not be empty")
+    try:
+        segment = quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ValueError(f"Not a valid {what}: {value!r} (it is not valid Unicode)") from None
     if segment in (".", ".."):
         # A bare dot segment would be resolved away by URL normalisation; %2E is kept as is.
         segment = segment.replace(".", "%2E")
-    return f"{_LIMITS}/{segment}"
+    return segment
+
+
+def limit_path(id_or_name: str) -> str:
+    """The percent-encoded path of one limit. Names may hold spaces, ``?``, ``#``, non-ASCII."""
+    return f"{_LIMITS}/{_segment(id_or_name, 'limit id or name')}"
 
 
 def _tag_path(tag: str) -> str:
     """The percent-encoded path of one tag limit."""
-    if not tag:
-        raise ValueError("A tag must not be empty")
-    segment = quote(tag, safe="")
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    return f"{_TAG_LIMITS}/tag/{segment}"
-
-
-def error_detail(payload: bytes, fallback: str) -> str:
-    """The message of an error body: ``detail``, Prefect's 422 ``exception_detail``, or text.
-
-    Validation errors read ``field: msg`` (``loc`` without its leading ``body``), joined with
-    ``"; "``, as Prefect's client shows them.
-    """
-    try:
-        body = orjson.loads(payload) if payload else None
-    except orjson.JSONDecodeError:
-        text = payload.decode("utf-8", "replace").strip()
-        return text[:500] or fallback
-    if not isinstance(body, dict):
-        return fallback if body is None else str(body)
-    for key in ("exception_detail", "detail"):
-        value = body.get(key)
-        if isinstance(value, list) and value:
-            return "; ".join(_validation_error(e) for e in value)
-        if isinstance(value, str) and value:
-            return value
-    message = body.get("exception_message")
-    return message if isinstance(message, str) and message else fallback
-
-
-def _validation_error(error: Any) -> str:
-    if not isinstance(error, dict):
-        return str(error)
-    loc = list(error.get("loc") or [])
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    msg = str(error.get("msg", "invalid"))
-    return f"{'.'.join(str(part) for part in loc)}: {msg}" if loc else msg
+    return f"{_TAG_LIMITS}/tag/{_segment(tag, 'tag')}"

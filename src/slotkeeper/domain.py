@@ -212,13 +212,14 @@ def check_request(limits: Sequence[Limit], slots: int, mode: Mode) -> None:
     more slots than an active limit holds, then ``rate_limit`` on active limits without decay."""
     candidates = [lim for lim in limits if lim.active]
     if any(lim.limit < slots for lim in candidates):
-        raise InvalidRequest("Slots requested is greater than the limit")
+        raise InvalidRequest("Slots requested is greater than the limit", code="slots_exceed_limit")
     if mode is Mode.RATE_LIMIT:
         without_decay = [lim.name for lim in candidates if lim.slot_decay_per_second <= 0]
         if without_decay:
             raise InvalidRequest(
                 "Only concurrency limits with slot decay can be used for rate limiting. "
-                f"The following limits do not have a decay configured: '{','.join(without_decay)}'"
+                f"The following limits do not have a decay configured: '{','.join(without_decay)}'",
+                code="rate_limit_without_decay",
             )
 
 
@@ -242,17 +243,31 @@ def next_avg_occupancy(avg: float, occupancy_seconds: float, slots: int, limit: 
     return avg + per_slot / window - avg / window
 
 
+def check_active_slots(active_slots: int, limit: int) -> None:
+    """An operator may say how many slots are taken (``active_slots``, at create or update), never
+    more than the limit has (:class:`InvalidRequest`, 422; Prefect accepts it). Lowering the
+    limit below what is taken stays allowed: the holders keep their slots."""
+    if active_slots > limit:
+        raise InvalidRequest(
+            f"active_slots cannot be set to {active_slots}: the limit is {limit}",
+            code="active_slots_above_limit",
+        )
+
+
 def set_active_slots(limit: Limit, active_slots: int, now: float) -> Limit:
     """An operator sets ``active_slots``: the pool takes whatever the live grants do not hold.
 
-    Setting it below what live leases hold would forget real holders; that is refused
-    (the caller turns the error into 409) instead of letting the count lie.
+    More than the limit is refused (:func:`check_active_slots`). Setting it below what live
+    leases hold would forget real holders; that is refused (the caller turns the error into 409)
+    instead of letting the count lie.
     """
+    check_active_slots(active_slots, limit.limit)
     if active_slots < limit.leased_slots:
         raise Conflict(
             f"active_slots cannot be set to {active_slots}: live leases hold "
             f"{limit.leased_slots} slot(s) of this limit. Release those leases first "
-            "(list them with GET /api/v2/concurrency_limits/{name}/leases)."
+            "(list them with GET /api/v2/concurrency_limits/{name}/leases).",
+            code="active_slots_below_leased",
         )
     return replace(limit, pool_slots=active_slots - limit.leased_slots, pool_clock=now)
 

@@ -32,4 +32,4 @@ async def version() -> Response:
 
 @router.get("/csrf-token", summary="CSRF token (protection is off, as on a default Prefect server)")
 async def csrf_token(client: str | None = None) -> Response:
-    return json_response({"detail": "CSRF protection is disabled."}, 422)
+    return json_response({"detail": "CSRF protection is disabled.", "code": "csrf_disabled"}, 422)

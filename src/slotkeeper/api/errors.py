@@ -2,7 +2,9 @@
 
 Shapes are Prefect's: ``{"detail": ...}`` for explicit errors, ``{"exception_message",
 "exception_detail", "request_body"}`` for invalid requests, ``{"exception_message": "Internal
-Server Error"}`` for bugs. A database that cannot be reached answers 503, never 500.
+Server Error"}`` for bugs. A database that cannot be reached answers 503, never 500. Every body
+also carries the error's stable ``code`` (:data:`slotkeeper.errors.CODES`), which Prefect's
+client ignores and slotkeeper's clients read.
 """
 
 from __future__ import annotations
@@ -19,9 +21,24 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from slotkeeper.api.responses import json_response
-from slotkeeper.errors import DomainError, ShuttingDown, SlotsUnavailable, StorageClosed, http_status
+from slotkeeper.errors import (
+    DomainError,
+    ShuttingDown,
+    SlotkeeperError,
+    SlotsUnavailable,
+    StorageClosed,
+    http_status,
+)
 
 log = logging.getLogger("slotkeeper.api")
+
+#: The code of an HTTP-level refusal (Starlette's ``HTTPException``), by status.
+HTTP_CODES = {
+    400: "bad_request",
+    404: "route_not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 
 
 def _database_errors() -> tuple[type[Exception], ...]:
@@ -48,7 +65,7 @@ async def _domain(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, SlotsUnavailable) and exc.retry_after is not None:
         headers = {"Retry-After": str(exc.retry_after)}
-    return json_response({"detail": exc.detail}, http_status(exc), headers)
+    return json_response({"detail": exc.detail, "code": exc.code}, http_status(exc), headers)
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:
@@ -57,6 +74,7 @@ async def _invalid(request: Request, exc: Exception) -> Response:
         "exception_message": "Invalid request received.",
         "exception_detail": jsonable_encoder(exc.errors()),
         "request_body": jsonable_encoder(_body_echo(exc.body)),
+        "code": "invalid_request",
     }
     try:
         return json_response(content, 422)
@@ -68,12 +86,15 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return json_response({"detail": exc.detail}, exc.status_code, dict(exc.headers or {}))
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return json_response({"detail": exc.detail, "code": code}, exc.status_code, dict(exc.headers or {}))
 
 
 async def _database(request: Request, exc: Exception) -> Response:
     log.error("database unavailable: %s", exc)
-    return json_response({"detail": "The database is unavailable; try again."}, 503, {"Retry-After": "1"})
+    code = exc.code if isinstance(exc, SlotkeeperError) else "database_unavailable"
+    body = {"detail": "The database is unavailable; try again.", "code": code}
+    return json_response(body, 503, {"Retry-After": "1"})
 
 
 async def _shutting_down(request: Request, exc: Exception) -> Response:
@@ -86,7 +107,7 @@ async def _shutting_down(request: Request, exc: Exception) -> Response:
 
 async def _bug(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return json_response({"exception_message": "Internal Server Error"}, 500)
+    return json_response({"exception_message": "Internal Server Error", "code": "internal_error"}, 500)
 
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]

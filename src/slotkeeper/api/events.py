@@ -167,7 +167,7 @@ async def read_events_next_page(request: Request, token: str = Query(alias="page
     try:
         event_filter, count, size, offset = read_page_token(token)
     except InvalidPageToken:
-        return json_response({"detail": "Forbidden"}, 403)
+        return json_response({"detail": "Forbidden", "code": "invalid_page_token"}, 403)
     events, _ = await _store(request).query(event_filter, size, offset, with_total=False)
     return _page(request, events, count, page_token(event_filter, count, size, offset + size))
 
@@ -179,5 +179,5 @@ async def count_events(request: Request, countable: Countable, body: CountReques
     try:
         counts = await store.count_by(countable, event_filter, body.time_unit, body.time_interval)
     except InvalidCountRequest as exc:
-        return json_response({"detail": str(exc)}, 422)
+        return json_response({"detail": str(exc), "code": "invalid_request"}, 422)
     return json_response([c.wire() for c in counts])

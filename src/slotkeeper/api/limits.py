@@ -118,7 +118,7 @@ def routers(settings: Settings) -> list[APIRouter]:
 
     @api.patch("/{id_or_name}", status_code=204, summary="Update a limit")
     async def update(request: Request, id_or_name: schemas.NameRef, body: schemas.LimitUpdate) -> Response:
-        changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
+        changes = body.model_dump(exclude_unset=True)  # nulls are refused by the model
         await _storage(request).update_limit(id_or_name, changes)
         return Response(status_code=204)
 

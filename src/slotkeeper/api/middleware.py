@@ -28,6 +28,10 @@ async def _send_json(send: Send, status: int, body: object) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def _too_large(max_bytes: int) -> dict[str, str]:
+    return {"detail": f"Request body is larger than {max_bytes} bytes.", "code": "body_too_large"}
+
+
 class BasicAuth:
     """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``.
 
@@ -44,7 +48,7 @@ class BasicAuth:
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
-            await _send_json(send, 401, {"exception_message": "Unauthorized"})
+            await _send_json(send, 401, {"exception_message": "Unauthorized", "code": "unauthorized"})
             return
         await self.app(scope, receive, send)
 
@@ -62,7 +66,7 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_json(send, 413, {"detail": f"Request body is larger than {self.max_bytes} bytes."})
+            await _send_json(send, 413, _too_large(self.max_bytes))
             return
         seen = 0
         started = False
@@ -86,9 +90,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_json(
-                    send, 413, {"detail": f"Request body is larger than {self.max_bytes} bytes."}
-                )
+                await _send_json(send, 413, _too_large(self.max_bytes))
 
 
 class _TooLarge(HTTPException):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode
@@ -45,8 +46,16 @@ def _storable(value: str) -> str:
 NameRef = Annotated[str, AfterValidator(_storable)]
 
 
+def not_blank(value: str) -> str:
+    """Refuse a name (or tag) that is only whitespace: it cannot be told apart when listed."""
+    if not value.strip():
+        raise ValueError("a name must not be blank (only whitespace)")
+    return value
+
+
 def _name(value: str) -> str:
     _storable(value)
+    not_blank(value)
     if domain.looks_like_uuid(value):
         raise ValueError("a limit name must not be a UUID: it could not be told from an id")
     return value
@@ -74,6 +83,17 @@ class LimitUpdate(Strict):
     active_slots: int | None = Field(default=None, ge=0, le=MAX_INT)
     denied_slots: int | None = Field(default=None, ge=0, le=MAX_INT)
     slot_decay_per_second: float | None = Field(default=None, ge=0, le=1e9)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # A key left out keeps its value; an explicit null would change nothing, silently
+        # (Prefect: a 409 from the column's NOT NULL). Say so instead.
+        if value is None:
+            raise PydanticCustomError(
+                "null_not_allowed", "Input should not be null: leave the field out to keep its value"
+            )
+        return value
 
     @field_validator("name")
     @classmethod

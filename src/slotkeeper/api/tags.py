@@ -33,6 +33,7 @@ Tag = Annotated[
     str,
     Field(min_length=1, max_length=1024 - len(TAG_PREFIX), pattern=domain.NAME_PATTERN),
     AfterValidator(schemas._storable),
+    AfterValidator(schemas.not_blank),
 ]
 
 

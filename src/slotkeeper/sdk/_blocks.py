@@ -28,7 +28,6 @@ from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.sdk import _core, _wire
 from slotkeeper.sdk._core import NOTHING_HELD, GrantedLimit, Lease, Spec
 from slotkeeper.sdk._runtime import Call, Runtime, runtime
-from slotkeeper.sdk._wire import Origin
 from slotkeeper.sdk.errors import ConcurrencyLeaseLostError, ConcurrencySlotAcquisitionError
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def target(client: SlotkeeperClient | None, api_url: str | None) -> tuple[str, s
     else:
         url = api_url or os.environ.get("SLOTKEEPER_API_URL") or DEFAULT_API_URL
         key = (url, _wire.authorization(os.environ.get("SLOTKEEPER_API_AUTH_STRING")))
-    Origin(*key)  # checks the URL here, in the caller's thread
+    _wire.api_url_parts(key[0])  # checks the URL here, in the caller's thread
     return key
 
 

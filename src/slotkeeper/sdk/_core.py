@@ -10,7 +10,11 @@ Acquisition (``increment-with-lease``), as a loop of requests:
    queue, with ``priority``. Each 423 counts against ``max_retries``, as in Prefect.
 3. If the server refuses to wait (422): a server without the queue (Prefect's) or with a lower
    maximum is remembered per server; a request naming a limit that does not exist or is inactive
-   is polled, Prefect's way (``Retry-After``), since the server only queues on active limits.
+   (code ``cannot_wait``) is polled, Prefect's way (``Retry-After``), since the server only queues
+   on active limits.
+
+Failures that say "not now" (an unreachable server, 503 ...) are retried by the one policy of
+:mod:`._retry`, within the caller's timeout.
 
 Requests that were sent are never abandoned half way: when the caller is cancelled, a quick
 request is finished and a waiting one is withdrawn by a half-close (see :mod:`._wire`), and a
@@ -21,17 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from slotkeeper.error_answers import api_error, error_detail, retry_after
 from slotkeeper.errors import ApiError, ServerUnreachable
-from slotkeeper.sdk import _wire
+from slotkeeper.sdk import _retry, _wire
 from slotkeeper.sdk._runtime import Endpoint, Runtime
 from slotkeeper.sdk.errors import AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError
 
@@ -48,24 +51,9 @@ QUICK_TIMEOUT_SECONDS = 30.0
 RENEW_FRACTION = 0.5
 #: Bound on one renewal request.
 RENEW_ATTEMPT_SECONDS = 10.0
-#: Cap of the pause between failed attempts (acquire, renew, release).
-BACKOFF_CAP_SECONDS = 10.0
-#: Failed attempts in a row (unreachable server, 429/502/503/504) before an acquisition fails.
-TRANSIENT_ATTEMPTS = 5
-#: Attempts at releasing a lease.
-RELEASE_ATTEMPTS = 3
-#: Statuses that say "not now" rather than "no".
-TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 V2 = "/v2/concurrency_limits"
 V1 = "/concurrency_limits"
-
-_MAX_WAIT = re.compile(r"wait_seconds: Input should be less than or equal to ([0-9.eE+]+)")
-
-
-def backoff(attempt: int) -> float:
-    """About 0.5, 1, 2, 4 ... s (capped), jittered into [0.75, 1.25] of that."""
-    return float(min(BACKOFF_CAP_SECONDS, 0.25 * 2 ** min(attempt, 16)) * random.uniform(0.75, 1.25))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +119,10 @@ class Spec:
 # --- answers ----------------------------------------------------------------------------------------
 
 
-def error_detail(payload: bytes, fallback: str) -> str:
-    """The message of an error answer, read as the CLI reads it (:func:`slotkeeper.client.error_detail`).
-
-    Imported on first use: ``slotkeeper.client`` imports aiohttp (about 0.3 s), which the SDK
-    does not otherwise need; error answers are off the hot path.
-    """
-    from slotkeeper.client import error_detail as read
-
-    return read(payload, fallback)
+def answer_error(answer: _wire.Answer) -> ApiError:
+    """The error an answer stands for (its code, detail, validation errors, Retry-After)."""
+    status, reason, headers, payload = answer
+    return api_error(status, reason, headers, payload)
 
 
 def failure(status: int, reason: str, payload: bytes) -> str:
@@ -147,14 +130,6 @@ def failure(status: int, reason: str, payload: bytes) -> str:
     detail = error_detail(payload, "")
     head = f"{status} {reason}".strip()
     return f"{head}: {detail}" if detail else head
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return None if value is None else max(float(value), 0.0)
-    except ValueError:
-        return None
 
 
 def timed_out(seconds: float | None, what: str = "slots") -> AcquireConcurrencySlotTimeoutError:
@@ -208,24 +183,24 @@ async def exchange(
 
 async def post(ep: Endpoint, path: str, body: dict[str, Any], timeout: float = QUICK_TIMEOUT_SECONDS) -> None:
     """A POST whose answer only matters by its status: :class:`ApiError` if 400 or more."""
-    status, reason, _, payload = await ep.pool.request("POST", path, orjson.dumps(body), timeout)
-    if status >= 400:
-        raise ApiError(status, error_detail(payload, reason or str(status)))
+    answer = await ep.pool.request("POST", path, orjson.dumps(body), timeout)
+    if answer[0] >= 400:
+        raise answer_error(answer)
 
 
 async def post_retried(ep: Endpoint, path: str, body: dict[str, Any], retry: bool = True) -> None:
-    """:func:`post`, tried up to :data:`RELEASE_ATTEMPTS` times (once unless ``retry``) while it
-    fails transiently (an unreachable server, :data:`TRANSIENT_STATUSES`); raises the last error."""
-    attempts = RELEASE_ATTEMPTS if retry else 1
-    for attempt in range(1, attempts + 1):
+    """:func:`post`, retried by the SDK's retry policy (:mod:`._retry`) while it fails
+    transiently (only tried once unless ``retry``); raises the last error."""
+    policy = _retry.Retry(attempts=_retry.ATTEMPTS if retry else 1)
+    while True:
         try:
             await post(ep, path, body)
             return
         except (ApiError, ServerUnreachable) as exc:
-            transient = isinstance(exc, ServerUnreachable) or exc.status in TRANSIENT_STATUSES
-            if not transient or attempt == attempts:
+            pause = policy.delay(exc)
+            if pause is None:
                 raise
-        await asyncio.sleep(backoff(attempt - 1))
+        await asyncio.sleep(pause)
 
 
 # --- acquisitions: what every kind shares ----------------------------------------------------------
@@ -234,10 +209,10 @@ async def post_retried(ep: Endpoint, path: str, body: dict[str, Any], retry: boo
 class Attempts:
     """The request loop of one acquisition (``concurrency``, ``rate_limit`` or v1), the same for
     every kind: ``timeout_seconds`` (:attr:`clock`), refusals (423) against ``max_retries``, and
-    the failures in a row that are not answers (an unreachable server, :data:`TRANSIENT_STATUSES`),
-    retried with backoff :data:`TRANSIENT_ATTEMPTS` times at most; a refusal starts that count
-    again. Errors read as Prefect's: ``Unable to acquire concurrency slots on ['db']: ...`` (v1:
-    ``Unable to acquire concurrency limits ['db']: ...``).
+    the failures that say "not now" (an unreachable server, a 503 ...), retried by the SDK's retry
+    policy (:mod:`._retry`), never past the timeout; a refusal ends a run of failures. Errors
+    read as Prefect's: ``Unable to acquire concurrency slots on ['db']: ...`` (v1: ``Unable to
+    acquire concurrency limits ['db']: ...``).
     """
 
     def __init__(
@@ -247,7 +222,7 @@ class Attempts:
         self.names = names
         self.retries = max_retries
         self.failed = f"Unable to acquire concurrency {'limits' if v1 else 'slots on'} {names!r}"
-        self.in_a_row = 0
+        self.retry = _retry.Retry()
 
     def error(self, detail: str) -> ConcurrencySlotAcquisitionError:
         return ConcurrencySlotAcquisitionError(f"{self.failed}: {detail}")
@@ -264,16 +239,16 @@ class Attempts:
         try:
             return await exchange(ep, path, body, wait, self.clock.remaining())
         except ServerUnreachable as exc:
-            self.in_a_row += 1
-            if self.in_a_row >= TRANSIENT_ATTEMPTS:
+            pause = self.retry.delay(exc)
+            if pause is None:
                 raise self.error(str(exc)) from exc
             log.warning("Could not reach the server to acquire %r (%s); retrying", self.names, exc)
-            await self.clock.pause(backoff(self.in_a_row))
+            await self.clock.pause(pause)
             return None
 
     def refused(self, answer: _wire.Answer) -> None:
         """A 423: one refusal more (raised if ``max_retries`` were already used up)."""
-        self.in_a_row = 0
+        self.retry.answered()
         if self.retries is not None:
             if self.retries <= 0:
                 raise self.rejection(answer)
@@ -282,12 +257,10 @@ class Attempts:
     async def retry_or_raise(self, answer: _wire.Answer) -> None:
         """Any other error answer: pause before the next attempt if it only says "not now" (and
         attempts remain), else raise it."""
-        if answer[0] in TRANSIENT_STATUSES:
-            self.in_a_row += 1
-            if self.in_a_row < TRANSIENT_ATTEMPTS:
-                await self.clock.pause(retry_after(answer[2]) or backoff(self.in_a_row))
-                return
-        raise self.rejection(answer)
+        pause = self.retry.delay(answer_error(answer))
+        if pause is None:
+            raise self.rejection(answer)
+        await self.clock.pause(pause)
 
 
 async def poll(ep: Endpoint, path: str, body: dict[str, Any], attempts: Attempts) -> tuple[bytes, bool]:
@@ -372,7 +345,7 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             await clock.pause(pause)
             continue
         if status == 422 and wait is not None:
-            action = refused(ep, spec, wait, error_detail(payload, ""))
+            action = refused(ep, spec, wait, answer_error(answer))
             if action == "poll":
                 # The server does not queue requests naming a limit that does not exist or is
                 # inactive (Prefect answers those at once): this one polls, Prefect's way.
@@ -386,36 +359,37 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
 def shutdown_place(payload: bytes) -> str | None:
     """The waiter id of a 503 ``shutting_down`` answer: the place in the queue the server kept
     for this request, which the next request names (``waiter_id``) to take it back."""
-    try:
-        answer = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(answer, dict) and answer.get("code") == "shutting_down":
-        place = answer.get("waiter_id")
-        return place if isinstance(place, str) else None
-    return None
+    error = api_error(503, "", {}, payload)
+    place = error.body.get("waiter_id") if error.code == "shutting_down" else None
+    return place if isinstance(place, str) else None
 
 
-def refused(ep: Endpoint, spec: Spec, wait: float, detail: str) -> str:
-    """The server answered 422 to a waiting request: learn why.
+def refused(ep: Endpoint, spec: Spec, wait: float, error: ApiError) -> str:
+    """The server answered 422 to a waiting request: learn why, from the answer's code and its
+    validation errors (a Prefect server sends no code, but the same validation errors).
 
     ``"again"``: it is the wait itself (the endpoint learnt the server's maximum wait, or that
-    it does not wait at all: a Prefect server); ``"poll"``: it is this request's limits (one does
-    not exist or is inactive); ``"fail"``: the request is wrong (``priority`` out of range).
+    it does not wait at all: a Prefect server); ``"poll"``: it is this request's limits (code
+    ``cannot_wait``: one does not exist or is inactive); ``"fail"``: the request is wrong
+    (``priority`` out of range, more slots than a limit has).
     """
-    if "wait_seconds" in detail:
-        found = _MAX_WAIT.search(detail)
-        if found and 0 < float(found.group(1)) < wait:
-            ep.wait_chunk = float(found.group(1))
+    refusal = error.field_error("wait_seconds")
+    if refusal is not None:
+        ctx = refusal.get("ctx")
+        bound = ctx.get("le") if refusal.get("type") == "less_than_equal" and isinstance(ctx, dict) else None
+        if isinstance(bound, int | float) and 0 < bound < wait:
+            ep.wait_chunk = float(bound)
             log.debug("%s waits at most %s s at a time", ep.base_url, ep.wait_chunk)
         else:
             ep.waits = False
-            log.info("%s does not wait on the server (%s): polling with Retry-After", ep.base_url, detail)
+            log.info(
+                "%s does not wait on the server (%s): polling with Retry-After", ep.base_url, error.detail
+            )
         return "again"
-    if "priority" in detail:
-        return "fail"
-    log.debug("The server will not queue %r (%s): polling instead", spec.names, detail)
-    return "poll"
+    if error.code == "cannot_wait":
+        log.debug("The server will not queue %r (%s): polling instead", spec.names, error.detail)
+        return "poll"
+    return "fail"
 
 
 def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, waited: bool) -> Lease:
@@ -504,7 +478,7 @@ class Renewal:
 
     async def _renew(self) -> None:
         loop = self.rt.loop
-        attempt = 0
+        retry = _retry.Retry(attempts=None, statuses=None)  # any failure but 410, until the expiry
         error = ""
         while not self.stopped:
             sent = loop.time()
@@ -524,26 +498,27 @@ class Renewal:
                     self.gone = True
                     self._lose("the server no longer has it (410: it expired or was revoked)")
                     return
-                error = f"{exc.status}: {exc.detail}"
+                error, pause = f"{exc.status}: {exc.detail}", retry.delay(exc)
             except ServerUnreachable as exc:
-                error = str(exc)
+                error, pause = str(exc), retry.delay(exc)
             except Exception as exc:  # never let the renewal die silently
                 log.exception("Unexpected error renewing concurrency lease %s", self.lease_id)
-                error = repr(exc)
+                error, pause = repr(exc), retry.delay(exc)
             else:
                 if self.stopped:  # released meanwhile: the renewal was finished, not wanted
                     return
-                if attempt:
+                if retry.failures:
                     log.info(
-                        "Concurrency lease %s renewed after %d failed attempt(s)", self.lease_id, attempt
+                        "Concurrency lease %s renewed after %d failed attempt(s)",
+                        self.lease_id,
+                        retry.failures,
                     )
                 self.expires = sent + self.duration
                 self._task = None
                 self._handle = loop.call_at(sent + self.duration * RENEW_FRACTION, self._due)
                 return
-            attempt += 1
             left = self.expires - loop.time()
-            delay = max(min(backoff(attempt), left), 0.0)  # the last pause ends at the expiry
+            delay = max(min(pause or 0.0, left), 0.0)  # the last pause ends at the expiry
             log.warning(
                 "Could not renew concurrency lease %s on %r (%s); retrying in %.1f s, %.1f s before it expires",
                 self.lease_id,

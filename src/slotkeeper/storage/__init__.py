@@ -12,6 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.storage.core import Backend, Storage
@@ -44,8 +45,11 @@ def _sqlalchemy_url(url: str) -> str:
     return "postgresql+psycopg://" + target.removeprefix("postgresql://")
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (creating the SQLite file if needed)."""
+def migrate(url: str, revision: str = "head") -> tuple[str | None, str | None]:
+    """Bring the database at ``url`` to ``revision`` (creating the SQLite file if needed).
+
+    Returns the schema's revision before and after (before is None: there was no schema).
+    """
     kind, target = parse_url(url)
     if kind == "sqlite" and target != ":memory:":
         Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -58,9 +62,12 @@ def migrate(url: str, revision: str = "head") -> None:
             config = Config()
             config.set_main_option("script_location", str(_MIGRATIONS))
             config.attributes["connection"] = connection
+            before = MigrationContext.configure(connection).get_current_revision()
             command.upgrade(config, revision)
+            after = MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+    return before, after
 
 
 def open_storage(url: str, *, pool_size: int = 8, retry_policy: RetryPolicy | None = None) -> Storage:

@@ -221,15 +221,17 @@ def check_waitable(request: AcquireRequest, found: list[Limit]) -> None:
     """
     missing = sorted(set(request.names) - {lim.name for lim in found})
     if missing:
-        raise InvalidRequest(_cannot_wait_for_missing(missing))
+        raise InvalidRequest(_cannot_wait_for_missing(missing), code="cannot_wait")
     inactive = [lim.name for lim in found if not lim.active]
     if inactive:
         raise InvalidRequest(
-            f"Cannot wait for inactive limits (they never block): {', '.join(map(repr, inactive))}"
+            f"Cannot wait for inactive limits (they never block): {', '.join(map(repr, inactive))}",
+            code="cannot_wait",
         )
     if request.mode is not Mode.CONCURRENCY:
         raise InvalidRequest(
-            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is computed from its decay"
+            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is computed from its decay",
+            code="cannot_wait",
         )
 
 
@@ -386,6 +388,7 @@ class Storage:
         return await self.backend.run(lambda tx: self._create(tx, spec))
 
     def _create(self, tx: Tx, spec: LimitSpec) -> LimitView:
+        domain.check_active_slots(spec.active_slots, spec.limit)
         now = self.clock()
         lim = Limit(
             id=str(uuid.uuid4()),
@@ -405,7 +408,9 @@ class Storage:
         try:
             tx.run(q.INSERT_LIMIT, _limit_params(lim))
         except tx.integrity_error:
-            raise Conflict(f"A concurrency limit named {spec.name!r} already exists.") from None
+            raise Conflict(
+                f"A concurrency limit named {spec.name!r} already exists.", code="name_taken"
+            ) from None
         write_events(tx, [builders.lifecycle_event(builders.CREATED, lim, now)])
         return LimitView(lim, spec.active_slots)
 
@@ -447,7 +452,9 @@ class Storage:
         try:
             tx.run(q.UPDATE_LIMIT, _limit_params(lim))
         except tx.integrity_error:
-            raise Conflict(f"A concurrency limit named {lim.name!r} already exists.") from None
+            raise Conflict(
+                f"A concurrency limit named {lim.name!r} already exists.", code="name_taken"
+            ) from None
         write_events(tx, [builders.lifecycle_event(builders.UPDATED, lim, now)])
         self._admit(tx, [lim.id])  # a larger or re-activated limit may let waiters in
         return LimitView(lim, lim.occupied(now))
@@ -528,7 +535,7 @@ class Storage:
         """
         why = deleted_while_waiting(lim.name)
         for (waiter_id,) in tx.all(q.SELECT_QUEUED_WAITERS_OF, {"id": lim.id}):
-            self._end_wait(tx, waiter_id, InvalidRequest(why))
+            self._end_wait(tx, waiter_id, InvalidRequest(why, code="cannot_wait"))
 
     def _end_wait(self, tx: Tx, waiter_id: str, outcome: Outcome) -> None:
         """End a queued wait with its grant or refusal, in this transaction.
@@ -1057,7 +1064,7 @@ class Storage:
         lease_id, refused = row
         if refused is not None:  # it names no limit any more: nothing to release, no queue moves
             tx.write(q.DELETE_WAITER, {"id": waiter_id})
-            return InvalidRequest(refused) if keep else None
+            return InvalidRequest(refused, code="cannot_wait") if keep else None
         if lease_id is not None and keep:
             created = tx.pending(q.SELECT_LEASE_CREATED, {"id": lease_id})
             tokens: dict[str, int] = dict(tx.all(q.SELECT_LEASE_TOKENS, {"lease_id": lease_id}))

@@ -196,7 +196,7 @@ class TagStore:
         found, now = self.storage._by_names(tx, [tag_name(t) for t in tags])
         zero = next((lim for lim in found if lim.limit == 0), None)
         if zero is not None:  # active or not, as Prefect
-            raise SlotsUnavailable(None, deadlock_detail(_tag(zero)))
+            raise SlotsUnavailable(None, deadlock_detail(_tag(zero)), code="limit_is_zero")
         active = [lim for lim in found if lim.active]
         if not active:
             return []
