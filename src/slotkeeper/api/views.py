@@ -14,7 +14,7 @@ functions here are the wire shapes, shared with the live streams (:mod:`slotkeep
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
@@ -140,7 +140,7 @@ def routers(settings: Settings) -> list[APIRouter]:
 
     @api.get("/{id_or_name}/queue", summary="The requests waiting for a limit, in order (slotkeeper)")
     async def queue(
-        request: Request, id_or_name: schemas.NameRef, limit: int | None = Query(default=None)
+        request: Request, id_or_name: schemas.NameRef, limit: Annotated[int | None, Query()] = None
     ) -> Response:
         state = await view_store(request).state(id_or_name, page(limit))
         return json_response([queued_json(w) for w in state.queue])
@@ -149,8 +149,8 @@ def routers(settings: Settings) -> list[APIRouter]:
     async def stats(
         request: Request,
         id_or_name: schemas.NameRef,
-        window_seconds: float = Query(default=3600.0, gt=0, le=MAX_STATS_WINDOW_SECONDS),
-        bucket_seconds: float = Query(default=60.0, ge=1, le=MAX_STATS_WINDOW_SECONDS),
+        window_seconds: Annotated[float, Query(gt=0, le=MAX_STATS_WINDOW_SECONDS)] = 3600.0,
+        bucket_seconds: Annotated[float, Query(ge=1, le=MAX_STATS_WINDOW_SECONDS)] = 60.0,
     ) -> Response:
         if window_seconds / bucket_seconds > MAX_STATS_BUCKETS:
             raise InvalidRequest(

@@ -35,13 +35,11 @@ function toast(text, kind = "info") {
   setTimeout(() => node.remove(), kind === "error" ? 8000 : 4000);
 }
 
-// Every call sends JSON (the API refuses other content types on its writes).
+// Every write is JSON, with or without a body (the API refuses other content types on writes).
 async function api(method, path, body) {
   const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
+  if (method !== "GET") init.headers["Content-Type"] = "application/json";
+  if (body !== undefined) init.body = JSON.stringify(body);
   const res = await fetch(path, init);
   if (res.status === 401) throw new Error("Not authorised: reload the page to sign in again.");
   if (!res.ok) {
@@ -267,7 +265,7 @@ function overviewPage(params) {
       h("span", { class: "spacer" }), legend(), pager, prev, next,
       h("button", { class: "primary", id: "new-limit", onclick: createLimit }, "New limit")),
     h("div", { class: "card" }, h("table", {},
-      h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Kind"), h("th", { class: "num" }, "Limit"),
+      h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Status"), h("th", { class: "num" }, "Limit"),
         h("th", {}, "In use"), h("th", { class: "num" }, "Leased"), h("th", { class: "num" }, "Pool"),
         h("th", { class: "num" }, "Waiters"), h("th", {}, ""))),
       body)));
@@ -336,7 +334,7 @@ function limitPage(name) {
   view.replaceChildren(
     title,
     h("div", { class: "card" }, figures),
-    h("div", { class: "grid" },
+    h("div", {},
       h("div", { class: "card" }, h("h2", {}, "Holders"), h("table", {},
         h("thead", {}, h("tr", {}, h("th", {}, "Lease"), h("th", {}, "Holder"), h("th", { class: "num" }, "Slots"),
           h("th", {}, "Since"), h("th", {}, "Expires in"), h("th", { class: "num" }, "Fencing token"), h("th", {}, ""))),
