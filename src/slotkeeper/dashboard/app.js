@@ -270,25 +270,51 @@ function overviewPage(params) {
         h("th", { class: "num" }, "Waiters"), h("th", {}, ""))),
       body)));
 
-  function row(lim) {
+  // A row's cells are filled again in place by each view (`fill`): its buttons stay the same
+  // nodes, so a click is never lost to an update arriving under the pointer. Their handlers read
+  // the row's latest limit.
+  const rows = new Map();
+  function row(name) {
+    const tr = h("tr", { "data-limit": name });
+    const toggle = h("button", { class: "small toggle", onclick: () => setActive(tr.lim, !tr.lim.active) });
+    tr.append(
+      h("td", { class: "name" }, h("a", { href: limitHash(name) }, name)),
+      h("td", { class: "status" }), h("td", { class: "num limit" }), h("td", { class: "usage" }),
+      h("td", { class: "num leased" }), h("td", { class: "num pool" }), h("td", { class: "num waiters" }),
+      h("td", {}, toggle, " ",
+        h("button", { class: "small", onclick: () => editLimit(tr.lim) }, "Edit"), " ",
+        h("button", { class: "small danger", onclick: () => deleteLimit(tr.lim) }, "Delete")));
+    return tr;
+  }
+
+  function fill(tr, lim) {
+    tr.lim = lim;
     const pool = poolNow(lim);
-    return h("tr", { "data-limit": lim.name, class: lim.active ? "" : "inactive" },
-      h("td", { class: "name" }, h("a", { href: limitHash(lim.name) }, lim.name)),
-      h("td", {}, badges(lim)),
-      h("td", { class: "num" }, lim.limit),
-      h("td", { class: "usage" }, usageBar(lim, pool), " ", `${lim.leased_slots + pool} / ${lim.limit}`),
-      h("td", { class: "num leased" }, lim.leased_slots),
-      h("td", { class: "num pool" }, pool),
-      h("td", { class: "num waiters", title: `${lim.waiting_slots} slot(s) asked` }, lim.waiters),
-      h("td", {},
-        h("button", { class: "small", onclick: () => setActive(lim, !lim.active) }, lim.active ? "Disable" : "Enable"), " ",
-        h("button", { class: "small", onclick: () => editLimit(lim) }, "Edit"), " ",
-        h("button", { class: "small danger", onclick: () => deleteLimit(lim) }, "Delete")));
+    const cell = (name) => tr.querySelector(`td.${name}`);
+    tr.className = lim.active ? "" : "inactive";
+    cell("status").replaceChildren(...badges(lim));
+    cell("limit").textContent = lim.limit;
+    cell("usage").replaceChildren(usageBar(lim, pool), " ", `${lim.leased_slots + pool} / ${lim.limit}`);
+    cell("leased").textContent = lim.leased_slots;
+    cell("pool").textContent = pool;
+    cell("waiters").textContent = lim.waiters;
+    cell("waiters").title = `${lim.waiting_slots} slot(s) asked`;
+    tr.querySelector("button.toggle").textContent = lim.active ? "Disable" : "Enable";
   }
 
   function render() {
-    body.replaceChildren(...(limits.length ? limits.map(row)
-      : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, prefix ? "No limit starts with that." : "No limits yet."))]));
+    const names = limits.map((lim) => lim.name);
+    for (const name of [...rows.keys()]) if (!names.includes(name)) rows.delete(name);
+    for (const lim of limits) {
+      if (!rows.has(lim.name)) rows.set(lim.name, row(lim.name));
+      fill(rows.get(lim.name), lim);
+    }
+    const shown = [...body.querySelectorAll("tr[data-limit]")].map((tr) => tr.dataset.limit);
+    if (!limits.length) {
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 8, class: "empty" }, prefix ? "No limit starts with that." : "No limits yet.")));
+    } else if (shown.join("\n") !== names.join("\n")) {
+      body.replaceChildren(...names.map((name) => rows.get(name)));
+    }
     pager.textContent = total ? `${offset + 1}–${offset + limits.length} of ${total}` : "";
     prev.disabled = offset === 0;
     next.disabled = offset + limits.length >= total;
@@ -308,11 +334,8 @@ function overviewPage(params) {
   const ticker = setInterval(() => {
     for (const lim of limits) {
       if (!lim.rate_limit || lim.pool_slots === 0) continue;
-      const tr = body.querySelector(`tr[data-limit="${CSS.escape(lim.name)}"]`);
-      if (!tr) continue;
-      const pool = poolNow(lim);
-      tr.querySelector(".pool").textContent = pool;
-      tr.querySelector(".usage").replaceChildren(usageBar(lim, pool), " ", `${lim.leased_slots + pool} / ${lim.limit}`);
+      const tr = rows.get(lim.name);
+      if (tr) fill(tr, lim);
     }
   }, TICK_MS);
   return { close: () => { source.close(); clearInterval(ticker); } };
@@ -368,17 +391,37 @@ function limitPage(name) {
       h("div", { class: "stat" }, usageBar(lim, pool), legend()));
   }
 
-  function renderHolders() {
-    const now = clock.now();
-    holders.replaceChildren(...(state.holders.length ? state.holders.map((lease) => h("tr", { "data-lease": lease.lease_id },
+  // Holder rows are kept by lease id (a lease's row, and its button, stay the same node while it
+  // lives); only a renewal changes one: its expiry.
+  const holderRows = new Map();
+  function holderRow(lease, now) {
+    return h("tr", { "data-lease": lease.lease_id },
       h("td", { class: "mono" }, lease.lease_id),
       h("td", { class: "mono" }, holderText(lease.holder)),
       h("td", { class: "num" }, lease.slots),
       h("td", { class: "since", title: lease.created, "data-at": epoch(lease.created) }, `${duration(now - epoch(lease.created))} ago`),
-      h("td", { class: "expires", title: lease.expires, "data-at": epoch(lease.expires) }, duration(epoch(lease.expires) - now)),
+      h("td", { class: "expires" }),
       h("td", { class: "num" }, lease.fencing_token),
-      h("td", {}, h("button", { class: "small danger", onclick: () => endLease(lease) }, "End lease"))))
-      : [h("tr", {}, h("td", { colspan: 7, class: "empty" }, "Nobody holds this limit."))]));
+      h("td", {}, h("button", { class: "small danger", onclick: () => endLease(lease) }, "End lease")));
+  }
+
+  function renderHolders() {
+    const now = clock.now();
+    const ids = state.holders.map((lease) => lease.lease_id);
+    for (const id of [...holderRows.keys()]) if (!ids.includes(id)) holderRows.delete(id);
+    for (const lease of state.holders) {
+      if (!holderRows.has(lease.lease_id)) holderRows.set(lease.lease_id, holderRow(lease, now));
+      const expires = holderRows.get(lease.lease_id).querySelector("td.expires");
+      expires.title = lease.expires;
+      expires.dataset.at = epoch(lease.expires);
+      expires.textContent = duration(epoch(lease.expires) - now);
+    }
+    const shown = [...holders.querySelectorAll("tr[data-lease]")].map((tr) => tr.dataset.lease);
+    if (!ids.length) {
+      holders.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "Nobody holds this limit.")));
+    } else if (shown.join() !== ids.join()) {
+      holders.replaceChildren(...ids.map((id) => holderRows.get(id)));
+    }
   }
 
   function renderQueue() {
