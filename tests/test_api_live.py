@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +25,7 @@ from slotkeeper.api.app import create_app
 from slotkeeper.events.broker import Broker
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
-from tests.conftest import serving
+from tests.conftest import ServerProcess, serving
 
 V2 = "/v2/concurrency_limits"
 #: Bound on waiting for one message (against hanging, not a timing claim).
@@ -202,3 +205,29 @@ async def _drain(stream: Stream) -> Message | None:
     while (message := await stream.next()) is not None:
         pass
     return message
+
+
+@pytest.mark.slow
+def test_a_server_with_dashboards_open_stops_at_once(tmp_path: Path) -> None:
+    """SIGTERM ends the open streams first: uvicorn would otherwise wait for them for the whole
+    grace period (the bound below is half of it: a stop takes about a second here)."""
+    grace = 30.0
+    with ServerProcess(tmp_path / "home", SLOTKEEPER_SHUTDOWN_GRACE_SECONDS=str(grace)) as server:
+        assert server.call("POST", f"{V2}/", {"name": "db", "limit": 1})[0] == 201
+        assert server.process is not None
+        with (
+            httpx.Client(timeout=PATIENCE_SECONDS) as http,
+            http.stream("GET", f"{server.url}/live/limits/db") as one,
+            http.stream("GET", f"{server.url}/live/limits") as two,
+        ):
+            lines = [one.iter_lines(), two.iter_lines()]
+            for stream, first in zip(lines, ("event: state", "event: overview"), strict=True):
+                assert first in stream  # read up to its first view
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            for stream in lines:
+                for _ in stream:  # to the end: the server closes it
+                    pass
+            server.process.wait(timeout=grace)
+            took = time.monotonic() - started
+        assert took < grace / 2, server.log_text()

@@ -17,9 +17,9 @@ the first read, so nothing falls in between.
 Server-sent events are plain HTTP GETs: they go through the same basic auth as the API (a browser
 sends the credentials it holds for the page), and ``EventSource`` reconnects by itself. A stream
 ends after ``STREAM_SECONDS`` (the browser reconnects within ``RETRY_MILLISECONDS``, and gets a
-fresh view and the backfill again; it ignores events it has): uvicorn waits for open responses
-when the server stops, so a stream must not outlive a graceful shutdown by much; :func:`end_streams`
-ends them all at once for a shutdown that knows to call it.
+fresh view and the backfill again; it ignores events it has). uvicorn waits for open responses
+when the server stops: the server's shutdown (:mod:`slotkeeper.api.server`) ends every stream at
+once with :func:`end_streams`; the lifetime bounds the wait of a server run otherwise.
 """
 
 from __future__ import annotations
