@@ -23,13 +23,16 @@ import signal
 import statistics
 import sys
 import threading
-import time
+from pathlib import Path
 from types import FrameType
 
 import aiohttp
-import scenarios
-import servers
-from loadgen import Job, WorkerPool, merge, split_clients
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import scenarios, servers
+from benchmarks.loadgen import WorkerPool
+from benchmarks.observability import pairs as measure
 
 LIMITS = 64
 PROCS = 2
@@ -73,26 +76,6 @@ class Dashboard:
         self._thread.join(10)
 
 
-def measure(pool: WorkerPool, server: servers.Server, clients: int, window: float) -> tuple[float, float]:
-    """Pairs per second over one window, and the server's CPU per pair in that window (µs)."""
-    warmup = 1.0
-    jobs = [
-        Job("pairs", server.base_url, share, warmup, window, grace=2.0, request_timeout=30.0, max_ops=10**9)
-        for share in split_clients(clients, PROCS)
-    ]
-    pool.prepare(jobs, timeout=60)
-    start = time.time() + 0.5
-    pool.start(start)
-    time.sleep(max(0.0, start + warmup - time.time()))
-    cpu = servers.cpu_seconds(server.pids())
-    time.sleep(max(0.0, start + warmup + window - time.time()))
-    cpu = servers.cpu_seconds(server.pids()) - cpu
-    merged = merge(pool.collect(timeout=window + 60))
-    if merged.errors:
-        print(f"  errors: {merged.errors}", file=sys.stderr)
-    return merged.completed / window, cpu / max(merged.completed, 1) * 1e6
-
-
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # the server and the workers are stopped on the way out
 
@@ -122,10 +105,10 @@ def main() -> None:
         for rnd in range(args.rounds):
             for variant in ["alone", "watched"] if rnd % 2 == 0 else ["watched", "alone"]:
                 if variant == "alone":
-                    rate, per_pair = measure(pool, server, args.clients, args.window)
+                    rate, per_pair = measure(pool, server, args.clients, 1.0, args.window)
                 else:
                     with Dashboard(server.base_url) as dashboard:
-                        rate, per_pair = measure(pool, server, args.clients, args.window)
+                        rate, per_pair = measure(pool, server, args.clients, 1.0, args.window)
                     messages.append(dashboard.messages)
                 pairs[variant].append(rate)
                 cpu[variant].append(per_pair)
