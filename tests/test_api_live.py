@@ -162,7 +162,10 @@ async def test_a_stream_of_no_such_limit_is_404(server: tuple[str, Any]) -> None
     url, _ = server
     async with httpx.AsyncClient(base_url=url) as api:
         r = await api.get("/live/limits/nothing")
-        assert (r.status_code, r.json()) == (404, {"detail": "Concurrency Limit not found"})
+        assert (r.status_code, r.json()) == (
+            404,
+            {"detail": "Concurrency Limit not found", "code": "limit_not_found"},
+        )
         assert (await api.get("/live/limits/db", params={"backfill": 201})).status_code == 422
         assert (await api.get("/live/limits", params={"limit": 201})).status_code == 422
 

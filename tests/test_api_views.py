@@ -19,7 +19,8 @@ from slotkeeper.storage import Storage
 from tests.conftest import FakeClock, basic_auth
 
 V2 = "/v2/concurrency_limits"
-LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked"}
+LEASE_GONE = {"detail": "Lease not found - it may have expired or been revoked", "code": "lease_gone"}
+NOT_FOUND = {"detail": "Concurrency Limit not found", "code": "limit_not_found"}
 
 
 async def create(client: httpx.AsyncClient, name: str, limit: int = 1, **fields: Any) -> dict[str, Any]:
@@ -122,7 +123,7 @@ async def test_the_queue_lists_waiters_in_order(client: httpx.AsyncClient, clock
     assert queue[0]["enqueued"] > queue[1]["enqueued"]
     r = await client.get(f"{V2}/db/queue", params={"limit": 1})
     assert [w["priority"] for w in r.json()] == [3]
-    assert (await client.get(f"{V2}/nothing/queue")).json() == {"detail": "Concurrency Limit not found"}
+    assert (await client.get(f"{V2}/nothing/queue")).json() == NOT_FOUND
     assert (await client.get(f"{V2}/db/queue", params={"limit": 201})).status_code == 422
     first.cancel()
     urgent.cancel()
@@ -202,9 +203,12 @@ async def test_the_dashboard_is_served_and_asks_a_browser_to_sign_in(
                 r = await http.get(path)
                 assert r.status_code == 401, path
                 assert r.headers["www-authenticate"] == 'Basic realm="slotkeeper", charset="UTF-8"'
-            # The API's 401 stays Prefect's: the same body, and no challenge.
+            # The API's 401 stays Prefect's (with the code every error has), and no challenge.
             r = await http.post(f"/api{V2}/overview", json={})
-            assert (r.status_code, r.json()) == (401, {"exception_message": "Unauthorized"})
+            assert (r.status_code, r.json()) == (
+                401,
+                {"exception_message": "Unauthorized", "code": "unauthorized"},
+            )
             assert "www-authenticate" not in r.headers
 
             auth = {"Authorization": basic_auth("admin:secret")}
