@@ -98,3 +98,55 @@ class TagLimitView:
     def tag(self) -> str:
         """The tag: the limit's name without its ``tag:`` prefix."""
         return self.limit.name.removeprefix("tag:")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSummary:
+    """A limit as an operator's overview shows it: the limit as read (its ``leased_slots`` summed,
+    its pool as stored, to be settled at ``now``) and its queue: how many requests wait on the
+    server and for how many slots in all."""
+
+    limit: Limit
+    waiters: int
+    waiting_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request waiting in one limit's queue; ``position`` 1 is served next. ``limits`` is how
+    many limits it waits for (it is granted all of them at once)."""
+
+    position: int
+    waiter_id: str
+    priority: int
+    slots: int
+    enqueued: float
+    deadline: float
+    holder: Holder | None
+    limits: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit as its page shows it, read at ``now``: the summary, its live leases (oldest
+    first) and the head of its queue (in order; ``summary.waiters`` counts all of it)."""
+
+    summary: LimitSummary
+    holders: list[LeaseInfo]
+    queue: list[QueuedRequest]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class GrantBucket:
+    """The grants of one limit in one time bucket ``[start, start + width)``: how many, and the
+    nearest-rank percentiles and maximum of how long they waited in the queue (a grant made at
+    once waited 0 s); None without grants. ``seconds`` is the part of the bucket already past."""
+
+    start: float
+    seconds: float
+    grants: int
+    wait_p50: float | None
+    wait_p90: float | None
+    wait_p99: float | None
+    wait_max: float | None

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, errors, events, limits, stats, tags, websockets
+from slotkeeper.api import admin, dashboard, errors, events, limits, live, stats, tags, views, websockets
 from slotkeeper.api import metrics as metrics_route
 from slotkeeper.api.access import RequestLog
 from slotkeeper.api.fastroute import FastRoute
@@ -171,6 +171,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         stats.router(settings),
         *limits.routers(settings),
         *tags.routers(settings),
+        *views.routers(settings),
+        *live.routers(settings),
         events.router,
         websockets.router,
     ]
@@ -184,5 +186,6 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     ]
     if settings.metrics_enabled:
         app.include_router(metrics_route.router)
+    dashboard.install(app)
     errors.install(app)
     return app

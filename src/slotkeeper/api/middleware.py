@@ -12,17 +12,29 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from slotkeeper.api.dashboard import is_page
+
 #: GET on these paths needs no auth, so orchestrators can probe health (as Prefect).
 OPEN_PATHS = frozenset({"/api/health", "/api/ready"})
 
 
-async def _send_json(send: Send, status: int, body: object) -> None:
+#: Asks a browser to sign in (the dashboard's pages only: the API's 401 stays Prefect's).
+CHALLENGE = (b"www-authenticate", b'Basic realm="slotkeeper", charset="UTF-8"')
+
+
+async def _send_json(
+    send: Send, status: int, body: object, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     data = orjson.dumps(body)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
@@ -35,7 +47,10 @@ def _too_large(max_bytes: int) -> dict[str, str]:
 class BasicAuth:
     """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``.
 
-    ``open_paths``: more paths that GET may read without it (``/metrics`` when opened)."""
+    ``open_paths``: more paths that GET may read without it (``/metrics`` when opened). A refused
+    request to the dashboard's pages also gets ``WWW-Authenticate``, so that a browser asks its
+    user to sign in; the API's 401 is Prefect's, without it.
+    """
 
     def __init__(self, app: ASGIApp, auth_string: str, open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -48,7 +63,10 @@ class BasicAuth:
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
-            await _send_json(send, 401, {"exception_message": "Unauthorized", "code": "unauthorized"})
+            challenge = (CHALLENGE,) if is_page(scope["path"]) else ()
+            await _send_json(
+                send, 401, {"exception_message": "Unauthorized", "code": "unauthorized"}, challenge
+            )
             return
         await self.app(scope, receive, send)
 

@@ -2,7 +2,8 @@
 
 uvicorn's own shutdown (on SIGTERM or SIGINT) stops accepting connections, then waits for every
 request in flight, and a request waiting in the queue may wait for an hour. Here the shutdown
-first stops accepting, then answers every waiting request at once with 503 ``shutting_down``
+first stops accepting and ends the live views' streams (:func:`slotkeeper.api.live.end_streams`;
+browsers reconnect to whichever server answers), then answers every waiting request at once with 503 ``shutting_down``
 and its waiter id (:meth:`slotkeeper.storage.Storage.detach_waiters`: its place in the queue is
 kept for ``SLOTKEEPER_DETACHED_WAITER_SECONDS``, for its retry on this server restarted or on any
 other process of the database), then gives the other requests in flight up to
@@ -19,6 +20,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from slotkeeper.api import live
 from slotkeeper.settings import Settings
 from slotkeeper.storage.core import SHUTDOWN_RETRY_AFTER
 
@@ -38,6 +40,7 @@ class Server(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        live.end_streams(self.app)  # the dashboards' streams, which uvicorn would wait for
         storage = getattr(self.app.state, "storage", None)
         if storage is not None:
             try:

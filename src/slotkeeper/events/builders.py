@@ -57,11 +57,14 @@ def slot_event(
     occurred: float,
     holder: Holder | None = None,
     follows: str | None = None,
+    payload: dict[str, object] | None = None,
 ) -> EventRecord:
     """An acquired or released event for one limit of a batch.
 
     ``batch`` is the ids of every limit of the same acquisition; each other one becomes a related
-    resource with role ``concurrency-limit``. The holder, when known, is related too.
+    resource with role ``concurrency-limit``. The holder, when known, is related too. ``payload``
+    is empty (as Prefect's) unless the server has something to add: :func:`waited_payload`,
+    :func:`ended_payload`.
     """
     related = [
         {"prefect.resource.id": limit_resource_id(other), "prefect.resource.role": "concurrency-limit"}
@@ -81,10 +84,30 @@ def slot_event(
             "limit": str(limit.limit),
         },
         related=related,
-        payload={},
+        payload=payload or {},
         follows=follows,
         received=occurred,
     )
+
+
+#: Payload key of an acquired event whose grant waited in the server-side queue: how long (s).
+WAITED_SECONDS = "waited_seconds"
+#: Payload key of a released event that says why its lease ended, when it was not its holder.
+REASON = "reason"
+#: The causes a released event states in its payload (``reason``): an operator's end
+#: (``DELETE /api/v2/concurrency_limits/leases/{id}``). The others are Prefect's plain events.
+STATED_CAUSES = frozenset({OPERATOR})
+
+
+def waited_payload(waited: float) -> dict[str, object]:
+    """The payload of an acquired event granted from the queue: the seconds its request waited
+    there (a grant made at once has an empty payload: it waited 0 s)."""
+    return {WAITED_SECONDS: round(max(waited, 0.0), 6)}
+
+
+def ended_payload(reason: str | None) -> dict[str, object]:
+    """The payload of a released event: ``{"reason": reason}``, or empty without one."""
+    return {REASON: reason} if reason else {}
 
 
 #: The ``kind`` of a lease that is a tag-based (v1) hold: its slot events are the v1 pair.
@@ -106,6 +129,7 @@ def v1_slot_event(
     occurred: float,
     task_run_id: str,
     follows: str | None = None,
+    payload: dict[str, object] | None = None,
 ) -> EventRecord:
     """A v1 acquired or released event for one tag limit of a v1 hold (one slot each).
 
@@ -128,7 +152,7 @@ def v1_slot_event(
             "task_run_id": task_run_id,
         },
         related=related,
-        payload={},
+        payload=payload or {},
         follows=follows,
         received=occurred,
     )
@@ -143,8 +167,10 @@ def released_event(
     occurred: float,
     holder: Holder | None,
     follows: str | None,
+    reason: str | None = None,
 ) -> EventRecord:
-    """The released event of one grant of a lease of this ``kind`` (v1 holds get the v1 event)."""
+    """The released event of one grant of a lease of this ``kind`` (v1 holds get the v1 event);
+    ``reason`` says why the lease ended when its holder did not end it (:data:`OPERATOR`)."""
     if kind == V1_HOLD:
         return v1_slot_event(
             V1_RELEASED,
@@ -153,9 +179,17 @@ def released_event(
             occurred=occurred,
             task_run_id=holder.id if holder else "",
             follows=follows,
+            payload=ended_payload(reason),
         )
     return slot_event(
-        RELEASED, limit, slots=slots, batch=batch, occurred=occurred, holder=holder, follows=follows
+        RELEASED,
+        limit,
+        slots=slots,
+        batch=batch,
+        occurred=occurred,
+        holder=holder,
+        follows=follows,
+        payload=ended_payload(reason),
     )
 
 

@@ -921,12 +921,19 @@ class Storage:
         mode: Mode,
         lease: LeaseSpec | None,
         now: float,
+        waited: float | None = None,
     ) -> Granted:
-        """Write a decided acquisition: limits, acquired events, and the lease with its grants."""
+        """Write a decided acquisition: limits, acquired events, and the lease with its grants.
+
+        ``waited``: how long a grant from the queue waited there (its acquired events say so).
+        """
         holder = lease.holder if lease else None
         batch = [lim.id for lim in decision.limits]
+        payload = None if waited is None else builders.waited_payload(waited)
         acquired = [
-            builders.slot_event(builders.ACQUIRED, lim, slots=slots, batch=batch, occurred=now, holder=holder)
+            builders.slot_event(
+                builders.ACQUIRED, lim, slots=slots, batch=batch, occurred=now, holder=holder, payload=payload
+            )
             for lim in decision.limits
         ]
         written = decision.limits
@@ -1039,8 +1046,9 @@ class Storage:
                 found, waiter.slots, Mode.CONCURRENCY, leased=True, now=now, retry_after=self.retry_policy
             )
             row = info[waiter.id]
+            lease = LeaseSpec(row[4], _holder(row[5], row[6]))
             granted = self._grant(
-                tx, decision, waiter.slots, Mode.CONCURRENCY, LeaseSpec(row[4], _holder(row[5], row[6])), now
+                tx, decision, waiter.slots, Mode.CONCURRENCY, lease, now, waited=now - row[8]
             )
             for lim in granted.limits:
                 limits[lim.id] = replace(
@@ -1207,6 +1215,7 @@ class Storage:
                         occurred=ended,
                         holder=holder,
                         follows=grants.get(lim.id),
+                        reason=cause if cause in builders.STATED_CAUSES else None,
                     ),
                     received=now,
                     cause=builders.EXPIRY if expired_only else cause,

@@ -264,7 +264,8 @@ def _queue_of(waiter_ids: str) -> str:
     ``waiter_ids`` (a subquery) selects: one row per waiter and limit it names (the last column),
     in its request's order, so that one read gives both the queue and every limit it needs."""
     return f"""
-SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id
+SELECT w.id, w.slots, w.priority, w.sequence, w.lease_duration, w.holder_type, w.holder_id, wl.limit_id,
+    w.enqueued
 FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
 WHERE w.lease_id IS NULL AND w.id IN ({waiter_ids})
 ORDER BY w.priority DESC, w.sequence, wl.position
@@ -405,3 +406,59 @@ LEFT JOIN (
     JOIN waiters w ON w.id = wl.waiter_id WHERE w.lease_id IS NULL GROUP BY wl.limit_id
 ) q ON q.limit_id = m.id
 """
+
+# --- operator views (slotkeeper.storage.views): read-only, no row locks ---------------------------
+
+#: A limit by id or by name, not locked: what a view reads (it changes nothing).
+PEEK_LIMIT_BY_ID = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE id = :key"
+PEEK_LIMIT_BY_NAME = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE name = :key"
+
+COUNT_LIMITS_WITH_PREFIX = "SELECT COUNT(*) FROM limits WHERE substr(name, 1, length(:prefix)) = :prefix"
+
+#: How many requests wait in each of these limits' queues, and for how many slots in all.
+SELECT_QUEUE_SIZES = """
+SELECT wl.limit_id, COUNT(*), SUM(w.slots) FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+WHERE wl.limit_id IN_LIST(ids) AND w.lease_id IS NULL AND w.refused IS NULL GROUP BY wl.limit_id
+"""
+
+#: One limit's queue in ``domain.queue_order`` (the first row is served next), and how many limits
+#: each waiter waits for (all of them at once).
+SELECT_QUEUE_OF = """
+SELECT w.id, w.priority, w.slots, w.enqueued, w.deadline, w.holder_type, w.holder_id,
+    (SELECT COUNT(*) FROM waiter_limits o WHERE o.waiter_id = w.id)
+FROM waiters w JOIN waiter_limits wl ON wl.waiter_id = w.id
+WHERE wl.limit_id = :id AND w.lease_id IS NULL AND w.refused IS NULL
+ORDER BY w.priority DESC, w.sequence
+LIMIT :limit
+"""
+
+#: How long the grant of an acquired event waited in the queue (``payload.waited_seconds``; a
+#: grant made at once has none: 0).
+_WAITED = {
+    "sqlite": "COALESCE(json_extract(e.payload, '$.waited_seconds'), 0.0)",
+    "postgresql": "COALESCE((e.payload::jsonb ->> 'waited_seconds')::double precision, 0.0)",
+}
+
+
+def _grant_stats(waited: str) -> str:
+    """Per time bucket of a limit's acquired events: the grants (``c``), and the waits of ranks
+    ``n`` that are a nearest-rank percentile (50, 90, 99) or the maximum: exact, sorted by the
+    database, a few rows per bucket whatever the traffic."""
+    ranks = " OR ".join(f"(n * 100 >= {p} * c AND (n - 1) * 100 < {p} * c)" for p in (50, 90, 99))
+    return f"""
+WITH g AS (
+    SELECT CAST(floor((e.occurred - :since) / :width) AS BIGINT) AS b, {waited} AS s
+    FROM events e
+    WHERE e.resource_id IN_LIST(resources) AND e.event IN_LIST(names)
+        AND e.occurred >= :since AND e.occurred < :until
+), r AS (
+    SELECT b, s, ROW_NUMBER() OVER (PARTITION BY b ORDER BY s) AS n, COUNT(*) OVER (PARTITION BY b) AS c
+    FROM g
+)
+SELECT b, c, n, s FROM r WHERE n = c OR {ranks}
+ORDER BY b, n
+"""
+
+
+#: See :func:`_grant_stats`; one statement per backend (only the JSON access differs).
+SELECT_GRANT_STATS = {backend: _grant_stats(waited) for backend, waited in _WAITED.items()}
