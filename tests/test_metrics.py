@@ -212,8 +212,8 @@ async def test_every_way_a_grant_ends_is_told_to_this_processs_observers(
 ) -> None:
     from slotkeeper.events import builders
     from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
-    from slotkeeper.storage.dialect import Commit
     from slotkeeper.storage.tags import TagStore
+    from slotkeeper.storage.tx import Commit
 
     seen: list[tuple[str, str | None]] = []
 

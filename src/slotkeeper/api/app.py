@@ -25,8 +25,7 @@ from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import log_expired, run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
-from slotkeeper.storage.dialect import Commit
-from slotkeeper.storage.events import EventStore, run_retention
+from slotkeeper.storage.events import run_retention
 
 API_PREFIX = "/api"
 
@@ -102,7 +101,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size)
         app.state.broker = broker
-        app.state.events = EventStore(store.backend, store.clock)
+        app.state.events = store.event_store()
         loop = asyncio.get_running_loop()
 
         metrics: Metrics | None = app.state.metrics
@@ -115,15 +114,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
                     observe(events)
                 broker.publish(events)
 
-        def publish(commit: Commit | None) -> None:  # called from a storage thread
-            events = None if commit is None else commit.events
-            if events == []:
-                return
+        def publish(events: list[EventRecord] | None) -> None:  # called from a storage thread
             with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
                 loop.call_soon_threadsafe(fan_out, events)
 
-        unsubscribe = store.backend.subscribe(publish)
-        unobserve = [store.backend.observe(log_expired)]
+        unsubscribe = store.subscribe_events(publish)
+        unobserve = [store.observe(log_expired)]
         if metrics is not None:
             unobserve.append(metrics.attach(store, broker))
         jobs = [
