@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from slotkeeper.domain import Limit, Mode, RetryPolicy
+from slotkeeper.domain import Limit, RetryPolicy
 from slotkeeper.events import builders
 from slotkeeper.events.models import EventRecord
 from slotkeeper.models import AcquireRequest, Granted, LeaseInfo, LimitSpec, LimitView
@@ -207,4 +207,4 @@ class Storage:
         return await self._acquisitions.sweep()
 
 
-__all__ = ["Backend", "Mode", "Storage"]
+__all__ = ["Storage"]
