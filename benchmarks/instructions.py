@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,8 @@ def _drop(database: str | None) -> None:
 
 def _instructions(backend: str, pairs: int, src: str | None) -> int:
     """Instructions of one child process running ``pairs`` pairs on a fresh database."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = str(Path(src).resolve())
