@@ -16,7 +16,7 @@ import orjson
 from slotkeeper.domain import Limit
 from slotkeeper.events.filters import search_text
 from slotkeeper.events.models import EventRecord
-from slotkeeper.models import Holder
+from slotkeeper.models import Holder, LeaseInfo
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import Row
 from slotkeeper.storage.tx import Tx
@@ -50,6 +50,21 @@ def limit_from(r: q.LimitRow, leased: int) -> Limit:
 def holder_of(holder_type: str | None, holder_id: str | None) -> Holder | None:
     """The holder a lease row names, if it names one."""
     return Holder(holder_type, holder_id) if holder_type is not None and holder_id is not None else None
+
+
+def lease_infos(rows: Iterable[Row]) -> list[LeaseInfo]:
+    """The live leases of ``SELECT_LIMIT_LEASES`` rows."""
+    return [
+        LeaseInfo(
+            lease_id=r.id,
+            holder=holder_of(r.holder_type, r.holder_id),
+            slots=r.slots,
+            created=r.created,
+            expires=r.expires,
+            fencing_token=r.fencing_token,
+        )
+        for r in map(q.LimitLeaseRow._make, rows)
+    ]
 
 
 def limit_params(lim: Limit) -> dict[str, Any]:

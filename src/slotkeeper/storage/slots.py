@@ -22,7 +22,7 @@ from slotkeeper.events.models import EventRecord
 from slotkeeper.models import AcquireRequest, Granted, LeaseInfo, LeaseSpec
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import Row
-from slotkeeper.storage.rows import holder_of, limit_from, limit_rows, slots_params, write_events
+from slotkeeper.storage.rows import holder_of, lease_infos, limit_from, limit_rows, slots_params, write_events
 from slotkeeper.storage.tx import Tx
 
 if TYPE_CHECKING:
@@ -280,14 +280,4 @@ class SlotScripts:
     def leases_of(self, tx: Tx, key: str) -> list[LeaseInfo]:
         """The live leases on one limit (by id or name), oldest first."""
         lim, now = self.s.lock_limit(tx, key)
-        return [
-            LeaseInfo(
-                lease_id=r.id,
-                holder=holder_of(r.holder_type, r.holder_id),
-                slots=r.slots,
-                created=r.created,
-                expires=r.expires,
-                fencing_token=r.fencing_token,
-            )
-            for r in map(q.LimitLeaseRow._make, tx.all(q.SELECT_LIMIT_LEASES, {"id": lim.id, "now": now}))
-        ]
+        return lease_infos(tx.all(q.SELECT_LIMIT_LEASES, {"id": lim.id, "now": now}))

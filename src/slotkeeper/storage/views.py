@@ -24,11 +24,11 @@ from collections.abc import Callable
 from slotkeeper import domain
 from slotkeeper.errors import NotFound
 from slotkeeper.events import builders
-from slotkeeper.models import GrantBucket, LeaseInfo, LimitState, LimitSummary, QueuedRequest
+from slotkeeper.models import GrantBucket, LimitState, LimitSummary, QueuedRequest
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.backend import Backend
-from slotkeeper.storage.rows import holder_of, limit_from
+from slotkeeper.storage.rows import holder_of, lease_infos, limit_from
 from slotkeeper.storage.scripts import LIMIT_NOT_FOUND
 from slotkeeper.storage.tx import Tx
 
@@ -97,17 +97,7 @@ class ViewStore:
             leases = tx.all_later(q.SELECT_LIMIT_LEASES, {"id": row.id, "now": now})
             queue = tx.all_later(q.SELECT_QUEUE_OF, {"id": row.id, "limit": queue_limit})
             sizes = tx.all_later(q.SELECT_QUEUE_SIZES, {"ids": [row.id]})
-            holders = [
-                LeaseInfo(
-                    lease_id=r.id,
-                    holder=holder_of(r.holder_type, r.holder_id),
-                    slots=r.slots,
-                    created=r.created,
-                    expires=r.expires,
-                    fencing_token=r.fencing_token,
-                )
-                for r in map(q.LimitLeaseRow._make, leases())
-            ]
+            holders = lease_infos(leases())
             waiting = [
                 QueuedRequest(
                     position=i,
