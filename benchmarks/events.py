@@ -393,9 +393,10 @@ def events_mode(mode: str) -> Iterator[None]:
     """Replace the event code of the storage for the duration (see the module docstring)."""
     from slotkeeper.events import builders
     from slotkeeper.events.models import EventRecord
-    from slotkeeper.storage import core
+    from slotkeeper.storage import slots
 
-    saved_write, saved_build = core.write_events, builders.slot_event
+    # The acquire/release scripts (storage/slots.py) write their events with this name.
+    saved_write, saved_build = slots.write_events, builders.slot_event
     constant = EventRecord(
         id=str(uuid.uuid4()), occurred=0.0, event="x", resource={"prefect.resource.id": "x"}
     )
@@ -405,7 +406,7 @@ def events_mode(mode: str) -> Iterator[None]:
             def built_only(tx: Any, events: Any, *, dedupe: bool = False) -> list[EventRecord]:
                 return list(events)
 
-            core.write_events = built_only
+            slots.write_events = built_only
         if mode == "no-events":
 
             def constant_event(*args: Any, **kwargs: Any) -> EventRecord:
@@ -414,7 +415,7 @@ def events_mode(mode: str) -> Iterator[None]:
             builders.slot_event = constant_event
         yield
     finally:
-        core.write_events, builders.slot_event = saved_write, saved_build
+        slots.write_events, builders.slot_event = saved_write, saved_build
 
 
 def _proc_cpu(pids: list[int]) -> float:

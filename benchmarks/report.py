@@ -304,12 +304,12 @@ def _label(target: str) -> str:
     return LABELS.get(target, target)
 
 
-def render(
-    results: dict[str, Any], plot: str | None = None, extra_plots: dict[str, str] | None = None
-) -> str:
-    """The generated section of ``docs/benchmarks.md`` (between the markers)."""
-    import report_scenarios
+def render(results: dict[str, Any], plot: str | None = None, scenario_lines: Sequence[str] = ()) -> str:
+    """The generated section of ``docs/benchmarks.md`` (between the markers).
 
+    ``scenario_lines``: the sections of the other scenarios, rendered by ``report_scenarios``
+    (which builds on this module's formatting, so this one does not import it).
+    """
     meta, summary = results["meta"], results["summary"]
     cells = summary["cells"]
     lines: list[str] = [BEGIN, "", "## Results", ""]
@@ -341,7 +341,7 @@ def render(
 
     if pair_targets:
         lines += _render_pairs(results, plot, pair_targets, clients_list, lookup, ratios, rounds)
-    lines += report_scenarios.render(results, extra_plots or {}, cells)
+    lines += scenario_lines
 
     # --- machine and setup
     mc = meta["machine"]

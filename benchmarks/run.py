@@ -325,7 +325,8 @@ def publish(results: dict[str, Any], docs: bool) -> None:
         return
     plot = PLOT.name if report.plot_pairs(results, PLOT) else None
     plots = report_scenarios.plot_all(results, DOCS.parent)
-    report.update_docs(DOCS, report.render(results, plot=plot, extra_plots=plots))
+    scenario_lines = report_scenarios.render(results, plots, results["summary"]["cells"])
+    report.update_docs(DOCS, report.render(results, plot=plot, scenario_lines=scenario_lines))
     written = [p for p in ([plot] if plot else []) + list(plots.values())]
     print(
         f"[bench] wrote {DOCS.relative_to(ROOT)}"

@@ -49,7 +49,7 @@ def populate(url: str, limits: int, leases: int) -> dict[str, float]:
     """Migrate ``url`` and insert ``limits`` limits and ``leases`` live leases (spread evenly)."""
     from slotkeeper.storage import migrate, open_storage
     from slotkeeper.storage import queries as q
-    from slotkeeper.storage.dialect import Tx
+    from slotkeeper.storage.tx import Tx
 
     t0 = time.monotonic()
     migrate(url)
@@ -78,14 +78,14 @@ def populate(url: str, limits: int, leases: int) -> dict[str, float]:
 
     def insert(query: str, rows: list[dict[str, Any]]) -> Any:
         def op(tx: Tx) -> None:
-            tx.many(query, rows)
+            tx.write_many(query, rows)
 
         return op
 
     def insert_leases(lease_rows: list[dict[str, Any]], grant_rows: list[dict[str, Any]]) -> Any:
         def op(tx: Tx) -> None:
-            tx.many(q.INSERT_LEASE, lease_rows)
-            tx.many(q.INSERT_GRANT, grant_rows)
+            tx.write_many(q.INSERT_LEASE, lease_rows)
+            tx.write_many(q.INSERT_GRANT, grant_rows)
 
         return op
 

@@ -20,8 +20,8 @@ import pytest
 from slotkeeper.events.broker import INTERRUPTED, OVERFLOWED, Broker
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import Storage
-from slotkeeper.storage.core import write_events
-from slotkeeper.storage.dialect import Commit, Tx
+from slotkeeper.storage.rows import write_events
+from slotkeeper.storage.tx import Commit, Tx
 
 BOUND = 30.0  # seconds: a bound on a broken backend, never an expectation
 

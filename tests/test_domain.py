@@ -18,7 +18,6 @@ from slotkeeper.domain import (
     RetryPolicy,
     Waiter,
     admit,
-    check_name,
     check_request,
     decay_pool,
     decide_acquire,
@@ -563,23 +562,103 @@ def test_retry_hint_considers_active_limits_only() -> None:
     assert info.value.retry_after == pytest.approx(1.5)
 
 
-# --- names ----------------------------------------------------------------------------------------
+# --- no barging, waitable requests, v1 holds ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["db", "a b:c ü", "tag:etl", "deployment:x", "x" * 300])
-def test_check_name_accepts_prefect_names(name: str) -> None:
-    assert check_name(name) == name
+def test_a_newcomer_is_refused_while_waiters_are_queued_whatever_is_free() -> None:
+    free = make_limit(limit=2, avg_slot_occupancy_seconds=2.0)  # both slots free
+    with pytest.raises(SlotsUnavailable) as info:
+        decide_acquire(
+            [free], 1, Mode.CONCURRENCY, leased=True, now=NOW, retry_after=policy(), queued={free.id: 2}
+        )
+    # The hint counts the queue: (1 asked + 2 queued) / 2 of half the average hold.
+    assert info.value.retry_after == pytest.approx(2.0 * 0.5 * 3 / 2)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "50%", "a&b", "a>b", "a<b"])
-def test_check_name_refuses_forbidden_characters(name: str) -> None:
-    with pytest.raises(InvalidRequest, match="none of / % & > <"):
-        check_name(name)
+def test_waiters_on_an_inactive_or_unnamed_limit_do_not_block() -> None:
+    asleep = make_limit("asleep", active=False)
+    free = make_limit("free")
+    decision = decide_acquire(
+        [asleep, free],
+        1,
+        Mode.CONCURRENCY,
+        leased=True,
+        now=NOW,
+        retry_after=policy(),
+        queued={asleep.id: 1, "id-other": 3},
+    )
+    assert decision.grant_slots == {asleep.id: 0, free.id: 1}
 
 
-def test_check_name_refuses_uuids() -> None:
-    with pytest.raises(InvalidRequest, match="UUID"):
-        check_name("5f0c3c6e-8b0e-4bb4-9d8e-2a7f1d0c9b11")
+def test_a_request_that_can_never_succeed_is_refused_before_the_queue_is_looked_at() -> None:
+    lim = make_limit(limit=1)
+    with pytest.raises(InvalidRequest, match=SLOTS_TOO_MANY):
+        decide_acquire(
+            [lim], 2, Mode.CONCURRENCY, leased=True, now=NOW, retry_after=policy(), queued={lim.id: 1}
+        )
+
+
+@pytest.mark.parametrize(
+    ("names", "found", "mode", "message"),
+    [
+        (
+            ["db", "gone", "also"],
+            ["db"],
+            Mode.CONCURRENCY,
+            "Cannot wait for limits that do not exist: 'also', 'gone'",
+        ),
+        (["off"], ["off"], Mode.CONCURRENCY, "Cannot wait for inactive limits (they never block): 'off'"),
+        (["db"], ["db"], Mode.RATE_LIMIT, "wait_seconds applies to mode 'concurrency'"),
+    ],
+    ids=["missing", "inactive", "rate-limit"],
+)
+def test_what_cannot_be_waited_for(names: list[str], found: list[str], mode: Mode, message: str) -> None:
+    limits = [make_limit(n, active=n != "off") for n in found]
+    with pytest.raises(InvalidRequest) as refused:
+        domain.check_waitable(names, limits, mode)
+    assert refused.value.detail.startswith(message)
+
+
+def test_a_waitable_request_passes() -> None:
+    domain.check_waitable(["db", "db"], [make_limit("db")], Mode.CONCURRENCY)
+
+
+def test_a_deleted_limit_refuses_its_waiters_as_a_missing_one_refuses_newcomers() -> None:
+    assert domain.deleted_while_waiting("db") == (
+        "Cannot wait for limits that do not exist: 'db' (deleted while the request waited)"
+    )
+
+
+def test_a_tag_limit_of_zero_would_deadlock_a_v1_hold_active_or_not() -> None:
+    with pytest.raises(SlotsUnavailable) as info:
+        domain.check_tag_hold([make_limit("tag:a"), make_limit("tag:etl", limit=0, active=False)])
+    assert info.value.retry_after is None
+    assert info.value.detail == (
+        'The concurrency limit on tag "etl" is 0 and will deadlock if the task tries to run again.'
+    )
+    domain.check_tag_hold([make_limit("tag:a")])
+
+
+def test_a_v1_hold_takes_one_leased_slot_per_tag() -> None:
+    a, b = make_limit("tag:a", fencing_token=3), make_limit("tag:b")
+    decision = domain.decide_tag_hold([a, b], {}, NOW, policy())
+    assert decision.grant_slots == {a.id: 1, b.id: 1}
+    assert [lim.fencing_token for lim in decision.limits] == [4, 1]
+
+
+@pytest.mark.parametrize(
+    ("b_fields", "queued"),
+    [({"leased_slots": 5}, {}), ({"leased_slots": 4}, {"id-tag:b": 1})],
+    ids=["full", "queued"],
+)
+def test_a_v1_hold_names_the_first_full_or_queued_tag(
+    b_fields: dict[str, Any], queued: dict[str, int]
+) -> None:
+    a, b, c = make_limit("tag:a"), make_limit("tag:b", **b_fields), make_limit("tag:c", leased_slots=5)
+    with pytest.raises(SlotsUnavailable) as info:
+        domain.decide_tag_hold([a, b, c], queued, NOW, policy(tag_max_wait=10.0))
+    assert info.value.detail == "Concurrency limit for the b tag has been reached"
+    assert info.value.retry_after is not None
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from slotkeeper.events import filters
 from slotkeeper.events.filters import glob_matches, matches, parse_text_query, search_text
 from slotkeeper.events.models import EventFilter, EventRecord
-from slotkeeper.storage import core, migrate
-from slotkeeper.storage.dialect import POSTGRES, SQLITE, Tx
+from slotkeeper.storage import migrate, rows
+from slotkeeper.storage.dialect import POSTGRES, SQLITE
+from slotkeeper.storage.tx import Tx
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 
@@ -79,7 +80,7 @@ class Selector:
         written = {r.id for r in records}
 
         def op(tx: Tx) -> list[set[str]]:
-            core.write_events(tx, records)
+            rows.write_events(tx, records)
             return [
                 {r[0] for r in tx.all(f"SELECT e.id FROM events e WHERE {where}", params)} & written
                 for where, params in compiled
@@ -243,7 +244,7 @@ def test_parse_text_query_agrees_with_prefect(query: str) -> None:
 
 def test_the_store_writes_the_search_text_of_the_filters() -> None:
     # One function builds the text for both evaluators: the column the SQL reads and the live matcher.
-    assert core.search_text is search_text
+    assert rows.search_text is search_text
 
 
 def test_with_defaults_uses_the_server_clock_and_keeps_given_bounds() -> None:

@@ -18,7 +18,7 @@ import pytest
 from slotkeeper.errors import NotFound
 from slotkeeper.storage import Storage, open_storage
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import Tx
+from slotkeeper.storage.tx import Tx
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ async def test_a_failing_write_fails_the_transaction_and_nothing_stays(storage: 
     def op(tx: Tx) -> None:
         tx.write(q.INSERT_LIMIT, _limit("a"))
         tx.write(q.INSERT_LIMIT, _limit("a"))  # the name is taken: fails, but nobody waits for it
-        tx.many(q.INSERT_LIMIT, [_limit("b")])
+        tx.write_many(q.INSERT_LIMIT, [_limit("b")])
 
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         await storage.backend.run(op)
@@ -69,7 +69,7 @@ async def test_a_failing_write_fails_the_transaction_and_nothing_stays(storage: 
 async def test_an_op_that_raises_after_writes_leaves_nothing(storage: Storage) -> None:
     def op(tx: Tx) -> None:
         tx.write(q.INSERT_LIMIT, _limit("a"))
-        tx.many(q.INSERT_LIMIT, [_limit("b"), _limit("c")])
+        tx.write_many(q.INSERT_LIMIT, [_limit("b"), _limit("c")])
         raise NotFound("changed its mind")
 
     with pytest.raises(NotFound):
@@ -81,14 +81,14 @@ async def test_an_op_that_raises_after_writes_leaves_nothing(storage: Storage) -
 
 async def test_pending_reads_run_in_order_and_see_earlier_writes(storage: Storage) -> None:
     def op(tx: Tx) -> tuple[list[str], list[str], int, list[str]]:
-        first = tx.pending(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
+        first = tx.all_later(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
         tx.write(q.INSERT_LIMIT, _limit("a"))
-        second = tx.pending(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
-        tx.many(q.INSERT_LIMIT, [_limit("b")])
-        changed = tx.run(
+        second = tx.all_later(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
+        tx.write_many(q.INSERT_LIMIT, [_limit("b")])
+        changed = tx.write_now(
             q.UPDATE_LIMIT_AVG, {"id": tx.all(q.SELECT_LIMIT_BY_NAME, {"key": "a"})[0][0], "avg": 3.0}
         )
-        third = tx.pending(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
+        third = tx.all_later(q.SELECT_LIMITS_PAGE, {"limit": 100, "offset": 0})
         return [r[1] for r in second()], [r[1] for r in first()], changed, [r[1] for r in third()]
 
     second, first, changed, third = await storage.backend.run(op)
@@ -101,11 +101,14 @@ async def test_run_counts_rows_and_a_caught_error_is_the_op_s_to_handle(storage:
 
     def op(tx: Tx) -> str:
         try:
-            tx.run(q.INSERT_LIMIT, _limit("a"))
+            tx.write_now(q.INSERT_LIMIT, _limit("a"))
         except tx.integrity_error:
             return "conflict"
         return "inserted"
 
     assert await storage.backend.run(op) == "conflict"
-    assert await storage.backend.run(lambda tx: tx.run(q.UPDATE_LIMIT_AVG, {"id": "none", "avg": 1.0})) == 0
+    assert (
+        await storage.backend.run(lambda tx: tx.write_now(q.UPDATE_LIMIT_AVG, {"id": "none", "avg": 1.0}))
+        == 0
+    )
     assert await storage.backend.run(_names) == ["a"]

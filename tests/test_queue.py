@@ -39,7 +39,7 @@ from slotkeeper.errors import InvalidRequest, SlotsUnavailable
 from slotkeeper.models import AcquireRequest, Granted, LeaseSpec, LimitSpec
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
-from slotkeeper.storage import core as storage_core
+from slotkeeper.storage import waiting as storage_waiting
 from tests.conftest import FakeClock
 
 T = TypeVar("T")
@@ -174,7 +174,7 @@ async def test_waiters_queued_at_the_same_instant_are_granted_in_arrival_order(
     coarse or frozen clock, or several processes) are served in the order they were queued,
     also when their ids sort the other way round."""
     countdown = iter(range(2**64, 0, -1))
-    monkeypatch.setattr(storage_core.uuid, "uuid4", lambda: uuid.UUID(int=next(countdown)))
+    monkeypatch.setattr(storage_waiting.uuid, "uuid4", lambda: uuid.UUID(int=next(countdown)))
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
     tasks: list[asyncio.Task[Granted]] = []
@@ -307,7 +307,7 @@ async def test_a_refusal_read_at_the_deadline_is_still_the_answer(
 ) -> None:
     """Refused by another process, but never woken (a lost notification): at its deadline the
     request finds the refusal on its row and answers it, not a timeout."""
-    monkeypatch.setattr(storage, "_wake", lambda woken: None)
+    monkeypatch.setattr(storage.waiters, "wake", lambda woken: None)
     await make(storage, "a", 1)
     await hold(storage, "a")
     task = await arrive(storage, clock, wanting("a", wait=0.2))
@@ -358,11 +358,11 @@ async def test_a_wait_times_out_with_a_retry_after_and_leaves_the_queue(
 async def test_a_waiter_whose_process_stopped_is_swept(
     storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage_core, "WAITER_HEARTBEAT_SECONDS", FOREVER)  # as if its process died
+    monkeypatch.setattr(storage_waiting, "WAITER_HEARTBEAT_SECONDS", FOREVER)  # as if its process died
     await make(storage, "db", 1)
     await hold(storage, "db")
     task = await arrive(storage, clock, wanting("db", wait=0.3))
-    clock.advance(storage_core.WAITER_STALE_SECONDS + 1)
+    clock.advance(storage_waiting.WAITER_STALE_SECONDS + 1)
     assert await storage.sweep_waiters() == 1
     assert await waiter_rows(storage) == []
     with pytest.raises(SlotsUnavailable, match="abandoned"):
@@ -528,13 +528,13 @@ async def test_cancelled_once_woken_but_before_collecting_releases_the_grant(
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
     task = await arrive(storage, clock, wanting("db"))
-    wake = storage._wake
+    wake = storage.waiters.wake
 
     def wake_then_cancel(woken: list[str] | None) -> None:
         wake(woken)
         task.cancel()  # before the task runs again
 
-    monkeypatch.setattr(storage, "_wake", wake_then_cancel)
+    monkeypatch.setattr(storage.waiters, "wake", wake_then_cancel)
     await another_process(storage).release_lease(holder)
     assert isinstance(await outcome(task), asyncio.CancelledError)
     assert await lease_ids(storage, "db") == []
@@ -549,13 +549,13 @@ class Deliveries:
     ``hold``, keeps them back until :meth:`release` (as if they arrived late)."""
 
     def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch, *, hold: bool = False) -> None:
-        self._deliver = storage._deliver
+        self._deliver = storage.waiters.deliver
         self.hold = hold
         self.seen: list[tuple[str, Granted]] = []
         self.kept: list[tuple[str, Granted]] = []
         self.arrived = asyncio.Event()
         self.then: Callable[[], None] | None = None
-        monkeypatch.setattr(storage, "_deliver", self.deliver)
+        monkeypatch.setattr(storage.waiters, "deliver", self.deliver)
 
     def deliver(self, waiter_id: str, granted: Granted) -> None:
         self.seen.append((waiter_id, granted))
@@ -635,14 +635,14 @@ async def test_a_hand_off_is_delivered_only_once_its_transaction_committed(
     await make(storage, "db", 1)
     holder = await hold(storage, "db")
     task = await arrive(storage, clock, wanting("db"))
-    hand_over = storage._hand_over
+    hand_over = storage.waiters.hand_over
     visible: list[bool] = []
 
     def check_then_hand_over(waiter_id: str, granted: Granted) -> None:  # the committing thread
         visible.append(_lease_visible_elsewhere(database_url, granted.lease_id))
         hand_over(waiter_id, granted)
 
-    monkeypatch.setattr(storage, "_hand_over", check_then_hand_over)
+    monkeypatch.setattr(storage.waiters, "hand_over", check_then_hand_over)
     await storage.release_lease(holder)
     granted = await settle(task)
     assert visible == [True]
@@ -676,7 +676,7 @@ async def test_a_rolled_back_operation_hands_nothing_over(
     deliveries = Deliveries(storage, monkeypatch)
 
     def release_then_fail(tx: Any) -> None:
-        assert storage._end_lease(tx, holder, expired_only=False)
+        assert storage.scripts.slots.end_lease(tx, holder)
         raise RuntimeError("after admitting")
 
     with pytest.raises(RuntimeError, match="after admitting"):
@@ -711,7 +711,7 @@ async def test_a_retried_transaction_hands_over_once(
     def release_deadlocked_once(tx: Any) -> bool:
         nonlocal attempts
         attempts += 1
-        ended = storage._end_lease(tx, holder, expired_only=False)
+        ended = storage.scripts.slots.end_lease(tx, holder)
         if attempts == 1:
             raise pg_errors.DeadlockDetected("as if")
         return ended
@@ -811,7 +811,7 @@ async def test_a_handed_over_grant_is_left_alone_by_the_sweeper(storage: Storage
     task = await arrive(storage, clock, wanting("db", duration=600))
     await storage.release_lease(holder)
     granted = await settle(task)
-    clock.advance(storage_core.WAITER_STALE_SECONDS + 1)
+    clock.advance(storage_waiting.WAITER_STALE_SECONDS + 1)
     assert await storage.sweep_waiters() == 0
     assert await lease_ids(storage, "db") == [granted.lease_id]
 

@@ -27,7 +27,7 @@ from slotkeeper.models import AcquireRequest, Granted
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.core import DETACHED
+from slotkeeper.storage.waiting import DETACHED
 from tests.conftest import FakeClock
 from tests.test_queue import another_process, arrive, hold, lease_ids, make, outcome, settle, until, wanting
 
@@ -52,7 +52,7 @@ async def owners(storage: Storage) -> list[tuple[str, str, str | None]]:
 async def heartbeat(storage: Storage) -> None:
     """What the process's heartbeat does, at the fake clock's time."""
     await storage.backend.run(
-        lambda tx: tx.run(q.TOUCH_WAITERS, {"now": storage.clock(), "owner": storage.owner})
+        lambda tx: tx.write_now(q.TOUCH_WAITERS, {"now": storage.clock(), "owner": storage.owner})
     )
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import migrate
-from slotkeeper.storage.core import write_events
-from slotkeeper.storage.dialect import SQLITE, Commit, Tx
+from slotkeeper.storage.dialect import SQLITE
+from slotkeeper.storage.rows import write_events
 from slotkeeper.storage.sqlite import SQLiteBackend
+from slotkeeper.storage.tx import Commit, Tx
 
 MEMORY = 2  # PRAGMA temp_store: 0 default, 1 file, 2 memory
 
@@ -174,13 +175,13 @@ def test_deferred_rows_roll_back_with_their_savepoint_and_flush_in_statement_ord
     tx = Tx(conn.cursor(), SQLITE, sqlite3.IntegrityError, defer=True)
     parent, child = "INSERT INTO parent (id) VALUES (:id)", "INSERT INTO child VALUES (:id, :n)"
     conn.execute("BEGIN")
-    tx.insert_later(parent, [{"id": "p1"}])
-    tx.insert_later(child, [{"id": "p1", "n": 1}])
+    tx.insert_at_commit(parent, [{"id": "p1"}])
+    tx.insert_at_commit(child, [{"id": "p1", "n": 1}])
     mark = tx.mark()
-    tx.insert_later(parent, [{"id": "lost"}])
+    tx.insert_at_commit(parent, [{"id": "lost"}])
     tx.rollback_to(mark)
-    tx.insert_later(parent, [{"id": "p2"}])  # after a child row: still inserted before the children
-    tx.insert_later(child, [{"id": "p2", "n": 2}])
+    tx.insert_at_commit(parent, [{"id": "p2"}])  # after a child row: still inserted before the children
+    tx.insert_at_commit(child, [{"id": "p2", "n": 2}])
     assert conn.execute("SELECT COUNT(*) FROM parent").fetchone() == (0,)
     tx.flush()
     conn.execute("COMMIT")
@@ -188,5 +189,5 @@ def test_deferred_rows_roll_back_with_their_savepoint_and_flush_in_statement_ord
     assert conn.execute("SELECT parent_id, n FROM child ORDER BY n").fetchall() == [("p1", 1), ("p2", 2)]
     tx.flush()  # nothing left: a no-op
     immediate = Tx(conn.cursor(), SQLITE, sqlite3.IntegrityError)
-    immediate.insert_later(parent, [{"id": "p3"}])  # without defer: inserted at once
+    immediate.insert_at_commit(parent, [{"id": "p3"}])  # without defer: inserted at once
     assert conn.execute("SELECT COUNT(*) FROM parent").fetchone() == (3,)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,9 +31,11 @@ from enum import StrEnum
 
 from slotkeeper.errors import Conflict, InvalidRequest, SlotsUnavailable
 
-#: Prefect's pattern for limit names: non-empty, none of ``/ % & > <``.
+#: Prefect's pattern for limit names: non-empty, none of ``/ % & > <`` (the API validates names
+#: with it, see ``api/schemas.py``).
 NAME_PATTERN = r"^[^/%&><]+$"
-_NAME_RE = re.compile(NAME_PATTERN)
+#: A tag-based (v1) limit is the limit named ``tag:<tag>`` (as in Prefect since 3.4.19).
+TAG_PREFIX = "tag:"
 
 #: Starting value of the per-limit moving average of how long one slot is held.
 DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS = 2.0
@@ -128,6 +129,7 @@ def decide_acquire(
     leased: bool,
     now: float,
     retry_after: RetryPolicy,
+    queued: dict[str, int] | None = None,
 ) -> Acquisition:
     """Decide an all-or-nothing acquisition of ``slots`` on every active limit in ``limits``.
 
@@ -136,11 +138,20 @@ def decide_acquire(
     :class:`SlotsUnavailable` for one that cannot succeed now. ``leased`` says whether the slots
     are held by a lease (grant rows) or go to the pool; ``rate_limit`` slots always go to the
     pool, since they come back by decay.
+
+    ``queued``: the slots that waiters queued on the server wait for, per limit id. No barging:
+    slots that free up belong to the queue, so a newcomer (waiting or polling) is refused while
+    any of its active limits has waiters, whatever is free right now; its Retry-After counts
+    them.
     """
     check_request(limits, slots, mode)
     settled = [lim.settled(now) for lim in limits]
-    if any(lim.active and lim.pool_slots + lim.leased_slots + slots > lim.limit for lim in settled):
-        raise SlotsUnavailable(retry_after.seconds([lim for lim in settled if lim.active], slots, now))
+    active = [lim for lim in settled if lim.active]
+    ahead = {lim.id: queued[lim.id] for lim in active if lim.id in queued} if queued else {}
+    if ahead:
+        raise SlotsUnavailable(retry_after.seconds(active, slots, now, ahead))
+    if any(lim.pool_slots + lim.leased_slots + slots > lim.limit for lim in active):
+        raise SlotsUnavailable(retry_after.seconds(active, slots, now))
 
     to_pool = mode is Mode.RATE_LIMIT or not leased
     written: list[Limit] = []
@@ -205,6 +216,79 @@ def admit(waiters: Sequence[Waiter], limits: dict[str, Limit], now: float) -> li
         else:
             blocked.update(active)
     return granted
+
+
+def check_waitable(names: Sequence[str], found: Sequence[Limit], mode: Mode) -> None:
+    """A request that asks to wait (``wait_seconds``) must name limits that exist, are active,
+    and count slots (mode ``concurrency``): :class:`InvalidRequest` (422) otherwise.
+
+    Prefect's answer for those (an immediate, empty or uncounted grant) is kept for requests
+    that do not wait; one that asks to wait is told why waiting makes no sense.
+    """
+    missing = sorted(set(names) - {lim.name for lim in found})
+    if missing:
+        raise InvalidRequest(_cannot_wait_for_missing(missing), code="cannot_wait")
+    inactive = [lim.name for lim in found if not lim.active]
+    if inactive:
+        raise InvalidRequest(
+            f"Cannot wait for inactive limits (they never block): {', '.join(map(repr, inactive))}",
+            code="cannot_wait",
+        )
+    if mode is not Mode.CONCURRENCY:
+        raise InvalidRequest(
+            "wait_seconds applies to mode 'concurrency'; a rate limit's Retry-After is computed from its decay",
+            code="cannot_wait",
+        )
+
+
+def _cannot_wait_for_missing(names: Sequence[str]) -> str:
+    return f"Cannot wait for limits that do not exist: {', '.join(map(repr, names))}"
+
+
+def deleted_while_waiting(name: str) -> str:
+    """What a waiting request is told (422) when a limit it waits for is deleted: what a new
+    request that waits for it would be told (see :func:`check_waitable`), and why."""
+    return f"{_cannot_wait_for_missing([name])} (deleted while the request waited)"
+
+
+def check_tag_hold(limits: Sequence[Limit]) -> None:
+    """A v1 hold (one slot on each tag) on a tag whose limit is 0, active or not, would deadlock
+    its task run if it retried: :class:`SlotsUnavailable` without a retry hint (Prefect)."""
+    zero = next((lim for lim in limits if lim.limit == 0), None)
+    if zero is not None:
+        raise SlotsUnavailable(
+            None, tag_deadlock_detail(zero.name.removeprefix(TAG_PREFIX)), code="limit_is_zero"
+        )
+
+
+def decide_tag_hold(
+    active: Sequence[Limit], queued: dict[str, int], now: float, retry_after: RetryPolicy
+) -> Acquisition:
+    """Decide a v1 hold: one leased slot on each of these active tag limits, all or nothing.
+
+    As Prefect's v1 API, a tag is refused when it is full, and here also when waiters are queued
+    on it (no barging): :class:`SlotsUnavailable` naming the first such tag, with a Retry-After
+    that counts the queue (``queued``: slots waited for, per limit id).
+    """
+    settled = [lim.settled(now) for lim in active]
+    full = next(
+        (lim for lim in settled if lim.pool_slots + lim.leased_slots + queued.get(lim.id, 0) >= lim.limit),
+        None,
+    )
+    if full is not None:
+        seconds = retry_after.seconds(settled, 1, now, queued)
+        raise SlotsUnavailable(seconds, tag_reached_detail(full.name.removeprefix(TAG_PREFIX)))
+    return decide_acquire(active, 1, Mode.CONCURRENCY, leased=True, now=now, retry_after=retry_after)
+
+
+def tag_deadlock_detail(tag: str) -> str:
+    """Prefect's 423 detail for a tag whose limit is 0 (sent without ``Retry-After``)."""
+    return f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.'
+
+
+def tag_reached_detail(tag: str) -> str:
+    """Prefect's 423 detail for a full tag (sent with ``Retry-After``)."""
+    return f"Concurrency limit for the {tag} tag has been reached"
 
 
 def check_request(limits: Sequence[Limit], slots: int, mode: Mode) -> None:
@@ -299,7 +383,7 @@ class RetryPolicy:
         queued = queued or {}
         best, best_cap = 0.0, self.max_wait
         for lim in blocking:
-            cap = self.tag_max_wait if lim.name.startswith("tag:") else self.max_wait
+            cap = self.tag_max_wait if lim.name.startswith(TAG_PREFIX) else self.max_wait
             ahead = queued.get(lim.id, 0)
             excess = lim.pool_slots + lim.leased_slots + ahead + slots - lim.limit
             if excess <= 0:
@@ -327,19 +411,6 @@ class RetryPolicy:
         """A draw in [0.7518, 1.3] times ``average``, exponentially distributed inside."""
         low, high = math.exp(-_JITTER_UPPER), math.exp(-_JITTER_LOWER)
         return -math.log(self.rng.uniform(low, high)) * average
-
-
-def check_name(name: str) -> str:
-    """Validate a limit name: Prefect's pattern, and not a UUID (it could not be read by name)."""
-    if not _NAME_RE.match(name):
-        raise InvalidRequest(
-            f"Invalid limit name {name!r}: it must be non-empty and contain none of / % & > <"
-        )
-    if looks_like_uuid(name):
-        raise InvalidRequest(
-            f"Invalid limit name {name!r}: a name that is a UUID could not be told from an id"
-        )
-    return name
 
 
 def looks_like_uuid(value: str) -> bool:

@@ -9,6 +9,7 @@
     │   └── SlotsUnavailable        423: not now; try again after ``retry_after`` seconds
     ├── StorageClosed               the server is shutting down (503)
     ├── ShuttingDown                503 to a waiting request at shutdown: retry (its place is kept)
+    ├── DatabaseUnavailable         the database cannot serve the request now (503)
     └── ClientError                 raised by clients of the API (CLI, SDK)
         ├── ServerUnreachable       the server could not be reached at all
         └── ApiError                the server answered with an error status
@@ -134,6 +135,13 @@ class ShuttingDown(SlotkeeperError):
         self.detail = str(self)
         self.retry_after = retry_after
         self.waiter_id = waiter_id
+
+
+class DatabaseUnavailable(SlotkeeperError):
+    """The database could not serve the request (unreachable, locked, damaged). Storage raises it
+    from the driver's error (``raise ... from``), so nothing above storage knows the drivers."""
+
+    code = "database_unavailable"
 
 
 class ClientError(SlotkeeperError):

@@ -51,8 +51,8 @@ from slotkeeper.models import Granted
 if TYPE_CHECKING:
     from slotkeeper.events.broker import Broker
     from slotkeeper.storage.core import Storage
-    from slotkeeper.storage.dialect import Commit
     from slotkeeper.storage.stats import LimitStats
+    from slotkeeper.storage.tx import Commit
 
 #: The ``limit`` label of everything summed outside the limits that have series of their own.
 OTHER = "_other"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slotkeeper.domain import Limit, Mode
+from slotkeeper.domain import TAG_PREFIX, Limit, Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class TagLimitView:
     @property
     def tag(self) -> str:
         """The tag: the limit's name without its ``tag:`` prefix."""
-        return self.limit.name.removeprefix("tag:")
+        return self.limit.name.removeprefix(TAG_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import logging
 
 from slotkeeper.events import builders
 from slotkeeper.storage import Storage
-from slotkeeper.storage.dialect import Commit
+from slotkeeper.storage.tx import Commit
 
 log = logging.getLogger("slotkeeper.reaper")
 

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         default=10_000, ge=1, description="Events a live subscriber may lag before it is cut off."
     )
     pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per process.")
+    hot_path: bool = Field(
+        default=True,
+        description="Serve acquire/release/renew/health ahead of FastAPI's middleware stack and "
+        "dependency solving (api/hotpath.py). False serves them through FastAPI's own stack, to "
+        "measure the difference (docs/benchmarks.md). The answers are the same, but for the wording "
+        "of the 422 details of a body that is not a JSON object.",
+    )
     log_level: str = Field(default="info")
     log_format: Literal["text", "json"] = Field(
         default="text", description="Server logs as text lines or as one JSON object per line."

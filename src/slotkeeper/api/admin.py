@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from slotkeeper.api.fastroute import FastRoute
+from slotkeeper.api.fastroute import hot_route_class
 from slotkeeper.api.responses import json_response
+from slotkeeper.settings import Settings
 
 #: The Prefect API version slotkeeper speaks. Prefect's clients refuse another major version.
 PREFECT_API_VERSION = "3.8.8"
 
 router = APIRouter(tags=["Admin"])
-#: Health is probed often (orchestrators, load balancers): served ahead of FastAPI's stack.
-hot = APIRouter(tags=["Admin"], route_class=FastRoute)
 
 
-@hot.get("/health", summary="Liveness")
 async def health() -> Response:
     return json_response(True)
+
+
+def hot_router(settings: Settings) -> APIRouter:
+    """Health, probed often (orchestrators, load balancers): served ahead of FastAPI's stack."""
+    hot = APIRouter(tags=["Admin"], route_class=hot_route_class(settings))
+    hot.get("/health", summary="Liveness")(health)
+    return hot
 
 
 @router.get("/ready", summary="Readiness")

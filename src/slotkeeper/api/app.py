@@ -8,7 +8,7 @@ import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
@@ -25,8 +25,7 @@ from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import log_expired, run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
-from slotkeeper.storage.dialect import Commit
-from slotkeeper.storage.events import EventStore, run_retention
+from slotkeeper.storage.events import run_retention
 
 API_PREFIX = "/api"
 
@@ -56,7 +55,12 @@ class App(FastAPI):
 
     The ASGI app, from the outside in: basic auth (when set), the body cap, then
     :class:`~slotkeeper.api.hotpath.HotPaths`, which serves acquire/release/renew/health itself and
-    hands every other request to FastAPI's own stack.
+    hands every other request to FastAPI's own stack (with ``hot_path`` off, every request goes
+    there).
+
+    FastAPI's middleware (``add_middleware``) and app or router dependencies would not apply to
+    the hot routes: with the hot path on, adding them raises instead of being silently skipped.
+    Wrap the stack in :meth:`build_middleware_stack`, as auth and the body cap are.
     """
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
@@ -65,9 +69,38 @@ class App(FastAPI):
         #: (full path, route) of every FastRoute, filled in by :func:`create_app`.
         self.hot_routes: list[tuple[str, FastRoute]] = []
 
+    def _hot_path(self) -> bool:
+        settings: Settings = self.state.settings
+        return settings.hot_path
+
+    def add_middleware(self, middleware_class: Any, *args: Any, **kwargs: Any) -> None:
+        if self._hot_path():
+            raise RuntimeError(
+                f"add_middleware({getattr(middleware_class, '__name__', middleware_class)}) would not "
+                "wrap the hot routes (api/hotpath.py serves them ahead of FastAPI's middleware): "
+                "wrap the ASGI app in App.build_middleware_stack instead, or set "
+                "SLOTKEEPER_HOT_PATH=false"
+            )
+        super().add_middleware(middleware_class, *args, **kwargs)
+
+    def include_router(self, router: APIRouter, *args: Any, **kwargs: Any) -> None:
+        hot = [route.path for route in router.routes if isinstance(route, FastRoute)]
+        if hot and (kwargs.get("dependencies") or self.router.dependencies):
+            raise TypeError(
+                f"dependencies would not apply to the hot routes {hot} (FastRoute solves none): "
+                "check the request in the endpoint, or serve it with an ordinary route"
+            )
+        super().include_router(router, *args, **kwargs)
+
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
-        app: ASGIApp = HotPaths(self.hot_routes, super().build_middleware_stack())
+        stack = super().build_middleware_stack()
+        if settings.hot_path and self.user_middleware:
+            raise RuntimeError(
+                "middleware given to the app would not wrap the hot routes (api/hotpath.py): "
+                "wrap the ASGI app in App.build_middleware_stack instead"
+            )
+        app: ASGIApp = HotPaths(self.hot_routes, stack) if settings.hot_path else stack
         app = BodyLimit(app, max_bytes=settings.max_body_bytes)
         if settings.api_auth_string:
             opened = frozenset({metrics_route.PATH}) if settings.metrics_open else frozenset()
@@ -102,7 +135,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size)
         app.state.broker = broker
-        app.state.events = EventStore(store.backend, store.clock)
+        app.state.events = store.event_store()
         loop = asyncio.get_running_loop()
 
         metrics: Metrics | None = app.state.metrics
@@ -115,15 +148,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
                     observe(events)
                 broker.publish(events)
 
-        def publish(commit: Commit | None) -> None:  # called from a storage thread
-            events = None if commit is None else commit.events
-            if events == []:
-                return
+        def publish(events: list[EventRecord] | None) -> None:  # called from a storage thread
             with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
                 loop.call_soon_threadsafe(fan_out, events)
 
-        unsubscribe = store.backend.subscribe(publish)
-        unobserve = [store.backend.observe(log_expired)]
+        unsubscribe = store.subscribe_events(publish)
+        unobserve = [store.observe(log_expired)]
         if metrics is not None:
             unobserve.append(metrics.attach(store, broker))
         jobs = [
@@ -167,7 +197,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.metrics = Metrics(settings.metrics_max_limits) if settings.metrics_enabled else None
     routers = [
         admin.router,
-        admin.hot,
+        admin.hot_router(settings),
         stats.router(settings),
         *limits.routers(settings),
         *tags.routers(settings),

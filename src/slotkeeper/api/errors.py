@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import (
+    DatabaseUnavailable,
     DomainError,
     ShuttingDown,
     SlotkeeperError,
@@ -39,19 +39,6 @@ HTTP_CODES = {
     405: "method_not_allowed",
     413: "body_too_large",
 }
-
-
-def _database_errors() -> tuple[type[Exception], ...]:
-    # Any SQLite error that reaches here (locked, I/O, a damaged file) and a lost PostgreSQL
-    # connection mean "the database cannot serve this now", not a bug in the request.
-    errors: list[type[Exception]] = [sqlite3.DatabaseError, StorageClosed]
-    try:
-        import psycopg
-
-        errors.append(psycopg.OperationalError)
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        pass
-    return tuple(errors)
 
 
 def _body_echo(body: Any) -> Any:
@@ -119,9 +106,11 @@ def _table() -> dict[type[Exception], Handler]:
         RequestValidationError: _invalid,
         HTTPException: _http,
         ShuttingDown: _shutting_down,
+        # Storage raises these for "the database cannot serve this now" (it translates the
+        # drivers' errors), and while it closes.
+        DatabaseUnavailable: _database,
+        StorageClosed: _database,
     }
-    for error in _database_errors():
-        table[error] = _database
     table[Exception] = _bug
     return table
 

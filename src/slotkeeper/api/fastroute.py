@@ -7,9 +7,14 @@ this hardware). ``FastRoute`` keeps everything FastAPI derives from the endpoint
 body with pydantic ``TypeAdapter``s built once from the type hints, then calls the endpoint.
 
 Endpoints using it take only ``request: Request`` (optional), path parameters, and at most one body
-parameter (a pydantic model, optionally ``| None`` when the body may be omitted). Validation errors
-become FastAPI's ``RequestValidationError`` with FastAPI's ``loc`` (``["body", ...]``,
+parameter (a pydantic model, optionally ``| None`` when the body may be omitted). Anything else
+(a query, header or cookie parameter, a ``Depends``, a second body, a body that is not a model)
+would be silently wrong here, so building such a route raises :class:`TypeError`. Validation
+errors become FastAPI's ``RequestValidationError`` with FastAPI's ``loc`` (``["body", ...]``,
 ``["path", name]``), so the app's handler renders them as for any other route.
+
+``SLOTKEEPER_HOT_PATH=false`` (:func:`hot_route_class`) builds the hot routes as FastAPI's own
+``APIRoute`` instead, to measure what this saves (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,13 +29,27 @@ import orjson
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from slotkeeper.settings import Settings
+
+
+def hot_route_class(settings: Settings) -> type[APIRoute]:
+    """The route class of the hot routes: :class:`FastRoute`, or with ``hot_path`` off FastAPI's
+    own ``APIRoute`` (dependency solving, served through FastAPI's middleware stack)."""
+    return FastRoute if settings.hot_path else APIRoute
 
 
 def _optional(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
         annotation
     )
+
+
+def _model(annotation: Any) -> bool:
+    """A pydantic model, or an optional one."""
+    candidates = typing.get_args(annotation) if _optional(annotation) else (annotation,)
+    return any(isinstance(c, type) and issubclass(c, BaseModel) for c in candidates if c is not type(None))
 
 
 def _errors(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
@@ -53,7 +72,42 @@ class FastRoute(APIRoute):
         self.handler = self._build_handler()
         return self.handler
 
+    def _check(self) -> None:
+        """Refuse (:class:`TypeError`) an endpoint this class would serve wrongly."""
+        dependant = self.dependant
+        where = f"FastRoute {self.path!r} ({getattr(self.endpoint, '__qualname__', self.endpoint)})"
+        unsupported = [
+            *(f"query parameter {p.name!r}" for p in dependant.query_params),
+            *(f"header parameter {p.name!r}" for p in dependant.header_params),
+            *(f"cookie parameter {p.name!r}" for p in dependant.cookie_params),
+            *(f"dependency {d.call!r} (Depends)" for d in dependant.dependencies),
+            *(
+                f"parameter {name!r}"
+                for name in (
+                    dependant.websocket_param_name,
+                    dependant.http_connection_param_name,
+                    dependant.response_param_name,
+                    dependant.background_tasks_param_name,
+                    dependant.security_scopes_param_name,
+                )
+                if name is not None
+            ),
+        ]
+        if len(dependant.body_params) > 1:
+            unsupported.append(f"several body parameters {[p.name for p in dependant.body_params]}")
+        unsupported.extend(
+            f"body parameter {p.name!r} that is not a pydantic model"
+            for p in dependant.body_params
+            if not _model(p.field_info.annotation)
+        )
+        if unsupported:
+            raise TypeError(
+                f"{where} takes only the Request, path parameters and one pydantic model body; it "
+                f"would not apply: {', '.join(unsupported)}. Use an ordinary route (APIRoute)."
+            )
+
     def _build_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        self._check()
         endpoint = self.endpoint
         hints = typing.get_type_hints(endpoint)
         path: dict[str, TypeAdapter[Any]] = {}

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import Message
 
 from slotkeeper.api import schemas
-from slotkeeper.api.fastroute import FastRoute
+from slotkeeper.api.fastroute import hot_route_class
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
@@ -94,7 +94,7 @@ def routers(settings: Settings) -> list[APIRouter]:
         settings.lease_min_seconds, settings.lease_max_seconds, settings.max_wait_seconds
     )
     page_max = settings.api_default_limit
-    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=FastRoute)
+    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=hot_route_class(settings))
 
     @api.post("/", status_code=201, summary="Create a limit")
     async def create(request: Request, body: schemas.LimitCreate) -> Response:

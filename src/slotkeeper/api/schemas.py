@@ -1,6 +1,7 @@
 """Wire models: request bodies as Prefect's server validates them, and response shapes.
 
-Field names, defaults and ranges follow Prefect (``shared/reference/prefect-api.md`` §1.2, §2);
+Field names, defaults and ranges follow Prefect 3.8.8's server (``prefect/server/schemas/actions.py``
+and ``prefect/server/api/concurrency_limits_v2.py``);
 the bounds that are settings here (lease durations) are built per app by
 :func:`lease_models`. Responses are plain dicts built by the ``*_json`` functions, serialised
 with orjson: FastAPI's response-model path costs more than the whole storage round trip.

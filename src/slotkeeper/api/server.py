@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from slotkeeper.api import live
 from slotkeeper.settings import Settings
-from slotkeeper.storage.core import SHUTDOWN_RETRY_AFTER
+from slotkeeper.storage.waiting import SHUTDOWN_RETRY_AFTER
 
 log = logging.getLogger("slotkeeper.server")
 

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field
 
 from slotkeeper import domain
 from slotkeeper.api import schemas
-from slotkeeper.api.fastroute import FastRoute
+from slotkeeper.api.fastroute import hot_route_class
 from slotkeeper.api.responses import json_response
 from slotkeeper.domain import Limit
 from slotkeeper.models import TagLimitView
@@ -96,7 +96,7 @@ def routers(settings: Settings) -> list[APIRouter]:
     """The v1 routes, with this server's v1 hold lifetime and page size: the admin routes, and
     increment/decrement (served ahead of FastAPI's stack, see :mod:`slotkeeper.api.hotpath`)."""
     api = APIRouter(prefix=PREFIX, tags=TAGS)
-    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=FastRoute)
+    hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=hot_route_class(settings))
     page_max = settings.api_default_limit
 
     def tags(request: Request) -> TagStore:

@@ -39,7 +39,7 @@ MAX_STATS_BUCKETS = 1440
 def view_store(request: Request) -> ViewStore:
     """The views over this app's storage (stateless: made per request)."""
     storage: Storage = request.app.state.storage
-    return ViewStore(storage.backend, storage.clock)
+    return storage.view_store()
 
 
 class Overview(Strict):

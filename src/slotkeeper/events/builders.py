@@ -1,4 +1,6 @@
-"""The events the server writes, built exactly as ``shared/reference/concurrency-events.md`` says.
+"""The events the server writes: the slot events with the resources and labels Prefect's client
+emits (``prefect/concurrency/_events.py`` and ``prefect/concurrency/v1/_events.py`` in Prefect
+3.8.8), and slotkeeper's own lifecycle events (see docs/events.md).
 
 Pure functions: storage calls them inside the transaction that makes the change, so an event
 exists if and only if its change committed.
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 
 import uuid_utils
 
+from slotkeeper.domain import TAG_PREFIX as TAG_PREFIX  # the builders' callers name tags with it
 from slotkeeper.domain import Limit
 from slotkeeper.events.models import EventRecord
 from slotkeeper.models import Holder
@@ -112,8 +115,6 @@ def ended_payload(reason: str | None) -> dict[str, object]:
 
 #: The ``kind`` of a lease that is a tag-based (v1) hold: its slot events are the v1 pair.
 V1_HOLD = "v1"
-#: The name prefix that makes a limit a tag (v1) limit.
-TAG_PREFIX = "tag:"
 
 
 def v1_limit_resource_id(limit_id: str) -> str:

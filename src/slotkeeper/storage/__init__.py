@@ -15,7 +15,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
 from slotkeeper.domain import RetryPolicy
-from slotkeeper.storage.core import Backend, Storage
+from slotkeeper.storage.backend import Backend
+from slotkeeper.storage.core import Storage
 
 __all__ = ["Backend", "Storage", "migrate", "open_storage", "parse_url"]
 

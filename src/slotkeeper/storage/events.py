@@ -1,8 +1,8 @@
 """The event store: ingest client events, query and count them, and forget old ones.
 
 :class:`EventStore` runs over the same backend as :class:`~slotkeeper.storage.Storage`, one
-transaction per call. The server's own slot and lifecycle events are written by ``core.py`` in
-the transaction of their change; this store only adds what clients send, with two rules:
+transaction per call. The server's own slot and lifecycle events are written by the
+transaction scripts (``scripts.py``) in the transaction of their change; this store only adds what clients send, with two rules:
 
 * an event id already stored is not stored again (Prefect de-duplicates by id too);
 * a client's copy of a slot event (a name in :data:`~slotkeeper.events.builders.SLOT_EVENTS`;
@@ -30,9 +30,11 @@ import orjson
 
 from slotkeeper.events import builders, filters
 from slotkeeper.events.models import EventFilter, EventOrder, EventRecord
+from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.core import Backend, write_events
-from slotkeeper.storage.dialect import Tx
+from slotkeeper.storage.backend import Backend
+from slotkeeper.storage.rows import write_events
+from slotkeeper.storage.tx import Tx
 
 log = logging.getLogger("slotkeeper.storage.events")
 
@@ -287,7 +289,7 @@ class EventStore:
                 raise ValueError(problem)
         if not kept:
             return []
-        return await self.backend.run(lambda tx: write_events(tx, kept, dedupe=True))
+        return await transactions.run(self.backend, lambda tx: write_events(tx, kept, dedupe=True))
 
     async def query(
         self, event_filter: EventFilter, limit: int, offset: int = 0, *, with_total: bool = True
@@ -312,7 +314,7 @@ class EventStore:
                 total = int(row[0]) if row else 0
             return [EventRecord.from_row(r) for r in tx.all(page_sql, page_params)], total
 
-        return await self.backend.read(op)
+        return await transactions.read(self.backend, op)
 
     async def count_by(
         self,
@@ -336,12 +338,12 @@ class EventStore:
                 sql = q.COUNT_EVENTS_BY_NAME.format(where=where)
             else:
                 sql = q.COUNT_EVENTS_BY_RESOURCE[self.backend.name].format(where=where)
-            rows = await self.backend.read(lambda tx: tx.all(sql, params))
+            rows = await transactions.read(self.backend, lambda tx: tx.all(sql, params))
             return labelled_counts((r[0], r[1], r[2], r[3], r[4]) for r in rows)
         width = bucket_width(time_unit, time_interval)
         bucket_params = {**params, "pivot": PIVOT.timestamp(), "width": width.total_seconds()}
         sql = q.COUNT_EVENTS_BY_BUCKET.format(where=where)
-        rows = await self.backend.read(lambda tx: tx.all(sql, bucket_params))
+        rows = await transactions.read(self.backend, lambda tx: tx.all(sql, bucket_params))
         now = datetime.fromtimestamp(self.clock(), UTC)
         return time_counts(since, until, time_unit, time_interval, now, {int(r[0]): int(r[1]) for r in rows})
 
@@ -354,7 +356,9 @@ class EventStore:
         params = {"cutoff": cutoff, "batch": batch}
         total = 0
         while True:
-            deleted = await self.backend.run(lambda tx: tx.run(q.DELETE_EVENTS_BEFORE, params))
+            deleted = await transactions.run(
+                self.backend, lambda tx: tx.write_now(q.DELETE_EVENTS_BEFORE, params)
+            )
             total += deleted
             if deleted < batch:
                 return total

@@ -36,7 +36,8 @@ from psycopg import errors as pg_errors
 
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import POSTGRES, Commit, Tx, run_handoffs
+from slotkeeper.storage.dialect import POSTGRES
+from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
@@ -64,6 +65,8 @@ class PostgresBackend:
     """Runs transaction scripts on a pool of threads, each with its own connection."""
 
     name = "postgresql"
+    #: A lost or refused connection: "the database cannot serve this now", not a bug.
+    unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
     def __init__(self, conninfo: str, pool_size: int = 8) -> None:
         self.conninfo = conninfo

@@ -12,14 +12,36 @@ Statements use ``:name`` parameters and three macros that each dialect expands
 They run through the DB-API driver directly: SQLAlchemy Core spends about 70 µs building and
 executing each statement on this hardware, the driver about 4 µs, and the acquire/release hot
 path runs a handful of statements per request (see ARCHITECTURE.md).
+
+A statement whose rows are read by column comes with a row type beside it (a ``NamedTuple``:
+``LimitRow._make(row).name``, never ``row[1]``); ``tests/test_queries.py`` checks that each type
+names the statement's columns in order.
 """
 
 from __future__ import annotations
 
-LIMIT_COLUMNS = (
-    "id, name, slot_limit, active, pool_slots, pool_clock, denied_slots, slot_decay_per_second, "
-    "avg_slot_occupancy_seconds, fencing_token, created, updated, pool_event_id"
-)
+from typing import NamedTuple
+
+
+class LimitRow(NamedTuple):
+    """A row of ``limits`` as the ``SELECT {LIMIT_COLUMNS}`` statements return it."""
+
+    id: str
+    name: str
+    slot_limit: int
+    active: bool
+    pool_slots: int
+    pool_clock: float
+    denied_slots: int
+    slot_decay_per_second: float
+    avg_slot_occupancy_seconds: float
+    fencing_token: int
+    created: float
+    updated: float
+    pool_event_id: str | None
+
+
+LIMIT_COLUMNS = ", ".join(LimitRow._fields)
 
 # --- limits -------------------------------------------------------------------------------------
 
@@ -102,14 +124,26 @@ SELECT_LEASE_GRANTS = """
 SELECT limit_id, acquired_event_id FROM grants WHERE lease_id = :id ORDER BY limit_id
 """
 
+
+class EndedLeaseRow(NamedTuple):
+    """What deleting a lease returns (``DELETE_LEASE``, ``DELETE_LEASE_IF_EXPIRED``)."""
+
+    created: float
+    expires: float
+    slots: int
+    holder_type: str | None
+    holder_id: str | None
+    kind: str
+
+
 #: Deleting the lease is the release: its grants go with it (ON DELETE CASCADE).
-DELETE_LEASE = """
-DELETE FROM leases WHERE id = :id RETURNING created, expires, slots, holder_type, holder_id, kind
+DELETE_LEASE = f"""
+DELETE FROM leases WHERE id = :id RETURNING {", ".join(EndedLeaseRow._fields)}
 """
 
-DELETE_LEASE_IF_EXPIRED = """
+DELETE_LEASE_IF_EXPIRED = f"""
 DELETE FROM leases WHERE id = :id AND expires <= :now
-RETURNING created, expires, slots, holder_type, holder_id, kind
+RETURNING {", ".join(EndedLeaseRow._fields)}
 """
 
 DELETE_LIMIT_GRANTS = "DELETE FROM grants WHERE limit_id = :id"
@@ -123,6 +157,22 @@ SELECT_EXPIRED_LEASES = """
 SELECT id FROM leases WHERE expires <= :now ORDER BY expires LIMIT :batch
 """
 
+
+class LimitGrantRow(NamedTuple):
+    """A row of ``SELECT_LIMIT_GRANTS``: one grant on the limit, once per limit of its lease."""
+
+    lease_id: str
+    slots: int
+    acquired_event_id: str | None
+    holder_type: str | None
+    holder_id: str | None
+    #: One of the limits the lease holds (``o.limit_id``, this one included): the released
+    #: event's batch.
+    limit_id: str
+    kind: str
+    expires: float
+
+
 #: Every grant on one limit (expired ones not yet reaped too), with each lease's other limits: what deleting the limit releases.
 SELECT_LIMIT_GRANTS = """
 SELECT g.lease_id, l.slots, g.acquired_event_id, l.holder_type, l.holder_id, o.limit_id, l.kind,
@@ -131,6 +181,19 @@ FROM grants g JOIN leases l ON l.id = g.lease_id JOIN grants o ON o.lease_id = g
 WHERE g.limit_id = :id
 ORDER BY g.lease_id, o.limit_id
 """
+
+
+class LimitLeaseRow(NamedTuple):
+    """A row of ``SELECT_LIMIT_LEASES``: one live lease on the limit."""
+
+    id: str
+    holder_type: str | None
+    holder_id: str | None
+    slots: int
+    created: float
+    expires: float
+    fencing_token: int
+
 
 SELECT_LIMIT_LEASES = """
 SELECT l.id, l.holder_type, l.holder_id, g.slots, l.created, l.expires, g.fencing_token
@@ -259,6 +322,20 @@ INSERT INTO waiter_limits (waiter_id, limit_id, position) VALUES (:waiter_id, :l
 """
 
 
+class QueuedWaiterRow(NamedTuple):
+    """A row of the queue statements (``SELECT_WAITERS_ON``...): one waiter and one limit it names."""
+
+    id: str
+    slots: int
+    priority: int
+    sequence: int
+    lease_duration: float
+    holder_type: str | None
+    holder_id: str | None
+    limit_id: str
+    enqueued: float
+
+
 def _queue_of(waiter_ids: str) -> str:
     """The queue, in order (``domain.admit``'s: ``(-priority, sequence)``), of the waiters that
     ``waiter_ids`` (a subquery) selects: one row per waiter and limit it names (the last column),
@@ -307,6 +384,14 @@ DELETE_WAITER_LIMITS = "DELETE FROM waiter_limits WHERE waiter_id = :id"
 
 DELETE_WAITER = "DELETE FROM waiters WHERE id = :id RETURNING lease_id"
 
+
+class WaiterOutcomeRow(NamedTuple):
+    """How a wait ended, if it did (``SELECT_WAITER_LEASE``)."""
+
+    lease_id: str | None
+    refused: str | None
+
+
 #: How a wait ended, if it did: its lease (granted), or why it was refused.
 SELECT_WAITER_LEASE = "SELECT lease_id, refused FROM waiters WHERE id = :id"
 
@@ -325,6 +410,16 @@ DETACH_WAITERS = """
 UPDATE waiters SET owner = :detached, heartbeat = :now, deadline = :until
 WHERE id IN_LIST(ids) RETURNING id
 """
+
+
+class WaiterStateRow(NamedTuple):
+    """Whose a waiter is, how its wait ended (if it did), its lease's duration (``SELECT_WAITER_STATE``)."""
+
+    owner: str
+    lease_id: str | None
+    refused: str | None
+    lease_duration: float
+
 
 #: Whose a waiter is, and how its wait ended (if it did); and its lease's duration.
 SELECT_WAITER_STATE = "SELECT owner, lease_id, refused, lease_duration FROM waiters WHERE id = :id"

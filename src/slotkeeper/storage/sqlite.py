@@ -6,7 +6,7 @@ by the event loop. Operations that arrive while the loop is busy are collected; 
 iteration runs each inside its own SAVEPOINT (so one failing operation rolls back alone) and
 commits them all at once, so the cost of a commit is shared by the whole group. A caller's
 future is completed only after the commit: nothing is reported before it is durable. The same
-holds for the hand-offs of grants to this process's waiters (``Tx.handoffs``): run after the
+holds for the hand-offs of outcomes to this process's waiters (``Tx.handoffs``): run after the
 commit, and dropped with the savepoint of an operation that failed.
 
 Why on the loop and not on a writer thread: the statements take microseconds, and a second
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from slotkeeper.errors import StorageClosed
-from slotkeeper.storage.dialect import SQLITE, Commit, Tx, run_handoffs
+from slotkeeper.storage.dialect import SQLITE
+from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 
 T = TypeVar("T")
 
@@ -69,6 +70,9 @@ class SQLiteBackend:
     """Runs transaction scripts on one connection, on the event loop, with group commit."""
 
     name = "sqlite"
+    #: Any SQLite error that escapes a script (locked, I/O, a damaged file) means "the database
+    #: cannot serve this now", not a bug in the request.
+    unavailable: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -185,7 +189,7 @@ class SQLiteBackend:
                     outcomes.append((True, result))
             if self._conn.in_transaction:  # not rolled back already (an operation alone)
                 # The events of every operation that held, in one insert per table, outside the
-                # savepoints (see Tx.insert_later).
+                # savepoints (see Tx.insert_at_commit).
                 tx.flush()
                 cursor.execute("COMMIT")
             committed = tx.committed()

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slotkeeper import domain
+from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.core import Storage
-from slotkeeper.storage.dialect import Tx
+from slotkeeper.storage.tx import Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,4 +51,4 @@ async def read_limit_stats(storage: Storage) -> list[LimitStats]:
             )
         return stats
 
-    return await storage.backend.read(read)
+    return await transactions.read(storage.backend, read)

@@ -12,12 +12,13 @@ the same occupancy rule, the same wait queue, the same lifecycle events. What v1
 * a v1 decrement ends the holds of that task run that hold any of the named tags;
 * the slot events of a hold are the v1 pair (``prefect.concurrency-limit.v1.acquired`` /
   ``.released``), written in the transaction of the change, whatever ends the hold: decrement,
-  reset, deletion of the limit, expiry, or a v2 release by lease id (``core._end_lease`` and
-  ``core._delete`` build them from the lease's ``kind``).
+  reset, deletion of the limit, expiry, or a v2 release by lease id (``SlotScripts.end_lease``
+  and ``LimitScripts.take_back`` build them from the lease's ``kind``).
 
-The scripts below reuse :class:`~slotkeeper.storage.core.Storage`'s helpers (lookups with their
-lock order, ``_create``, ``_update``, ``_delete``, ``_end_lease``, ``_admit``) inside their own
-transactions, so v1 and v2 changes to the same limit serialise exactly as v2 changes do.
+The scripts below run over :class:`~slotkeeper.storage.scripts.Scripts` (its lookups, with their
+lock order, and the limit, slot and queue scripts) inside their own transactions, so v1 and v2
+changes to the same limit serialise exactly as v2 changes do. The decisions are
+:func:`slotkeeper.domain.check_tag_hold` and :func:`slotkeeper.domain.decide_tag_hold`.
 """
 
 from __future__ import annotations
@@ -25,27 +26,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from slotkeeper import domain
-from slotkeeper.domain import Limit, Mode
-from slotkeeper.errors import Conflict, NotFound, SlotsUnavailable
+from slotkeeper.domain import TAG_PREFIX, Limit
+from slotkeeper.errors import Conflict, NotFound
 from slotkeeper.events import builders
 from slotkeeper.models import LimitSpec, TagLimitView
+from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.core import Storage, _slots_params, write_events
-from slotkeeper.storage.dialect import Row, Tx
+from slotkeeper.storage.dialect import Row
+from slotkeeper.storage.rows import slots_params, write_events
+from slotkeeper.storage.scripts import Scripts
+from slotkeeper.storage.tx import Tx
+
+if TYPE_CHECKING:
+    from slotkeeper.storage.core import Storage
 
 __all__ = [
     "DEFAULT_V1_HOLD_TTL_SECONDS",
     "TAG_PREFIX",
     "V1_NOT_FOUND",
+    "TagScripts",
     "TagStore",
-    "deadlock_detail",
-    "reached_detail",
     "tag_name",
 ]
 
-TAG_PREFIX = builders.TAG_PREFIX
 #: Prefect's v1 not-found message (lower-case ``l``, unlike v2's).
 V1_NOT_FOUND = "Concurrency limit not found"
 #: How long a v1 hold lasts unless configured: Prefect's ``V1_LEASE_TTL`` (about 100 years).
@@ -57,30 +63,31 @@ def tag_name(tag: str) -> str:
     return TAG_PREFIX + tag
 
 
-def deadlock_detail(tag: str) -> str:
-    """Prefect's 423 detail for a tag whose limit is 0 (sent without ``Retry-After``)."""
-    return f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.'
+class TagScripts:
+    """The v1 transaction scripts over one :class:`Scripts`; ``hold_ttl`` is the lifetime of a
+    v1 hold."""
 
+    def __init__(self, scripts: Scripts, hold_ttl: float) -> None:
+        self.s = scripts
+        self.hold_ttl = hold_ttl
 
-def reached_detail(tag: str) -> str:
-    """Prefect's 423 detail for a full tag (sent with ``Retry-After``)."""
-    return f"Concurrency limit for the {tag} tag has been reached"
+    # --- locking lookups ------------------------------------------------------------------------
 
+    def _tag_limit(self, tx: Tx, row: Row | None) -> tuple[Limit, float]:
+        if row is None or not q.LimitRow._make(row).name.startswith(TAG_PREFIX):
+            raise NotFound(V1_NOT_FOUND)
+        now = self.s.clock()
+        return self.s.with_leased(tx, [row], now)[0], now
 
-def _tag(lim: Limit) -> str:
-    return lim.name.removeprefix(TAG_PREFIX)
+    def lock_tag(self, tx: Tx, tag: str) -> tuple[Limit, float]:
+        """The limit of this tag, locked, and ``now``; :class:`NotFound` (v1 message) if none."""
+        return self._tag_limit(tx, tx.one(q.SELECT_LIMIT_BY_NAME, {"key": tag_name(tag)}))
 
+    def lock_tag_limit(self, tx: Tx, limit_id: str) -> tuple[Limit, float]:
+        """The tag limit with this id, locked, and ``now``; a limit not named ``tag:`` is not one."""
+        return self._tag_limit(tx, tx.one(q.SELECT_LIMIT_BY_ID, {"key": limit_id}))
 
-class TagStore:
-    """The v1 scripts over one :class:`Storage`; ``hold_ttl`` is the lifetime of a v1 hold."""
-
-    def __init__(self, storage: Storage, hold_ttl: float | None = None) -> None:
-        self.storage = storage
-        self.hold_ttl = DEFAULT_V1_HOLD_TTL_SECONDS if hold_ttl is None else hold_ttl
-
-    # --- reading helpers (run inside scripts) ---------------------------------------------------
-
-    def _views(self, tx: Tx, limits: Sequence[Limit], now: float) -> list[TagLimitView]:
+    def views(self, tx: Tx, limits: Sequence[Limit], now: float) -> list[TagLimitView]:
         """Each limit with the task runs holding it now, in acquisition order, each once."""
         holders: dict[str, list[str]] = {lim.id: [] for lim in limits}
         if limits:
@@ -90,137 +97,61 @@ class TagStore:
                     holders[limit_id].append(task_run_id)
         return [TagLimitView(lim, holders[lim.id]) for lim in limits]
 
-    def _found(self, tx: Tx, row: Row | None) -> tuple[Limit, float]:
-        if row is None or not row[1].startswith(TAG_PREFIX):
-            raise NotFound(V1_NOT_FOUND)
-        now = self.storage.clock()
-        return self.storage._with_leased(tx, [row], now)[0], now
-
-    def _find_tag(self, tx: Tx, tag: str) -> tuple[Limit, float]:
-        """The limit of this tag, locked, and ``now``; :class:`NotFound` (v1 message) if none."""
-        return self._found(tx, tx.one(q.SELECT_LIMIT_BY_NAME, {"key": tag_name(tag)}))
-
-    def _find_id(self, tx: Tx, limit_id: str) -> tuple[Limit, float]:
-        """The tag limit with this id, locked, and ``now``; a limit not named ``tag:`` is not one."""
-        return self._found(tx, tx.one(q.SELECT_LIMIT_BY_ID, {"key": limit_id}))
+    def view(self, tx: Tx, found: tuple[Limit, float]) -> TagLimitView:
+        """The view of one limit found by a lookup."""
+        lim, now = found
+        return self.views(tx, [lim], now)[0]
 
     # --- limits ---------------------------------------------------------------------------------
 
-    async def upsert(self, tag: str, limit: int) -> tuple[TagLimitView, bool]:
-        """Create the tag's limit, or set its ``limit``; return it and whether it was created.
-
-        Lifecycle events as v2 (``created`` or ``updated``, named ``tag:<tag>``). Two upserts
-        racing to create the same tag: the loser's insert clashes and it runs again as an update.
-        """
-        try:
-            return await self.storage.backend.run(lambda tx: self._upsert(tx, tag, limit))
-        except Conflict:
-            return await self.storage.backend.run(lambda tx: self._upsert(tx, tag, limit))
-
-    def _upsert(self, tx: Tx, tag: str, limit: int) -> tuple[TagLimitView, bool]:
+    def upsert(self, tx: Tx, tag: str, limit: int) -> tuple[TagLimitView, bool]:
+        """Create the tag's limit or set its ``limit``; the view, and whether it was created."""
         name = tag_name(tag)
         created = tx.one(q.SELECT_LIMIT_BY_NAME, {"key": name}) is None
         if created:
-            view = self.storage._create(tx, LimitSpec(name, limit))
+            view = self.s.limits.create(tx, LimitSpec(name, limit))
         else:
-            view = self.storage._update(tx, name, {"limit": limit})
-        return self._views(tx, [view.limit], self.storage.clock())[0], created
+            view = self.s.limits.update(tx, name, {"limit": limit})
+        return self.views(tx, [view.limit], self.s.clock())[0], created
 
-    async def read(self, limit_id: str) -> TagLimitView:
-        """The tag limit with this id (:class:`NotFound` for an id of a limit not named ``tag:``)."""
-        return await self.storage.backend.run(lambda tx: self._view(tx, *self._find_id(tx, limit_id)))
+    def page(self, tx: Tx, limit: int, offset: int) -> list[TagLimitView]:
+        """A page of tag limits only, ordered by tag."""
+        views = self.s.limits.page(tx, limit, offset, TAG_PREFIX)
+        return self.views(tx, [v.limit for v in views], self.s.clock())
 
-    async def read_tag(self, tag: str) -> TagLimitView:
-        """The limit of this tag; :class:`NotFound` if none."""
-        return await self.storage.backend.run(lambda tx: self._view(tx, *self._find_tag(tx, tag)))
-
-    def _view(self, tx: Tx, lim: Limit, now: float) -> TagLimitView:
-        return self._views(tx, [lim], now)[0]
-
-    async def list_limits(self, limit: int, offset: int) -> list[TagLimitView]:
-        """A page of tag limits only, ordered by tag (Prefect pages over every limit, then filters)."""
-        return await self.storage.backend.run(lambda tx: self._list(tx, limit, offset))
-
-    def _list(self, tx: Tx, limit: int, offset: int) -> list[TagLimitView]:
-        views = self.storage._list(tx, limit, offset, TAG_PREFIX)
-        return self._views(tx, [v.limit for v in views], self.storage.clock())
-
-    async def delete(self, limit_id: str) -> None:
-        """Delete the tag limit with this id: its holds end (released events), then ``deleted``."""
-        await self.storage.backend.run(lambda tx: self.storage._delete(tx, self._find_id(tx, limit_id)[0].id))
-
-    async def delete_tag(self, tag: str) -> None:
-        """Delete the limit of this tag, as :meth:`delete`."""
-        await self.storage.backend.run(lambda tx: self.storage._delete(tx, self._find_tag(tx, tag)[0].id))
-
-    async def reset(self, tag: str, slot_override: Sequence[str] | None = None) -> None:
-        """Free every slot of the tag, then (``slot_override``) give one slot to each task run listed.
-
-        Unlike Prefect, the slots really come back: every live hold on the tag (v1 holds and v2
-        leases) loses its grant on it with a released event, and unleased slots are emptied. A v1
-        hold left with no tag ends. The task runs of ``slot_override`` (each once) then get a v1
-        hold on this tag each, with acquired events, even beyond the limit: the operator states
-        who holds the tag, and the limit refuses newcomers until enough of them have released.
-        """
-        await self.storage.backend.run(lambda tx: self._reset(tx, tag, slot_override or []))
-
-    def _reset(self, tx: Tx, tag: str, slot_override: Sequence[str]) -> None:
-        lim, now = self._find_tag(tx, tag)
+    def reset(self, tx: Tx, tag: str, slot_override: Sequence[str]) -> None:
+        """Free every slot of the tag, then give one slot to each task run of ``slot_override``
+        (see :meth:`TagStore.reset`)."""
+        lim, now = self.lock_tag(tx, tag)
         settled = lim.settled(now)
-        released, leases = self.storage._take_back(tx, lim, now, builders.RESET)
+        released, leases = self.s.limits.take_back(tx, lim, now, builders.RESET)
         if leases:
-            tx.run(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
-            tx.run(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
+            tx.write_now(q.DELETE_LIMIT_GRANTS, {"id": lim.id})
+            tx.write_now(q.DELETE_EMPTY_V1_LEASES, {"ids": leases})
         cleared = replace(settled, pool_slots=0, pool_clock=now, pool_event_id=None, leased_slots=0)
         if settled.pool_slots:
-            tx.run(q.UPDATE_LIMIT_SLOTS, _slots_params(cleared, now))
+            tx.write_now(q.UPDATE_LIMIT_SLOTS, slots_params(cleared, now))
         write_events(tx, released)
         for task_run_id in dict.fromkeys(slot_override):
             cleared = replace(cleared, fencing_token=cleared.fencing_token + 1)
-            self._hold(tx, [cleared], {cleared.id: 1 if cleared.active else 0}, task_run_id, now)
-        self.storage._admit(tx, [lim.id])  # freed slots go to the head of the queue
+            self.hold(tx, [cleared], {cleared.id: 1 if cleared.active else 0}, task_run_id, now)
+        self.s.queue.admit(tx, [lim.id])  # freed slots go to the head of the queue
 
     # --- slots ----------------------------------------------------------------------------------
 
-    async def acquire(self, tags: Sequence[str], task_run_id: str) -> list[Limit]:
-        """v1 increment: one slot on each active tag limit found, all or nothing, as one hold.
-
-        Unknown tags are ignored and inactive ones skipped (Prefect). Raises
-        :class:`SlotsUnavailable` without a retry hint when a found tag's limit is 0 (waiting
-        would deadlock), and with one, naming the first full tag, when a tag is full or has
-        waiters queued. Returns the limits held, in request order (none: no hold is recorded).
-        """
-        return await self.storage.backend.run(lambda tx: self._acquire(tx, tags, task_run_id))
-
-    def _acquire(self, tx: Tx, tags: Sequence[str], task_run_id: str) -> list[Limit]:
-        found, now = self.storage._by_names(tx, [tag_name(t) for t in tags])
-        zero = next((lim for lim in found if lim.limit == 0), None)
-        if zero is not None:  # active or not, as Prefect
-            raise SlotsUnavailable(None, deadlock_detail(_tag(zero)), code="limit_is_zero")
+    def acquire(self, tx: Tx, tags: Sequence[str], task_run_id: str) -> list[Limit]:
+        """v1 increment (see :meth:`TagStore.acquire`)."""
+        found, now = self.s.lock_limits_named(tx, [tag_name(t) for t in tags])
+        domain.check_tag_hold(found)
         active = [lim for lim in found if lim.active]
         if not active:
             return []
-        ids = [lim.id for lim in active]
-        queued: dict[str, int] = dict(tx.all(q.SELECT_QUEUED_SLOTS, {"ids": ids}))
-        settled = [lim.settled(now) for lim in active]
-        full = next(
-            (
-                lim
-                for lim in settled
-                if lim.pool_slots + lim.leased_slots + queued.get(lim.id, 0) >= lim.limit
-            ),
-            None,
-        )
-        if full is not None:
-            seconds = self.storage.retry_policy.seconds(settled, 1, now, queued)
-            raise SlotsUnavailable(seconds, reached_detail(_tag(full)))
-        decision = domain.decide_acquire(
-            active, 1, Mode.CONCURRENCY, leased=True, now=now, retry_after=self.storage.retry_policy
-        )
-        self._hold(tx, decision.limits, decision.grant_slots, task_run_id, now)
+        queued: dict[str, int] = dict(tx.all(q.SELECT_QUEUED_SLOTS, {"ids": [lim.id for lim in active]}))
+        decision = domain.decide_tag_hold(active, queued, now, self.s.retry_policy)
+        self.hold(tx, decision.limits, decision.grant_slots, task_run_id, now)
         return decision.limits
 
-    def _hold(
+    def hold(
         self, tx: Tx, written: list[Limit], grant_slots: dict[str, int], task_run_id: str, now: float
     ) -> None:
         """Record one v1 hold of ``task_run_id`` on ``written`` (limits as they must be stored, with
@@ -232,34 +163,16 @@ class TagStore:
             )
             for lim in written
         ]
-        tx.many(q.UPDATE_LIMIT_SLOTS, [_slots_params(lim, now) for lim in written])
-        write_events(tx, acquired)
+        self.s.slots.write_acquired(tx, written, acquired, now)
         lease_id = str(uuid.uuid4())
-        tx.run(
+        tx.write_now(
             q.INSERT_V1_LEASE,
             {"id": lease_id, "created": now, "expires": now + self.hold_ttl, "holder_id": task_run_id},
         )
-        tx.many(
-            q.INSERT_GRANT,
-            [
-                {
-                    "lease_id": lease_id,
-                    "limit_id": lim.id,
-                    "slots": grant_slots.get(lim.id, 0),
-                    "fencing_token": lim.fencing_token,
-                    "acquired_event_id": event.id,
-                }
-                for lim, event in zip(written, acquired, strict=True)
-            ],
-        )
+        self.s.slots.write_grants(tx, lease_id, written, grant_slots, acquired)
 
-    async def release(self, tags: Sequence[str], task_run_id: str) -> list[Limit]:
-        """v1 decrement: end every v1 hold of ``task_run_id`` that holds one of ``tags`` (its
-        other tags too: a hold is one increment). Returns every tag limit found, in request
-        order, whether or not it was held."""
-        return await self.storage.backend.run(lambda tx: self._release(tx, tags, task_run_id))
-
-    def _release(self, tx: Tx, tags: Sequence[str], task_run_id: str) -> list[Limit]:
+    def end_holds(self, tx: Tx, tags: Sequence[str], task_run_id: str) -> list[Limit]:
+        """v1 decrement (see :meth:`TagStore.release`)."""
         names = [tag_name(t) for t in dict.fromkeys(tags)]
         if not names:
             return []
@@ -267,7 +180,86 @@ class TagStore:
         if holds:
             # Every limit these holds touch, locked in id order before any is changed.
             tx.all(q.LOCK_LIMITS_OF_HOLDS, {"names": names, "leases": holds})
-        found, _ = self.storage._by_names(tx, names)
+        found, _ = self.s.lock_limits_named(tx, names)
         for lease_id in holds:
-            self.storage._end_lease(tx, lease_id, expired_only=False)
+            self.s.slots.end_lease(tx, lease_id)
         return found
+
+
+class TagStore:
+    """The v1 operations over one :class:`Storage`; ``hold_ttl`` is the lifetime of a v1 hold."""
+
+    def __init__(self, storage: Storage, hold_ttl: float | None = None) -> None:
+        self.backend = storage.backend
+        self.scripts = TagScripts(
+            storage.scripts, DEFAULT_V1_HOLD_TTL_SECONDS if hold_ttl is None else hold_ttl
+        )
+
+    @property
+    def hold_ttl(self) -> float:
+        """How long a v1 hold lasts."""
+        return self.scripts.hold_ttl
+
+    async def upsert(self, tag: str, limit: int) -> tuple[TagLimitView, bool]:
+        """Create the tag's limit, or set its ``limit``; return it and whether it was created.
+
+        Lifecycle events as v2 (``created`` or ``updated``, named ``tag:<tag>``). Two upserts
+        racing to create the same tag: the loser's insert clashes and it runs again as an update.
+        """
+        try:
+            return await transactions.run(self.backend, lambda tx: self.scripts.upsert(tx, tag, limit))
+        except Conflict:
+            return await transactions.run(self.backend, lambda tx: self.scripts.upsert(tx, tag, limit))
+
+    async def read(self, limit_id: str) -> TagLimitView:
+        """The tag limit with this id (:class:`NotFound` for an id of a limit not named ``tag:``)."""
+        t = self.scripts
+        return await transactions.run(self.backend, lambda tx: t.view(tx, t.lock_tag_limit(tx, limit_id)))
+
+    async def read_tag(self, tag: str) -> TagLimitView:
+        """The limit of this tag; :class:`NotFound` if none."""
+        t = self.scripts
+        return await transactions.run(self.backend, lambda tx: t.view(tx, t.lock_tag(tx, tag)))
+
+    async def list_limits(self, limit: int, offset: int) -> list[TagLimitView]:
+        """A page of tag limits only, ordered by tag (Prefect pages over every limit, then filters)."""
+        return await transactions.run(self.backend, lambda tx: self.scripts.page(tx, limit, offset))
+
+    async def delete(self, limit_id: str) -> None:
+        """Delete the tag limit with this id: its holds end (released events), then ``deleted``."""
+        t = self.scripts
+        await transactions.run(
+            self.backend, lambda tx: t.s.limits.delete(tx, t.lock_tag_limit(tx, limit_id)[0].id)
+        )
+
+    async def delete_tag(self, tag: str) -> None:
+        """Delete the limit of this tag, as :meth:`delete`."""
+        t = self.scripts
+        await transactions.run(self.backend, lambda tx: t.s.limits.delete(tx, t.lock_tag(tx, tag)[0].id))
+
+    async def reset(self, tag: str, slot_override: Sequence[str] | None = None) -> None:
+        """Free every slot of the tag, then (``slot_override``) give one slot to each task run listed.
+
+        Unlike Prefect, the slots really come back: every live hold on the tag (v1 holds and v2
+        leases) loses its grant on it with a released event, and unleased slots are emptied. A v1
+        hold left with no tag ends. The task runs of ``slot_override`` (each once) then get a v1
+        hold on this tag each, with acquired events, even beyond the limit: the operator states
+        who holds the tag, and the limit refuses newcomers until enough of them have released.
+        """
+        await transactions.run(self.backend, lambda tx: self.scripts.reset(tx, tag, slot_override or []))
+
+    async def acquire(self, tags: Sequence[str], task_run_id: str) -> list[Limit]:
+        """v1 increment: one slot on each active tag limit found, all or nothing, as one hold.
+
+        Unknown tags are ignored and inactive ones skipped (Prefect). Raises
+        :class:`SlotsUnavailable` without a retry hint when a found tag's limit is 0 (waiting
+        would deadlock), and with one, naming the first full tag, when a tag is full or has
+        waiters queued. Returns the limits held, in request order (none: no hold is recorded).
+        """
+        return await transactions.run(self.backend, lambda tx: self.scripts.acquire(tx, tags, task_run_id))
+
+    async def release(self, tags: Sequence[str], task_run_id: str) -> list[Limit]:
+        """v1 decrement: end every v1 hold of ``task_run_id`` that holds one of ``tags`` (its
+        other tags too: a hold is one increment). Returns every tag limit found, in request
+        order, whether or not it was held."""
+        return await transactions.run(self.backend, lambda tx: self.scripts.end_holds(tx, tags, task_run_id))

@@ -24,10 +24,13 @@ from collections.abc import Callable
 from slotkeeper import domain
 from slotkeeper.errors import NotFound
 from slotkeeper.events import builders
-from slotkeeper.models import GrantBucket, LeaseInfo, LimitState, LimitSummary, QueuedRequest
+from slotkeeper.models import GrantBucket, LimitState, LimitSummary, QueuedRequest
+from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.core import LIMIT_NOT_FOUND, Backend, _holder, _limit
-from slotkeeper.storage.dialect import Row, Tx
+from slotkeeper.storage.backend import Backend
+from slotkeeper.storage.rows import holder_of, lease_infos, limit_from
+from slotkeeper.storage.scripts import LIMIT_NOT_FOUND
+from slotkeeper.storage.tx import Tx
 
 __all__ = ["PERCENTILES", "ViewStore"]
 
@@ -48,14 +51,14 @@ class ViewStore:
         self.clock = clock
 
     @staticmethod
-    def _peek(tx: Tx, key: str) -> Row:
+    def _peek(tx: Tx, key: str) -> q.LimitRow:
         if domain.looks_like_uuid(key):
             row = tx.one(q.PEEK_LIMIT_BY_ID, {"key": str(uuid.UUID(key))})
         else:
             row = tx.one(q.PEEK_LIMIT_BY_NAME, {"key": key})
         if row is None:
             raise NotFound(LIMIT_NOT_FOUND)
-        return row
+        return q.LimitRow._make(row)
 
     async def overview(
         self, limit: int, offset: int, prefix: str = ""
@@ -64,23 +67,25 @@ class ViewStore:
         match in all, and the ``now`` of the read."""
 
         def op(tx: Tx) -> tuple[list[LimitSummary], int, float]:
-            page = tx.pending(
+            page = tx.all_later(
                 q.SELECT_LIMITS_PAGE_WITH_PREFIX, {"prefix": prefix, "limit": limit, "offset": offset}
             )
-            counting = tx.pending(q.COUNT_LIMITS_WITH_PREFIX, {"prefix": prefix})
-            rows, total = page(), int(counting()[0][0])
+            counting = tx.all_later(q.COUNT_LIMITS_WITH_PREFIX, {"prefix": prefix})
+            rows, total = [q.LimitRow._make(r) for r in page()], int(counting()[0][0])
             now = self.clock()
-            ids = [r[0] for r in rows]
+            ids = [r.id for r in rows]
             if not ids:
                 return [], total, now
-            leased = tx.pending(q.SELECT_LEASED_SLOTS, {"ids": ids, "now": now})
-            queued = tx.pending(q.SELECT_QUEUE_SIZES, {"ids": ids})
+            leased = tx.all_later(q.SELECT_LEASED_SLOTS, {"ids": ids, "now": now})
+            queued = tx.all_later(q.SELECT_QUEUE_SIZES, {"ids": ids})
             sums = {i: int(n) for i, n in leased()}
             sizes = {i: (int(n), int(s)) for i, n, s in queued()}
-            summaries = [LimitSummary(_limit(r, sums.get(r[0], 0)), *sizes.get(r[0], (0, 0))) for r in rows]
+            summaries = [
+                LimitSummary(limit_from(r, sums.get(r.id, 0)), *sizes.get(r.id, (0, 0))) for r in rows
+            ]
             return summaries, total, now
 
-        return await self.backend.read(op)
+        return await transactions.read(self.backend, op)
 
     async def state(self, key: str, queue_limit: int) -> LimitState:
         """One limit (by id or name): its live leases, the first ``queue_limit`` requests of its
@@ -89,20 +94,10 @@ class ViewStore:
         def op(tx: Tx) -> LimitState:
             row = self._peek(tx, key)
             now = self.clock()
-            leases = tx.pending(q.SELECT_LIMIT_LEASES, {"id": row[0], "now": now})
-            queue = tx.pending(q.SELECT_QUEUE_OF, {"id": row[0], "limit": queue_limit})
-            sizes = tx.pending(q.SELECT_QUEUE_SIZES, {"ids": [row[0]]})
-            holders = [
-                LeaseInfo(
-                    lease_id=r[0],
-                    holder=_holder(r[1], r[2]),
-                    slots=r[3],
-                    created=r[4],
-                    expires=r[5],
-                    fencing_token=r[6],
-                )
-                for r in leases()
-            ]
+            leases = tx.all_later(q.SELECT_LIMIT_LEASES, {"id": row.id, "now": now})
+            queue = tx.all_later(q.SELECT_QUEUE_OF, {"id": row.id, "limit": queue_limit})
+            sizes = tx.all_later(q.SELECT_QUEUE_SIZES, {"ids": [row.id]})
+            holders = lease_infos(leases())
             waiting = [
                 QueuedRequest(
                     position=i,
@@ -111,18 +106,18 @@ class ViewStore:
                     slots=r[2],
                     enqueued=r[3],
                     deadline=r[4],
-                    holder=_holder(r[5], r[6]),
+                    holder=holder_of(r[5], r[6]),
                     limits=int(r[7]),
                 )
                 for i, r in enumerate(queue(), start=1)
             ]
             size = next(iter(sizes()), None)
             # Leased slots are the sum of the holders listed: the same rows, read once.
-            lim = _limit(row, sum(h.slots for h in holders))
+            lim = limit_from(row, sum(h.slots for h in holders))
             summary = LimitSummary(lim, int(size[1]) if size else 0, int(size[2]) if size else 0)
             return LimitState(summary, holders, waiting, now)
 
-        return await self.backend.read(op)
+        return await transactions.read(self.backend, op)
 
     async def grant_stats(self, key: str, window: float, width: float) -> tuple[str, list[GrantBucket]]:
         """The grants of one limit (v2 and v1 acquisitions) over the last ``window`` seconds, in
@@ -130,7 +125,7 @@ class ViewStore:
         current, partly past); and the limit's id. :class:`NotFound` if there is no such limit."""
 
         def op(tx: Tx) -> tuple[str, list[GrantBucket]]:
-            limit_id = self._peek(tx, key)[0]
+            limit_id = self._peek(tx, key).id
             now = self.clock()
             until = math.floor(now / width) * width + width
             count = max(1, math.ceil(window / width))
@@ -163,4 +158,4 @@ class ViewStore:
                 )
             return limit_id, buckets
 
-        return await self.backend.read(op)
+        return await transactions.read(self.backend, op)

@@ -1,0 +1,78 @@
+"""What a backend is, and the one way storage hands it a transaction script.
+
+A *transaction script* is a function of one open :class:`~slotkeeper.storage.tx.Tx`: the backend
+runs it inside one transaction, commits what it wrote if it returns, and rolls everything back if
+it raises. :class:`Backend` is the interface both backends (``sqlite.py``, ``postgres.py``)
+implement; everything above them sends scripts through :func:`run` or :func:`read`, which turn
+the driver's "cannot serve this now" errors into the project's own
+:class:`~slotkeeper.errors.DatabaseUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from slotkeeper.errors import DatabaseUnavailable
+from slotkeeper.storage.tx import Commit, Tx
+
+T = TypeVar("T")
+
+#: A transaction script: what one transaction does.
+Script = Callable[[Tx], T]
+
+
+class Backend(Protocol):
+    """Runs a transaction script: commits its writes if it returns, rolls back if it raises."""
+
+    name: str
+    #: The driver's errors that mean "the database cannot serve this now" (a lost connection, a
+    #: locked or damaged file), as opposed to a bug: :func:`run` raises them as
+    #: :class:`~slotkeeper.errors.DatabaseUnavailable`.
+    unavailable: tuple[type[Exception], ...]
+
+    async def run(self, script: Script[T]) -> T: ...
+
+    async def read(self, script: Script[T]) -> T:
+        """Run a read-only script, possibly beside the writes (queries that may scan)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, callback: Callable[[Commit | None], None]) -> Callable[[], None]:
+        """Deliver what every transaction published (events, woken waiters), in commit order, to
+        ``callback`` (called from any thread).
+
+        Returns a function that stops the delivery.
+
+        ``None`` means publications may have been missed (a lost database connection): live
+        subscribers must start again from the store, waiters must look at their rows.
+        """
+
+    def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
+        """Call ``callback`` with each commit of *this process* that published something, right
+        after it committed, on the committing thread; returns a function that stops it.
+
+        Unlike :meth:`subscribe`, never another process's commits: what a process counts from
+        here (metrics) sums across processes without counting anything twice.
+        """
+        ...
+
+
+def run(backend: Backend, script: Script[T]) -> Awaitable[T]:
+    """Hand ``script`` to ``backend`` now (the backend has it before this returns) and return its
+    outcome to await; a driver error that means the database is unavailable raises
+    :class:`~slotkeeper.errors.DatabaseUnavailable` from it."""
+    return _translated(backend.run(script), backend.unavailable)
+
+
+def read(backend: Backend, script: Script[T]) -> Awaitable[T]:
+    """:func:`run` for a read-only script (:meth:`Backend.read`)."""
+    return _translated(backend.read(script), backend.unavailable)
+
+
+async def _translated(outcome: Awaitable[T], unavailable: tuple[type[Exception], ...]) -> T:
+    try:
+        return await outcome
+    except unavailable as exc:
+        raise DatabaseUnavailable(f"The database is unavailable: {exc}") from exc

@@ -1,0 +1,126 @@
+"""The transaction scripts: every state change is one function of an open :class:`Tx`.
+
+A script locks what it needs, reads ``now``, asks :mod:`slotkeeper.domain` what to do, and
+writes the result; the slot change, the lease rows and the event rows commit together or not at
+all (the backend runs the script in one transaction, see ``backend.py``). Events a script writes
+also go on ``tx.events``, published after the commit in commit order; an outcome for a waiting
+request of this process goes on ``tx.handoffs``, run after the commit too.
+
+:class:`Scripts` holds what every script needs (the clock, the Retry-After policy, the waiting
+requests of this process) and the locking lookups they share; the scripts themselves are grouped
+by what they change:
+
+* ``scripts.limits`` (:mod:`~slotkeeper.storage.limits`): create, read, list, update, delete;
+* ``scripts.slots`` (:mod:`~slotkeeper.storage.slots`): acquire, release, renew, expire;
+* ``scripts.queue`` (:mod:`~slotkeeper.storage.queue`): the wait queue: enqueue, admit, end a wait.
+
+Lock order, the same in every script so PostgreSQL never deadlocks: limit rows first, by id
+(``ORDER BY id FOR UPDATE``), then lease rows. Every lookup that locks says so in its name
+(``lock_...``). ``now`` is read after the locks are held, so two scripts on the same limit see
+increasing times in commit order (this is what makes renewal and expiry race-free: see
+``SlotScripts.renew``).
+
+A backend that can do better than the statements of a script (one round trip for a whole
+operation, say) replaces that script's method; the scripts' signatures are the contract.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from slotkeeper import domain
+from slotkeeper.domain import Limit, RetryPolicy
+from slotkeeper.errors import NotFound
+from slotkeeper.storage import queries as q
+from slotkeeper.storage.dialect import Row
+from slotkeeper.storage.limits import LimitScripts
+from slotkeeper.storage.queue import QueueScripts
+from slotkeeper.storage.rows import limit_from, limit_rows
+from slotkeeper.storage.slots import SlotScripts
+from slotkeeper.storage.tx import Tx
+from slotkeeper.storage.waiting import Waiters
+
+LIMIT_NOT_FOUND = "Concurrency Limit not found"
+
+
+class Scripts:
+    """Every transaction script, over one clock, one Retry-After policy and one process's waiters.
+
+    ``one_writer``: the backend runs one transaction at a time (SQLite), so nothing changes
+    between two statements of a script; PostgreSQL runs many, and admission must then read again
+    what other transactions may have changed while it waited for locks.
+    """
+
+    def __init__(
+        self,
+        waiters: Waiters,
+        *,
+        clock: Callable[[], float] = time.time,
+        retry_policy: RetryPolicy | None = None,
+        one_writer: bool,
+    ) -> None:
+        self.clock = clock
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.waiters = waiters
+        self.one_writer = one_writer
+        self.limits = LimitScripts(self)
+        self.slots = SlotScripts(self)
+        self.queue = QueueScripts(self)
+
+    # --- locking lookups ------------------------------------------------------------------------
+
+    def lock_limit(self, tx: Tx, key: str) -> tuple[Limit, float]:
+        """The limit with this id or name, locked; and ``now``. Ids are tried for UUID keys;
+        :class:`NotFound` if none."""
+        if domain.looks_like_uuid(key):  # any spelling of the id: upper case, no dashes, braces
+            row = tx.one(q.SELECT_LIMIT_BY_ID, {"key": str(uuid.UUID(key))})
+        else:
+            row = tx.one(q.SELECT_LIMIT_BY_NAME, {"key": key})
+        if row is None:
+            raise NotFound(LIMIT_NOT_FOUND)
+        now = self.clock()
+        return self.with_leased(tx, [row], now)[0], now
+
+    def lock_limits_named(self, tx: Tx, names: Sequence[str]) -> tuple[list[Limit], float]:
+        """The named limits that exist, locked, in request order; and ``now``."""
+        found, now, _ = self.lock_limits_and_queue(tx, names, queue=False)
+        return found, now
+
+    def lock_limits_and_queue(
+        self, tx: Tx, names: Sequence[str], *, queue: bool = True
+    ) -> tuple[list[Limit], float, dict[str, int]]:
+        """:meth:`lock_limits_named`, and with ``queue`` the slots that queued waiters wait for
+        on each of them (by limit id), read right behind the locks: one round trip for both."""
+        unique = list(dict.fromkeys(names))
+        if not unique:
+            return [], self.clock(), {}
+        locking = tx.all_later(q.SELECT_LIMITS_BY_NAMES, {"names": unique})
+        queued = tx.all_later(q.SELECT_QUEUED_SLOTS_BY_NAMES, {"names": unique}) if queue else None
+        rows = locking()
+        now = self.clock()
+        by_name = {lim.name: lim for lim in self.with_leased(tx, rows, now)}
+        found = [by_name[n] for n in unique if n in by_name]
+        return found, now, dict(queued()) if queued is not None else {}
+
+    # --- reads that count -----------------------------------------------------------------------
+
+    @staticmethod
+    def leased_sums(tx: Tx, ids: Sequence[str], now: float) -> dict[str, int]:
+        """The slots held by live leases on each of these limits (absent: none)."""
+        return {i: int(n) for i, n in tx.all(q.SELECT_LEASED_SLOTS, {"ids": list(ids), "now": now})}
+
+    def with_leased(self, tx: Tx, rows: Sequence[Row], now: float) -> list[Limit]:
+        """The limits of these ``limits`` rows, each with the slots its live leases hold now."""
+        if not rows:
+            return []
+        typed = limit_rows(rows)
+        sums = self.leased_sums(tx, [r.id for r in typed], now)
+        return [limit_from(r, sums.get(r.id, 0)) for r in typed]
+
+    def with_leased_now(self, tx: Tx, limits: Sequence[Limit], now: float) -> dict[str, Limit]:
+        """These limits (read earlier in this transaction) by id, with their leased slots now."""
+        sums = self.leased_sums(tx, [lim.id for lim in limits], now)
+        return {lim.id: replace(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}

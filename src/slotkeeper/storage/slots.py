@@ -1,0 +1,283 @@
+"""Slot scripts: acquire, release, renew and expire (see ``scripts.py``).
+
+Leased slots exist only as grant rows: a lease row and its grants are inserted together
+(:meth:`SlotScripts.grant`) and deleted together (:meth:`SlotScripts.end_lease`). Unleased slots
+(plain ``/increment``, rate limits) go to the limit's pool. Every script that frees slots ends
+with admission (``QueueScripts.admit``), in its transaction: freed slots go to the head of the
+queue before any newcomer can see them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from slotkeeper import domain
+from slotkeeper.domain import Limit, Mode
+from slotkeeper.errors import SlotsUnavailable
+from slotkeeper.events import builders
+from slotkeeper.events.models import EventRecord
+from slotkeeper.models import AcquireRequest, Granted, LeaseInfo, LeaseSpec
+from slotkeeper.storage import queries as q
+from slotkeeper.storage.dialect import Row
+from slotkeeper.storage.rows import holder_of, lease_infos, limit_from, limit_rows, slots_params, write_events
+from slotkeeper.storage.tx import Tx
+
+if TYPE_CHECKING:
+    from slotkeeper.storage.scripts import Scripts
+
+
+class SlotScripts:
+    """The slot scripts of one :class:`~slotkeeper.storage.scripts.Scripts`."""
+
+    def __init__(self, scripts: Scripts) -> None:
+        self.s = scripts
+
+    # --- taking slots ---------------------------------------------------------------------------
+
+    def acquire(self, tx: Tx, request: AcquireRequest, waiter_id: str | None = None) -> Granted | None:
+        """Take slots on every named limit or none: :class:`SlotsUnavailable` when they are taken
+        (or waiters are queued for them). With ``waiter_id`` (a request that waits, with a lease),
+        such a request is queued under that id instead, and None returned."""
+        found, now, waiting = self.s.lock_limits_and_queue(tx, request.names)
+        lease = request.lease
+        if request.wait is not None:
+            domain.check_waitable(request.names, found, request.mode)
+        if not found:
+            # Nothing to hold: Prefect still answers with a lease id. It is not stored, since
+            # no slot depends on it; renewing it answers 410, releasing it 204.
+            return Granted([], str(uuid.uuid4()) if lease else None)
+        try:
+            decision = domain.decide_acquire(
+                found,
+                request.slots,
+                request.mode,
+                leased=lease is not None,
+                now=now,
+                retry_after=self.s.retry_policy,
+                queued=waiting,
+            )
+        except SlotsUnavailable:
+            if waiter_id is None or lease is None or request.wait is None:
+                raise
+            self.s.queue.enqueue(tx, waiter_id, found, request, lease, now)
+            return None
+        return self.grant(tx, decision, request.slots, request.mode, lease, now)
+
+    def grant(
+        self,
+        tx: Tx,
+        decision: domain.Acquisition,
+        slots: int,
+        mode: Mode,
+        lease: LeaseSpec | None,
+        now: float,
+        waited: float | None = None,
+    ) -> Granted:
+        """Write a decided acquisition: limits, acquired events, and the lease with its grants.
+
+        ``waited``: how long a grant from the queue waited there (its acquired events say so).
+        """
+        holder = lease.holder if lease else None
+        batch = [lim.id for lim in decision.limits]
+        payload = None if waited is None else builders.waited_payload(waited)
+        acquired = [
+            builders.slot_event(
+                builders.ACQUIRED, lim, slots=slots, batch=batch, occurred=now, holder=holder, payload=payload
+            )
+            for lim in decision.limits
+        ]
+        written = decision.limits
+        if lease is None and mode is Mode.CONCURRENCY:
+            # Unleased slots: a later plain decrement's released event follows this one.
+            written = [
+                replace(lim, pool_event_id=event.id)
+                for lim, event in zip(decision.limits, acquired, strict=True)
+            ]
+        self.write_acquired(tx, written, acquired, now)
+        if lease is None:
+            return Granted(written, None)
+        lease_id = str(uuid.uuid4())
+        tx.write(
+            q.INSERT_LEASE,
+            {
+                "id": lease_id,
+                "created": now,
+                "expires": now + lease.duration,
+                "slots": slots,
+                "holder_type": holder.type if holder else None,
+                "holder_id": holder.id if holder else None,
+            },
+        )
+        if mode is Mode.CONCURRENCY:
+            # Rate-limit slots come back by decay: such a lease holds no grant and releases nothing.
+            self.write_grants(tx, lease_id, written, decision.grant_slots, acquired)
+        return Granted(written, lease_id)
+
+    @staticmethod
+    def write_acquired(tx: Tx, written: Sequence[Limit], acquired: Sequence[EventRecord], now: float) -> None:
+        """Write the limits of an acquisition (pools, fencing tokens) and its acquired events."""
+        tx.write_many(q.UPDATE_LIMIT_SLOTS, [slots_params(lim, now) for lim in written])
+        write_events(tx, acquired)
+
+    @staticmethod
+    def write_grants(
+        tx: Tx,
+        lease_id: str,
+        written: Sequence[Limit],
+        grant_slots: dict[str, int],
+        acquired: Sequence[EventRecord],
+    ) -> None:
+        """One grant row per limit of a lease (inserted after it): its slots and fencing token,
+        and the acquired event its released event will follow."""
+        tx.write_many(
+            q.INSERT_GRANT,
+            [
+                {
+                    "lease_id": lease_id,
+                    "limit_id": lim.id,
+                    "slots": grant_slots.get(lim.id, 0),
+                    "fencing_token": lim.fencing_token,
+                    "acquired_event_id": event.id,
+                }
+                for lim, event in zip(written, acquired, strict=True)
+            ],
+        )
+
+    # --- giving slots back ----------------------------------------------------------------------
+
+    def release_unleased(
+        self, tx: Tx, names: list[str], slots: int, occupancy_seconds: float | None
+    ) -> list[Limit]:
+        """Plain ``/decrement``: free unleased (pool) slots on each active named limit, clamped
+        at 0. Leased slots are not touched: only their lease's end frees them."""
+        found, now = self.s.lock_limits_named(tx, names)
+        batch = [lim.id for lim in found]
+        changed: list[tuple[Limit, float]] = []
+        released: list[EventRecord] = []
+        for lim in found:
+            if not lim.active:
+                continue
+            new = domain.release_pool(lim, slots, now)
+            avg = new.avg_slot_occupancy_seconds
+            if occupancy_seconds:
+                avg = domain.next_avg_occupancy(avg, occupancy_seconds, slots, new.limit)
+            changed.append((new, avg))
+            freed = lim.settled(now).pool_slots - new.pool_slots
+            # Slots an operator set (active_slots) were never acquired: no event to follow.
+            if freed and lim.pool_event_id:
+                released.append(
+                    builders.slot_event(
+                        builders.RELEASED,
+                        new,
+                        slots=freed,
+                        batch=batch,
+                        occurred=now,
+                        follows=lim.pool_event_id,
+                    )
+                )
+        tx.write_many(q.UPDATE_LIMIT_SLOTS, [slots_params(new, now) for new, _ in changed])
+        tx.write_many(q.UPDATE_LIMIT_AVG, [{"id": new.id, "avg": avg} for new, avg in changed])
+        write_events(tx, released)
+        self.s.queue.admit(tx, [new.id for new, _ in changed])
+        return found
+
+    def end_lease(
+        self, tx: Tx, lease_id: str, *, expired_only: bool = False, cause: str = builders.RELEASE
+    ) -> bool:
+        """End a lease and every slot it holds: released events, the occupancy average, and
+        admission on its limits. False if it was already gone (or, ``expired_only``, the
+        reaper's case, if it has not expired). ``cause``: who ends it (the released events'
+        ``cause``; ``builders.EXPIRY`` for the reaper)."""
+        # Sent together, so that a release waits for one round trip before its writes; they run
+        # in this order. The lease row is deleted once its limit rows are locked, as always, and
+        # the queue of those limits is read before the deletion takes the grants along.
+        locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+        acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+        queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
+        deleted: Row | None
+        if expired_only:
+            # The reaper: whether the lease has expired depends on ``now``, read after the locks.
+            locked = locking()
+            now = self.s.clock()
+            deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
+        else:
+            deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
+            locked = locking()
+            now = self.s.clock()
+            deleted = next(iter(deleting()), None)
+        if deleted is None:
+            return False
+        limits = [limit_from(r, 0) for r in limit_rows(locked)]
+        grants: dict[str, str] = dict(acquired())
+        ended_lease = q.EndedLeaseRow._make(deleted)
+        ended = min(now, ended_lease.expires)  # an expired lease gave its slots back at its expiry
+        held = ended - ended_lease.created
+        if held > 0:
+            limits = [
+                replace(
+                    lim,
+                    avg_slot_occupancy_seconds=domain.next_avg_occupancy(
+                        lim.avg_slot_occupancy_seconds, held, ended_lease.slots, lim.limit
+                    ),
+                )
+                if lim.active
+                else lim
+                for lim in limits
+            ]
+            tx.write_many(
+                q.UPDATE_LIMIT_AVG,
+                [{"id": lim.id, "avg": lim.avg_slot_occupancy_seconds} for lim in limits if lim.active],
+            )
+        holder = holder_of(ended_lease.holder_type, ended_lease.holder_id)
+        batch = [lim.id for lim in limits]
+        # ``occurred`` is when the slots came back (the expiry, for a reaped lease); ``received``
+        # is when the server recorded it, so it never precedes the event's existence.
+        write_events(
+            tx,
+            [
+                replace(
+                    builders.released_event(
+                        ended_lease.kind,
+                        lim,
+                        slots=ended_lease.slots,
+                        batch=batch,
+                        occurred=ended,
+                        holder=holder,
+                        follows=grants.get(lim.id),
+                        reason=cause if cause in builders.STATED_CAUSES else None,
+                    ),
+                    received=now,
+                    cause=builders.EXPIRY if expired_only else cause,
+                )
+                for lim in limits
+            ],
+        )
+        self.s.queue.admit(tx, batch, queue, limits)
+        return True
+
+    def end_expired(self, tx: Tx, lease_id: str) -> bool:
+        """The reaper's :meth:`end_lease`: only if the lease has expired by now."""
+        return self.end_lease(tx, lease_id, expired_only=True)
+
+    def expired_lease_ids(self, tx: Tx, batch: int) -> list[str]:
+        """Up to ``batch`` leases that have expired, soonest expired first."""
+        return [r[0] for r in tx.all(q.SELECT_EXPIRED_LEASES, {"now": self.s.clock(), "batch": batch})]
+
+    # --- keeping slots --------------------------------------------------------------------------
+
+    def renew(self, tx: Tx, lease_id: str, duration: float) -> bool:
+        """Extend a live lease to now + duration. False if it expired or is gone."""
+        # The limits are locked first and ``now`` read after: an acquisition that already
+        # counted this lease as expired has committed, so ``now`` here is past the expiry and
+        # the compare-and-set refuses. A lease renewed in time is never reclaimed.
+        tx.all(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+        now = self.s.clock()
+        return tx.write_now(q.RENEW_LEASE, {"id": lease_id, "expires": now + duration, "now": now}) == 1
+
+    def leases_of(self, tx: Tx, key: str) -> list[LeaseInfo]:
+        """The live leases on one limit (by id or name), oldest first."""
+        lim, now = self.s.lock_limit(tx, key)
+        return lease_infos(tx.all(q.SELECT_LIMIT_LEASES, {"id": lim.id, "now": now}))
