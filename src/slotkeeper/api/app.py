@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, dashboard, errors, events, limits, live, stats, tags, views, websockets
+from slotkeeper.api import admin, dashboard, errors, events, limits, live, session, stats, tags, views, websockets
 from slotkeeper.api import metrics as metrics_route
 from slotkeeper.api.access import RequestLog
 from slotkeeper.api.fastroute import FastRoute
@@ -175,6 +175,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         *live.routers(settings),
         events.router,
         websockets.router,
+        session.router,
     ]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -1,0 +1,344 @@
+"""``/api/slotkeeper/session``: the lease requests of one client process over one websocket.
+
+The protocol is defined in :mod:`slotkeeper.session`; why it exists and what it costs is in
+``docs/api.md`` ("Sessions") and ``ARCHITECTURE.md``. This module only carries requests: each
+``REQUEST`` record is served by the very handler that serves the same route over HTTP (the
+``FastRoute`` handlers of :mod:`slotkeeper.api.limits`, errors rendered by
+:func:`slotkeeper.api.errors.render`), so validation, storage calls and answers are the HTTP
+ones. What the session adds:
+
+* **Many requests in flight, answers batched.** Every request runs in its own task; the answers
+  that are ready in one turn of the event loop leave in one websocket message. With SQLite the
+  requests of one message also commit together (the backend's group commit).
+* **Withdrawal.** ``CANCEL`` does for one request what closing its connection does over HTTP: a
+  request waiting for slots sees its client "disconnect", withdraws from the queue, and releases
+  a grant that raced the withdrawal (``limits._wait``); it is answered 499.
+* **Nothing leaks when the session ends.** The client acknowledges the messages it has read
+  (``ACK``). When the websocket closes, for whatever reason, every request still running is
+  withdrawn, and every lease granted in an answer the client did not acknowledge (or that could
+  no longer be sent) is released: nobody holds it. Leases the client did acknowledge stay, as
+  leases do over HTTP: their holder renews them on a new session or they expire.
+
+Bounds: the message size is the server's ``ws_max_size`` (uvicorn: 16 MiB) and each request body
+``max_body_bytes``, as over HTTP; a session has at most :data:`MAX_IN_FLIGHT` requests running (the
+next ones are answered 429). Auth is checked on the upgrade request, before the websocket is
+accepted: no unauthenticated websocket is ever open, so no auth deadline is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+from collections import deque
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response, WebSocket
+from starlette.types import Message, Receive, Scope, Send
+
+from slotkeeper import session as protocol
+from slotkeeper.api import errors
+from slotkeeper.api.hotpath import Handler, HotPaths
+from slotkeeper.api.responses import json_response
+from slotkeeper.settings import Settings
+from slotkeeper.storage import Storage
+
+log = logging.getLogger("slotkeeper.api.session")
+
+router = APIRouter(tags=["Sessions"])
+
+#: Requests one session may have running at once; more are answered 429 until some finish.
+MAX_IN_FLIGHT = 4096
+#: An ``ACK`` is confirmed (``ACKED``) with the next message, or alone after this long.
+CONFIRM_SECONDS = 0.01
+#: The answer to a request that is not one of the session's routes (sent over HTTP instead).
+NOT_ON_SESSION = "This request is not served on a session; send it over HTTP."
+_DISCONNECT: Message = {"type": "http.disconnect"}
+#: The keys of the websocket's scope that its requests' scopes keep.
+_SCOPE_KEYS = ("asgi", "http_version", "scheme", "server", "client", "root_path", "headers", "app", "state")
+
+
+class _Carried:
+    """One request carried by the session, and its "connection" as the handler sees it, which is
+    lost when the client cancels the request or the session ends."""
+
+    __slots__ = ("cancelled", "grants", "ident", "waiter")
+
+    def __init__(self, ident: int, grants: bool) -> None:
+        self.ident = ident
+        self.grants = grants  # an acquisition: its 200 answer holds a lease
+        self.cancelled = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def receive(self) -> Message:
+        """The ASGI ``receive`` of the request once its body is read: the disconnect, when it
+        comes (the body is :meth:`_Request.body`'s)."""
+        if not self.cancelled:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return _DISCONNECT
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class _Request(Request):
+    """The handler's request: the body comes with it (no ASGI body messages to read)."""
+
+    def __init__(self, scope: Scope, carried: _Carried, body: bytes) -> None:
+        super().__init__(scope, carried.receive)
+        self._carried_body = body
+
+    async def body(self) -> bytes:
+        return self._carried_body
+
+
+async def _nowhere(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("the session's route table has no fallback")
+
+
+def _routes(app: Any, prefix: str) -> HotPaths:
+    """The session's routes of ``app`` (whose API is under ``prefix``): its hot routes that
+    :data:`protocol.ROUTES` names."""
+    table: HotPaths | None = getattr(app.state, "session_routes", None)
+    if table is None:
+        chosen = [
+            (path, route)
+            for path, route in app.hot_routes
+            for method in route.methods or ()
+            if (method, path.removeprefix(prefix)) in protocol.ROUTES
+        ]
+        table = app.state.session_routes = HotPaths(chosen, _nowhere)
+    return table
+
+
+class Session:
+    """The server side of one session (one websocket)."""
+
+    def __init__(self, websocket: WebSocket, routes: HotPaths, prefix: str) -> None:
+        self.websocket = websocket
+        self.routes = routes
+        self.prefix = prefix
+        self.storage: Storage = websocket.app.state.storage
+        # What a handler may read of its request's scope (the app, the client, the headers).
+        ws = websocket.scope
+        self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
+        self.scope.update(type="http", query_string=b"")
+        self.running: dict[int, tuple[_Carried, asyncio.Task[None]]] = {}
+        self.out: list[bytes] = []
+        #: Lease grants of the current message (answer bodies), and of each message sent but not
+        #: acknowledged yet (by message number).
+        self.grants: list[bytes] = []
+        self.unacked: deque[tuple[int, list[bytes]]] = deque()
+        self.sent = 0
+        #: The client's last ``ACK``, and the last one confirmed to it with ``ACKED``.
+        self.acked = 0
+        self.confirmed = 0
+        self.confirming: asyncio.TimerHandle | None = None
+        self.ended = False
+        #: Grants answered after the session ended: nobody will read them.
+        self.orphans: list[bytes] = []
+        self.ready = asyncio.Event()
+        self.writer = asyncio.create_task(self._write(), name="slotkeeper-session-writer")
+
+    # --- from the client ----------------------------------------------------------------------
+
+    def received(self, message: bytes) -> None:
+        for kind, ident, payload in protocol.records(message):
+            if kind == protocol.REQUEST:
+                self._start(ident, payload)
+            elif kind == protocol.CANCEL:
+                found = self.running.get(ident)
+                if found is not None:
+                    found[0].cancel()
+            elif kind == protocol.ACK:
+                self._acknowledged(ident)
+            else:
+                raise protocol.ProtocolError(f"unknown record kind {kind}")
+
+    def _acknowledged(self, count: int) -> None:
+        if count > self.sent:
+            raise protocol.ProtocolError(f"ACK {count}: only {self.sent} messages were sent")
+        if count <= self.acked:
+            return
+        self.acked = count
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= count:
+            unacked.popleft()
+        # Confirmed with the next message, or alone soon: under load an answer carries it.
+        if self.confirming is None:
+            self.confirming = asyncio.get_running_loop().call_later(CONFIRM_SECONDS, self.ready.set)
+
+    def _start(self, ident: int, payload: bytes) -> None:
+        if ident in self.running:
+            raise protocol.ProtocolError(f"request {ident} is already running")
+        method, path, body = protocol.parse_request(payload)
+        full = self.prefix + path
+        matched = self.routes.match(method, full)
+        if matched is None:
+            self._answer(ident, json_response({"detail": NOT_ON_SESSION, "code": "not_on_session"}, 404))
+            return
+        if len(self.running) >= MAX_IN_FLIGHT:
+            detail = f"More than {MAX_IN_FLIGHT} requests are running on this session; retry."
+            self._answer(ident, json_response({"detail": detail, "code": "too_many_requests"}, 429))
+            return
+        handler, params = matched
+        carried = _Carried(ident, (method, path) == protocol.ACQUIRE)
+        scope = {**self.scope, "method": method, "path": full, "path_params": params}
+        task = asyncio.create_task(self._serve(carried, handler, _Request(scope, carried, body)))
+        self.running[ident] = (carried, task)
+
+    async def _serve(self, carried: _Carried, handler: Handler, request: Request) -> None:
+        try:
+            response = await handler(request)
+        except Exception as exc:  # rendered as over HTTP (a bug is a logged 500)
+            response = await errors.render(request, exc)
+        del self.running[carried.ident]
+        if self.ended:
+            if carried.grants and response.status_code == 200:
+                self.orphans.append(_body(response))
+            return
+        self._answer(carried.ident, response, carried.grants)
+
+    # --- to the client -----------------------------------------------------------------------
+
+    def _answer(self, ident: int, response: Response, grants: bool = False) -> None:
+        body = _body(response)
+        retry_after = next(
+            (v.decode("latin-1") for k, v in response.raw_headers if k == b"retry-after"), None
+        )
+        payload = protocol.answer_payload(response.status_code, retry_after, body)
+        self.out.append(protocol.record(protocol.ANSWER, ident, payload))
+        if grants and response.status_code == 200:
+            self.grants.append(body)
+        self.ready.set()
+
+    async def _write(self) -> None:
+        """Send what is ready, one message per turn of the loop (answers batch up meanwhile)."""
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            if self.acked > self.confirmed:
+                self.out.insert(0, protocol.record(protocol.ACKED, self.acked))
+                self.confirmed = self.acked
+                if self.confirming is not None:
+                    self.confirming.cancel()
+                    self.confirming = None
+            if not self.out:
+                continue
+            message = b"".join(self.out)
+            self.out.clear()
+            self.sent += 1
+            if self.grants:
+                self.unacked.append((self.sent, self.grants))
+                self.grants = []
+            try:
+                await self.websocket.send({"type": "websocket.send", "bytes": message})
+            except Exception:  # the client is gone: its grants are released by ``end``
+                return
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    async def end(self, code: int) -> None:
+        """Withdraw what still runs; release every grant the client never saw, and unless the
+        server is shutting down (``code`` :data:`protocol.SERVICE_RESTART`), every grant it has
+        not acknowledged: the client then treats those as lost, and nobody holds them.
+
+        On a shutdown the grants sent stay held, as they would over HTTP: they were written
+        before the close, so the client has them and renews them on the next server.
+        """
+        self.ended = True
+        if self.confirming is not None:
+            self.confirming.cancel()
+        self.writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.writer
+        for carried, _ in self.running.values():
+            carried.cancel()
+        running = [task for _, task in self.running.values()]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        lost = [*self.grants, *self.orphans]
+        if code != protocol.SERVICE_RESTART:
+            lost += [body for _, bodies in self.unacked for body in bodies]
+        released = 0
+        for body in lost:
+            try:
+                lease_id = orjson.loads(body).get("lease_id")
+            except (orjson.JSONDecodeError, AttributeError):  # pragma: no cover - our own answer
+                continue
+            if lease_id is not None:
+                with contextlib.suppress(Exception):  # the storage is closing: the lease expires
+                    released += await self.storage.release_lease(str(lease_id))
+        if released:
+            log.info("session ended: released %d lease(s) its client never acknowledged", released)
+
+
+def _body(response: Response) -> bytes:
+    body = response.body
+    return body if isinstance(body, bytes) else bytes(body)
+
+
+def _authorized(websocket: WebSocket, settings: Settings) -> bool:
+    secret = settings.api_auth_string
+    if not secret:
+        return True
+    expected = b"Basic " + base64.b64encode(secret.encode())
+    given = websocket.headers.get("authorization", "").encode("latin-1", "replace")
+    return hmac.compare_digest(given, expected)
+
+
+async def _deny(websocket: WebSocket, response: Response, code: int) -> None:
+    """Refuse the upgrade with an HTTP answer (or, if the server cannot send one, a close)."""
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # pragma: no cover - the ASGI server lacks the denial-response extension
+        await websocket.close(code)
+
+
+@router.websocket(protocol.PATH, name="session")
+async def session(websocket: WebSocket) -> None:
+    """Serve one session until the client closes it or it is lost (see the module's doc)."""
+    settings: Settings = websocket.app.state.settings
+    if not _authorized(websocket, settings):
+        await _deny(websocket, json_response({"exception_message": "Unauthorized"}, 401), 1008)
+        return
+    offered = [
+        part.strip()
+        for header in websocket.headers.getlist("sec-websocket-protocol")
+        for part in header.split(",")
+    ]
+    if protocol.SUBPROTOCOL not in offered:
+        detail = f"Offer the websocket subprotocol {protocol.SUBPROTOCOL!r}."
+        await _deny(websocket, json_response({"detail": detail, "code": "unsupported_protocol"}, 400), 1002)
+        return
+    await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
+    prefix = websocket.scope["path"].removesuffix(protocol.PATH)  # where the API is mounted
+    state = Session(websocket, _routes(websocket.app, prefix), prefix)
+    close: tuple[int, str] | None = None
+    code = protocol.NORMAL
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                code = int(message.get("code", protocol.NORMAL))
+                break
+            data = message.get("bytes")
+            if data is None:
+                close = (protocol.UNSUPPORTED_DATA, "Session messages are binary")
+                break
+            try:
+                state.received(data)
+            except protocol.ProtocolError as exc:
+                close = (protocol.PROTOCOL_ERROR, str(exc)[:120])
+                break
+    finally:
+        await state.end(code)
+    if close is not None:
+        with contextlib.suppress(RuntimeError):
+            await websocket.close(*close)
