@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -352,6 +353,7 @@ async def test_a_client_must_offer_the_subprotocol(served: Served) -> None:
         pytest.param(protocol.record(protocol.REQUEST, 1, b"POST-no-space\n{}"), id="bad-request-line"),
         pytest.param(protocol.record(9, 1), id="unknown-kind"),
         pytest.param(protocol.record(protocol.ACK, 5), id="ack-of-messages-never-sent"),
+        pytest.param(protocol.record(protocol.ACK, 0) * (protocol.MAX_RECORDS + 1), id="too-many-records"),
     ],
 )
 async def test_a_message_that_breaks_the_protocol_closes_the_session(served: Served, message: bytes) -> None:
@@ -391,3 +393,60 @@ async def test_requests_beyond_the_bound_are_answered_429(
         assert (refused.status, refused.body["code"]) == (429, "too_many_requests")
         await served.post(RELEASE, {"lease_id": holder})
         assert (await wire.wait_for(waiting))[waiting].status == 200
+
+
+async def test_a_body_over_the_servers_bound_is_answered_413_as_over_http(
+    storage: Storage, tmp_path: Path
+) -> None:
+    async with served_app(storage, tmp_path, max_body_bytes=1024) as served:
+        await served.create("db")
+        big = acquisition("db", holder={"type": "task_run", "id": "x" * 2000})
+        async with served.session() as wire:
+            over_session = await wire.call(ACQUIRE, big)
+            status, body, _ = await served.post(ACQUIRE, big)
+            assert (
+                (over_session.status, over_session.body)
+                == (status, body)
+                == (
+                    413,
+                    {"detail": "Request body is larger than 1024 bytes."},
+                )
+            )
+            assert (await wire.call(ACQUIRE, acquisition("db"))).status == 200
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_read_either(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answers that cannot be sent pile up to ``MAX_UNSENT``; then the session reads nothing more
+    from its client until they leave (so a client cannot make the server hold unbounded answers)."""
+    monkeypatch.setattr(endpoint, "MAX_UNSENT", 2)
+    sending = asyncio.Event()
+    release = asyncio.Event()
+
+    class Stuck:
+        """A websocket whose sends block until released, as when the client does not read."""
+
+        def __init__(self) -> None:
+            self.scope = {"type": "websocket", "path": "/api" + protocol.PATH, "headers": []}
+            self.app = SimpleNamespace(state=SimpleNamespace(storage=None, settings=Settings()))
+
+        async def send(self, message: Any) -> None:
+            sending.set()
+            await release.wait()
+
+    state = endpoint.Session(Stuck(), endpoint.HotPaths([], endpoint._nowhere), "/api")  # type: ignore[arg-type]
+    for ident in (1, 2, 3):  # answered at once (404: not a session route), never sent
+        state.received(
+            protocol.record(protocol.REQUEST, ident, protocol.request_payload("POST", "/x", b"{}"))
+        )
+    await asyncio.wait_for(sending.wait(), BOUND)  # the first answer is being sent, and blocks
+    state.received(protocol.record(protocol.REQUEST, 4, protocol.request_payload("POST", "/x", b"{}")))
+    state.received(protocol.record(protocol.REQUEST, 5, protocol.request_payload("POST", "/x", b"{}")))
+    room = asyncio.ensure_future(state.room())
+    for _ in range(5):  # every task that could run has run
+        await asyncio.sleep(0)
+    assert not room.done()  # two answers wait: no more reading
+    release.set()
+    await asyncio.wait_for(room, BOUND)
+    await state.end(protocol.NORMAL)

@@ -76,6 +76,9 @@ TOO_BIG = 1009
 SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
 
+#: Most records in one message (a client sends more in several messages).
+MAX_RECORDS = 4096
+
 _HEADER = struct.Struct("!BII")
 HEADER_SIZE = _HEADER.size
 
@@ -90,11 +93,16 @@ def record(kind: int, ident: int, payload: bytes = b"") -> bytes:
 
 
 def records(message: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """The ``(kind, ident, payload)`` of every record of a message, in order."""
+    """The ``(kind, ident, payload)`` of every record of a message, in order (at most
+    :data:`MAX_RECORDS`)."""
     size = len(message)
     pos = 0
+    count = 0
     unpack = _HEADER.unpack_from
     while pos < size:
+        count += 1
+        if count > MAX_RECORDS:
+            raise ProtocolError(f"more than {MAX_RECORDS} records in one message")
         if size - pos < HEADER_SIZE:
             raise ProtocolError(f"truncated record header at byte {pos}")
         kind, ident, length = unpack(message, pos)

@@ -20,8 +20,9 @@ ones. What the session adds:
   leases do over HTTP: their holder renews them on a new session or they expire.
 
 Bounds: the message size is the server's ``ws_max_size`` (uvicorn: 16 MiB) and each request body
-``max_body_bytes``, as over HTTP; a session has at most :data:`MAX_IN_FLIGHT` requests running (the
-next ones are answered 429). Auth is checked on the upgrade request, before the websocket is
+``max_body_bytes``, as over HTTP; a message has at most ``protocol.MAX_RECORDS`` records; a session
+has at most :data:`MAX_IN_FLIGHT` requests running (the next ones are answered 429), and stops
+reading a client that leaves :data:`MAX_UNSENT` answers unread. Auth is checked on the upgrade request, before the websocket is
 accepted: no unauthenticated websocket is ever open, so no auth deadline is needed.
 """
 
@@ -52,6 +53,9 @@ router = APIRouter(tags=["Sessions"])
 
 #: Requests one session may have running at once; more are answered 429 until some finish.
 MAX_IN_FLIGHT = 4096
+#: Answers waiting to be sent (the client does not read them) past which the session stops
+#: reading the client's messages until they are sent: TCP's flow control then holds the client.
+MAX_UNSENT = 4096
 #: An ``ACK`` is confirmed (``ACKED``) with the next message, or alone after this long.
 CONFIRM_SECONDS = 0.01
 #: The answer to a request that is not one of the session's routes (sent over HTTP instead).
@@ -125,6 +129,7 @@ class Session:
         self.routes = routes
         self.prefix = prefix
         self.storage: Storage = websocket.app.state.storage
+        self.max_body = websocket.app.state.settings.max_body_bytes
         # What a handler may read of its request's scope (the app, the client, the headers).
         ws = websocket.scope
         self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
@@ -144,6 +149,7 @@ class Session:
         #: Grants answered after the session ended: nobody will read them.
         self.orphans: list[bytes] = []
         self.ready = asyncio.Event()
+        self.space = asyncio.Event()
         self.writer = asyncio.create_task(self._write(), name="slotkeeper-session-writer")
 
     # --- from the client ----------------------------------------------------------------------
@@ -160,6 +166,12 @@ class Session:
                 self._acknowledged(ident)
             else:
                 raise protocol.ProtocolError(f"unknown record kind {kind}")
+
+    async def room(self) -> None:
+        """Return once fewer than :data:`MAX_UNSENT` answers wait to be sent."""
+        while len(self.out) >= MAX_UNSENT:
+            self.space.clear()
+            await self.space.wait()
 
     def _acknowledged(self, count: int) -> None:
         if count > self.sent:
@@ -178,6 +190,10 @@ class Session:
         if ident in self.running:
             raise protocol.ProtocolError(f"request {ident} is already running")
         method, path, body = protocol.parse_request(payload)
+        if len(body) > self.max_body:
+            detail = f"Request body is larger than {self.max_body} bytes."
+            self._answer(ident, json_response({"detail": detail}, 413))
+            return
         full = self.prefix + path
         matched = self.routes.match(method, full)
         if matched is None:
@@ -233,6 +249,7 @@ class Session:
                 continue
             message = b"".join(self.out)
             self.out.clear()
+            self.space.set()
             self.sent += 1
             if self.grants:
                 self.unacked.append((self.sent, self.grants))
@@ -324,6 +341,7 @@ async def session(websocket: WebSocket) -> None:
     code = protocol.NORMAL
     try:
         while True:
+            await state.room()
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 code = int(message.get("code", protocol.NORMAL))

@@ -297,7 +297,7 @@ class Link(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send everything queued (and the acknowledgement) as one message."""
+        """Send everything queued (and the acknowledgement), in as few messages as it takes."""
         self.flushing = False
         if self.ack_timer is not None:
             self.ack_timer.cancel()
@@ -311,7 +311,8 @@ class Link(asyncio.Protocol):
         if not parts:
             return
         self.outbox = []
-        self.ws.send_binary(b"".join(parts))
+        for start in range(0, len(parts), protocol.MAX_RECORDS):
+            self.ws.send_binary(b"".join(parts[start : start + protocol.MAX_RECORDS]))
         self._write_out()
 
     # --- requests ---------------------------------------------------------------------------------
