@@ -232,21 +232,50 @@ class _Frames:
         return []
 
 
-async def test_an_answer_that_comes_as_the_request_is_cancelled_is_kept() -> None:
-    """The answer arrives and the caller is cancelled in the same loop step: the request returns
-    the answer all the same (a grant its caller then releases), and sends no ``CANCEL``."""
+def scripted_link() -> _session.Link:
+    """A link that is open, sends into the void and reads what the test hands it."""
     session = _session.Session(_wire.Origin("http://127.0.0.1:1/api", None), None, lambda at_risk: None)
     link = _session.Link(session)
     link.transport = _Sink()
     link.ws = _Frames()  # type: ignore[assignment]
     link.open = True
+    return link
+
+
+def grant(ident: int, lease_id: str) -> bytes:
+    body = b'{"lease_id": "%s"}' % lease_id.encode()
+    return protocol.record(protocol.ANSWER, ident, protocol.answer_payload(200, None, body))
+
+
+async def test_an_answer_that_comes_as_the_request_is_cancelled_is_kept() -> None:
+    """The answer arrives and the caller is cancelled in the same loop step: the request returns
+    the answer all the same (a grant its caller then releases), and sends no ``CANCEL``."""
+    link = scripted_link()
     task = asyncio.ensure_future(link.exchange("POST", f"{V2}/increment-with-lease", b"{}", 10.0, True))
     await asyncio.sleep(0)  # sent; waiting for the answer
-    answer = protocol.record(protocol.ANSWER, 1, protocol.answer_payload(200, None, b'{"lease_id": "x"}'))
-    link._message(answer)
+    link._message(grant(1, "x"))
     task.cancel()
     status, _, _, body = await task
     assert (status, body) == (200, b'{"lease_id": "x"}')
     await asyncio.sleep(0)
     assert not any(kind == protocol.CANCEL for sent in link.ws.sent for kind, _, _ in protocol.records(sent))  # type: ignore[attr-defined]
     assert link.at_risk() == {"x"}
+
+
+async def test_a_grant_stays_at_risk_until_the_server_confirms_it_was_read() -> None:
+    link = scripted_link()
+    first = asyncio.ensure_future(link.exchange("POST", f"{V2}/increment-with-lease", b"{}", 10.0, False))
+    second = asyncio.ensure_future(link.exchange("POST", f"{V2}/increment-with-lease", b"{}", 10.0, False))
+    await asyncio.sleep(0)
+    # A message with a grant, then a broken record: the grant read before it is tracked.
+    with pytest.raises(protocol.ProtocolError):
+        link._message(grant(1, "a") + protocol.record(9, 0))
+    assert (await first)[0] == 200
+    assert link.at_risk() == {"a"}
+    link._message(grant(2, "b"))
+    assert link.at_risk() == {"a", "b"}
+    link._message(protocol.record(protocol.ACKED, 1))  # the server read the client's ACK of message 1
+    assert link.at_risk() == {"b"}
+    link._message(protocol.record(protocol.ACKED, 3))
+    assert link.at_risk() == set()
+    assert (await second)[0] == 200

@@ -247,34 +247,45 @@ class Link(asyncio.Protocol):
 
     def _message(self, data: bytes) -> None:
         self.received += 1
+        # The leases granted in this message, at risk until the server confirms it knows this
+        # message was read; tracked as each answer is read (a broken record later in the message
+        # must not leave one untracked).
         granted: list[str] = []
-        for kind, ident, payload in protocol.records(data):
-            if kind == protocol.ACKED:
-                unconfirmed = self.unconfirmed
-                while unconfirmed and unconfirmed[0][0] <= ident:
-                    unconfirmed.popleft()
-                continue
-            if kind != protocol.ANSWER:
-                raise protocol.ProtocolError(f"unexpected record kind {kind} from the server")
-            answer = _answer(payload)
-            entry = self.pending.get(ident)
-            if entry is not None:
-                entry.answer = answer
-                if not entry.future.done():
-                    entry.future.set_result(answer)
-                if entry.acquire and answer[0] == 200:
-                    granted.append(_lease_id(answer[3]))
-                continue
-            # Answered after its caller stopped waiting: nobody holds a grant in it.
-            if self.forgotten.pop(ident, False) and answer[0] == 200:
-                lease_id = _lease_id(answer[3])
-                granted.append(lease_id)
-                log.debug("Releasing lease %s, granted to a request nobody waits for any more", lease_id)
-                self._release(lease_id)
-        if granted:
-            self.unconfirmed.append((self.received, granted))
-            if self.ack_timer is None:
-                self.ack_timer = self.loop.call_later(ACK_SECONDS, self._flush)
+        self.unconfirmed.append((self.received, granted))
+        try:
+            for kind, ident, payload in protocol.records(data):
+                if kind == protocol.ACKED:
+                    self._confirmed(ident)
+                elif kind == protocol.ANSWER:
+                    self._answered(ident, _answer(payload), granted)
+                else:
+                    raise protocol.ProtocolError(f"unexpected record kind {kind} from the server")
+        finally:
+            if not granted and self.unconfirmed and self.unconfirmed[-1][1] is granted:
+                self.unconfirmed.pop()
+        if granted and self.ack_timer is None:
+            self.ack_timer = self.loop.call_later(ACK_SECONDS, self._flush)
+
+    def _confirmed(self, count: int) -> None:
+        unconfirmed = self.unconfirmed
+        while unconfirmed and unconfirmed[0][0] <= count:
+            unconfirmed.popleft()
+
+    def _answered(self, ident: int, answer: Answer, granted: list[str]) -> None:
+        entry = self.pending.get(ident)
+        if entry is not None:
+            if entry.acquire and answer[0] == 200:
+                granted.append(_lease_id(answer[3]))
+            entry.answer = answer
+            if not entry.future.done():
+                entry.future.set_result(answer)
+            return
+        # Answered after its caller stopped waiting: nobody holds a grant in it.
+        if self.forgotten.pop(ident, False) and answer[0] == 200:
+            lease_id = _lease_id(answer[3])
+            granted.append(lease_id)
+            log.debug("Releasing lease %s, granted to a request nobody waits for any more", lease_id)
+            self._release(lease_id)
 
     def _release(self, lease_id: str) -> None:
         ident = self._send(_RELEASE, orjson.dumps({"lease_id": lease_id}))
