@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/sdk_vs_redis.py [--rounds 4] [--seconds 5] [--warmup 1] [--holders 64]
-                                      [--variants session,http,redis] [--json out.json]
+                                      [--variants session,http,redis,nodb-session] [--form async|sync]
+                                      [--json out.json]
 
 It starts slotkeeper (SQLite, a fresh home; ``uvicorn`` as ``benchmarks/servers.py`` starts it)
 and a ``redis-server`` (no persistence, on a free loopback port; the Redis variant is skipped with
@@ -23,8 +24,8 @@ after round, the order rotating every round and the other servers frozen (SIGSTO
   first two variants on this machine. Never a target: it keeps no state at all.
 
 Each measurement is a fresh process (stdlib ``asyncio.run``, as an application runs) with
-``--holders`` tasks, each on a limit (or key) of its own with room to spare, so nothing
-contends: the figure is the cost of an acquisition and a release, end to end. A block counts
+``--holders`` tasks (``--form sync``: threads, ``with concurrency(...)`` and redis-py's sync
+client), each on a limit (or key) of its own with room to spare, so nothing contends: the figure is the cost of an acquisition and a release, end to end. A block counts
 when its release returns inside the window. It prints blocks per second, the CPU per block of
 the client process and of the server, the ratios of each round and their medians, and the
 command that made them.
@@ -42,6 +43,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -123,20 +125,78 @@ async def _holders(args: argparse.Namespace) -> dict[str, Any]:
     c1, t1, cpu1, s1 = count, time.perf_counter(), time.process_time(), _cpu(server_pids)
     stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
-    blocks = c1 - c0
+    return _result(args, c1 - c0, t1 - t0, cpu1 - cpu0, s1 - s0, errors)
+
+
+def _threads(args: argparse.Namespace) -> dict[str, Any]:
+    """The sync form: ``--holders`` threads, ``with concurrency(...)`` or redis-py's sync client."""
+    counts = [0] * args.holders
+    errors: dict[str, int] = {}
+    stop = threading.Event()
+
+    if args.variant == "redis":
+        import redis
+
+        host, port = args.target.rsplit(":", 1)
+        client = redis.Redis(host=host, port=int(port), max_connections=args.holders)
+        acquire = client.register_script(ACQUIRE_LUA)
+
+        def block(i: int) -> None:
+            key = f"bench-{i}"
+            token = uuid.uuid4().hex
+            if acquire(keys=[key], args=[LIMIT, LEASE_SECONDS, token]) != 1:
+                raise RuntimeError("not granted")
+            client.zrem(key, token)
+
+    else:
+        from slotkeeper.sdk.sync import concurrency
+
+        def block(i: int) -> None:
+            with concurrency(f"bench-{i}", api_url=args.target, strict=True):
+                pass
+
+    def holder(i: int) -> None:
+        while not stop.is_set():
+            try:
+                block(i)
+            except Exception as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                time.sleep(0.01)
+            else:
+                counts[i] += 1
+
+    server_pids = [int(p) for p in args.server_pids.split(",") if p]
+    threads = [threading.Thread(target=holder, args=(i,), daemon=True) for i in range(args.holders)]
+    for thread in threads:
+        thread.start()
+    time.sleep(args.warmup)
+    c0, t0, cpu0, s0 = sum(counts), time.perf_counter(), time.process_time(), _cpu(server_pids)
+    time.sleep(args.seconds)
+    c1, t1, cpu1, s1 = sum(counts), time.perf_counter(), time.process_time(), _cpu(server_pids)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return _result(args, c1 - c0, t1 - t0, cpu1 - cpu0, s1 - s0, errors)
+
+
+def _result(
+    args: argparse.Namespace, blocks: int, seconds: float, cpu: float, server: float, errors: dict[str, int]
+) -> dict[str, Any]:
     return {
         "variant": args.variant,
+        "form": args.form,
         "blocks": blocks,
-        "seconds": t1 - t0,
-        "blocks_per_second": blocks / (t1 - t0),
-        "client_cpu_ms": 1000 * (cpu1 - cpu0) / blocks if blocks else None,
-        "server_cpu_ms": 1000 * (s1 - s0) / blocks if blocks else None,
+        "seconds": seconds,
+        "blocks_per_second": blocks / seconds,
+        "client_cpu_ms": 1000 * cpu / blocks if blocks else None,
+        "server_cpu_ms": 1000 * server / blocks if blocks else None,
         "errors": errors,
     }
 
 
 def holders_main(args: argparse.Namespace) -> None:
-    print(json.dumps(asyncio.run(_holders(args))), flush=True)
+    result = asyncio.run(_holders(args)) if args.form == "async" else _threads(args)
+    print(json.dumps(result), flush=True)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -203,6 +263,8 @@ def _measure(args: argparse.Namespace, variant: str, target: str, server: server
         str(args.seconds),
         "--server-pids",
         ",".join(str(p) for p in server.pids()),
+        "--form",
+        args.form,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -346,11 +408,18 @@ def main() -> None:
     holders.add_argument("--warmup", type=float, default=1.0)
     holders.add_argument("--seconds", type=float, default=5.0)
     holders.add_argument("--server-pids", default="")
+    holders.add_argument("--form", choices=("async", "sync"), default="async")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--holders", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--form",
+        choices=("async", "sync"),
+        default="async",
+        help="async: tasks on one event loop (redis-py's asyncio client); sync: threads (its sync client)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.what == "holders":
