@@ -156,6 +156,16 @@ class Served:
         )
         return len(rows)
 
+    async def until_queued(self, count: int) -> None:
+        await self.until(lambda: _is(self.queued(), count), f"{count} request(s) queued")
+
+    async def wait_in_queue(self, wire: Wire, name: str) -> int:
+        """Send a request that waits for a slot of ``name`` (full); its number once it is queued."""
+        ident, record = wire.request(ACQUIRE, acquisition(name, wait_seconds=60))
+        await wire.send(record)
+        await self.until_queued(1)
+        return ident
+
     async def until(self, condition: Any, what: str) -> None:
         deadline = time.monotonic() + BOUND
         while not await condition():
@@ -261,9 +271,7 @@ async def test_cancel_withdraws_a_waiting_request(served: Served) -> None:
     await served.create("one", 1)
     holder = (await served.post(ACQUIRE, acquisition("one")))[1]["lease_id"]
     async with served.session() as wire:
-        ident, record = wire.request(ACQUIRE, acquisition("one", wait_seconds=60))
-        await wire.send(record)
-        await served.until(lambda: _is(served.queued(), 1), "the request queued")
+        ident = await served.wait_in_queue(wire, "one")
         await wire.send(protocol.record(protocol.CANCEL, ident))
         withdrawn = (await wire.wait_for(ident))[ident]
         assert withdrawn.status == 499
@@ -289,13 +297,11 @@ async def test_a_session_that_ends_releases_what_its_client_did_not_acknowledge(
         kept = (await wire.call(ACQUIRE, acquisition("kept"))).body["lease_id"]
         await wire.ack()  # the server has confirmed it knows the client has this grant
         unread = (await wire.call(ACQUIRE, acquisition("unread"))).body["lease_id"]
-        _, waiting = wire.request(ACQUIRE, acquisition("full", wait_seconds=60))
-        await wire.send(waiting)
-        await served.until(lambda: _is(served.queued(), 1), "the request queued")
+        await served.wait_in_queue(wire, "full")
     # The client closed without acknowledging the second grant: it is released, the wait is
     # withdrawn, and what the client acknowledged stays held (its holder renews it elsewhere).
     await served.until(lambda: _is(served.leases("unread"), []), f"{unread} released")
-    await served.until(lambda: _is(served.queued(), 0), "the wait withdrawn")
+    await served.until_queued(0)  # the wait withdrawn
     assert await served.leases("kept") == [kept]
     assert await served.leases("full") == [full_holder]
 
@@ -310,9 +316,7 @@ async def test_a_server_shutdown_keeps_what_it_sent(storage: Storage, tmp_path: 
             ws = await http.ws_connect(url, protocols=[protocol.SUBPROTOCOL])
             wire = Wire(ws)
             lease_id = (await wire.call(ACQUIRE, acquisition("held"))).body["lease_id"]  # not acknowledged
-            _, waiting = wire.request(ACQUIRE, acquisition("full", wait_seconds=60))
-            await wire.send(waiting)
-            await served.until(lambda: _is(served.queued(), 1), "the request queued")
+            await served.wait_in_queue(wire, "full")
             closing = asyncio.ensure_future(wire.closed())
         # The server has shut down: the client was told "service restart".
         assert await asyncio.wait_for(closing, BOUND) == protocol.SERVICE_RESTART
@@ -372,7 +376,7 @@ async def test_a_request_number_in_use_and_text_messages_close_the_session(serve
         _, waiting = wire.request(ACQUIRE, acquisition("one", wait_seconds=60))
         await wire.send(waiting, waiting)
         assert await wire.closed() == protocol.PROTOCOL_ERROR
-    await served.until(lambda: _is(served.queued(), 0), "the wait withdrawn")
+    await served.until_queued(0)  # the wait withdrawn
     async with served.session() as wire:
         await wire.ws.send_str("hello")
         assert await wire.closed() == protocol.UNSUPPORTED_DATA
@@ -386,9 +390,7 @@ async def test_requests_beyond_the_bound_are_answered_429(
     await served.create("other", 1)
     holder = (await served.post(ACQUIRE, acquisition("one")))[1]["lease_id"]
     async with served.session() as wire:
-        waiting, record = wire.request(ACQUIRE, acquisition("one", wait_seconds=60))
-        await wire.send(record)
-        await served.until(lambda: _is(served.queued(), 1), "the request queued")
+        waiting = await served.wait_in_queue(wire, "one")
         refused = await wire.call(ACQUIRE, acquisition("other"))
         assert (refused.status, refused.body["code"]) == (429, "too_many_requests")
         await served.post(RELEASE, {"lease_id": holder})
