@@ -129,6 +129,27 @@ async def test_http_only_when_asked(
         protocol_from_env()
 
 
+async def test_an_idle_session_is_closed_and_another_opened_when_needed(
+    sqlite_storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_session, "PING_SECONDS", 0.05)
+    monkeypatch.setattr(_session, "IDLE_SECONDS", 0.1)
+    await sqlite_storage.create_limit(LimitSpec("db", 2))
+    async with served(sqlite_storage, tmp_path, ws="auto") as url:
+        async with aconcurrency("db", api_url=url, lease_duration=60, strict=True) as lease:
+            session = endpoint(url).session
+            assert session is not None
+            first = session.link
+            await until(lambda: session.link is None, "the idle link closed")
+            assert first is not None and first.closed
+            # Closing an idle link is not losing it: the lease is neither dropped nor renewed.
+            assert not lease.lost
+            async with aconcurrency("db", api_url=url, strict=True):  # a new link
+                assert session.link is not None and session.link is not first
+            assert await held(sqlite_storage, "db") == [lease.lease_id]
+        assert await held(sqlite_storage, "db") == []
+
+
 # --- a lost session --------------------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ FALLBACK_SECONDS = 60.0
 ACK_SECONDS = 0.01
 #: A ping is sent this often; a link that received nothing since the last ping is dead.
 PING_SECONDS = 10.0
+#: A link with no request for this long is closed (the next request opens another).
+IDLE_SECONDS = 60.0
 #: Largest message accepted from the server.
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -140,6 +142,7 @@ class Link(asyncio.Protocol):
         self.unconfirmed: deque[tuple[int, list[str]]] = deque()
         self.heard = True  # something came since the last ping
         self.ping_timer: asyncio.TimerHandle | None = None
+        self.last_request = self.loop.time()
 
     # --- the connection ---------------------------------------------------------------------------
 
@@ -220,6 +223,9 @@ class Link(asyncio.Protocol):
     def _ping(self) -> None:
         if self.closed:
             return
+        if not self.pending and self.loop.time() - self.last_request > IDLE_SECONDS:
+            self.session.idle(self)
+            return
         if not self.heard:
             log.warning("The session to %s stopped answering; reconnecting", self.session.origin.base_url)
             assert self.transport is not None
@@ -296,6 +302,7 @@ class Link(asyncio.Protocol):
         return {lease_id for _, ids in self.unconfirmed for lease_id in ids}
 
     def _send(self, path: str, body: bytes) -> int:
+        self.last_request = self.loop.time()
         ident = self.next_id
         self.next_id += 1
         self._queue(protocol.record(protocol.REQUEST, ident, protocol.request_payload("POST", path, body)))
@@ -459,6 +466,13 @@ class Session:
         if was_open:
             log.info("The session to %s ended; renewing the leases held there", self.origin.base_url)
             self.on_lost(at_risk)
+
+    def idle(self, link: Link) -> None:
+        """``link`` carried no request for a while: close it (a server need not keep a
+        websocket per process that once took a slot)."""
+        if self.link is link:
+            self.link = None
+        link.close()
 
     def close(self) -> None:
         """End the session cleanly (the process exits)."""
