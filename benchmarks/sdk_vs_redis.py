@@ -49,6 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import scenarios
 import servers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +203,8 @@ def holders_main(args: argparse.Namespace) -> None:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def _start_nodb() -> servers.Server:
+def start_nodb() -> servers.Server:
+    """Start ``nodb_server.py`` (slotkeeper's app with no database) on a free port."""
     home = Path(servers.tempfile.mkdtemp(prefix="bench-nodb-"))
     command = servers.slotkeeper_command(servers.free_port())
     app = command.index("slotkeeper.api.app:create_app")
@@ -210,7 +212,8 @@ def _start_nodb() -> servers.Server:
     return servers._spawn("nodb", command, servers._clean_env(SLOTKEEPER_HOME=str(home)), home, {})
 
 
-def _start_redis() -> servers.Server | None:
+def start_redis() -> servers.Server | None:
+    """Start ``redis-server`` (no persistence) on a free loopback port; None when not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None
@@ -231,7 +234,8 @@ def _start_redis() -> servers.Server | None:
     return servers._spawn("redis", command, servers._clean_env(), home, {})
 
 
-def _redis_ready(server: servers.Server, timeout: float = 10.0) -> bool:
+def redis_ready(server: servers.Server, timeout: float = 10.0) -> bool:
+    """Wait until the Redis server answers PING; False if it never does."""
     import socket
 
     deadline = time.monotonic() + timeout
@@ -244,7 +248,19 @@ def _redis_ready(server: servers.Server, timeout: float = 10.0) -> bool:
     return False
 
 
-def _measure(args: argparse.Namespace, variant: str, target: str, server: servers.Server) -> dict[str, Any]:
+def measure(
+    variant: str,
+    target: str,
+    server: servers.Server,
+    *,
+    holders: int = 64,
+    warmup: float = 1.0,
+    seconds: float = 5.0,
+    form: str = "async",
+) -> dict[str, Any]:
+    """One measurement of ``variant`` against ``target`` (an API URL, or ``host:port`` for
+    Redis) served by ``server`` (whose CPU is counted), in a fresh process; the figures as a
+    JSON-ready dict, or ``{"failed": ...}``. What ``benchmarks/run.py`` would call per step."""
     env = dict(os.environ)
     env["SLOTKEEPER_SDK_PROTOCOL"] = "http" if variant.endswith("http") else "session"
     command = [
@@ -256,15 +272,15 @@ def _measure(args: argparse.Namespace, variant: str, target: str, server: server
         "--target",
         target,
         "--holders",
-        str(args.holders),
+        str(holders),
         "--warmup",
-        str(args.warmup),
+        str(warmup),
         "--seconds",
-        str(args.seconds),
+        str(seconds),
         "--server-pids",
         ",".join(str(p) for p in server.pids()),
         "--form",
-        args.form,
+        form,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -297,21 +313,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         slotkeeper = servers.start_slotkeeper("slotkeeper-sqlite")
         started.append(slotkeeper)
-        redis = _start_redis() if "redis" in variants else None
+        redis = start_redis() if "redis" in variants else None
         if redis is not None:
             started.append(redis)
         elif "redis" in variants:
             notes.append("redis-server is not installed: the Redis variant is skipped")
             print(f"[sdk-vs-redis] {notes[-1]}", flush=True)
             variants.remove("redis")
-        nodb = _start_nodb() if any(v.startswith("nodb") for v in variants) else None
+        nodb = start_nodb() if any(v.startswith("nodb") for v in variants) else None
         if nodb is not None:
             started.append(nodb)
         servers.wait_healthy([s for s in (slotkeeper, nodb) if s is not None], timeout=60)
-        if redis is not None and not _redis_ready(redis):
+        if redis is not None and not redis_ready(redis):
             raise servers.ServerError(f"redis-server did not answer:\n{redis.log_tail()}")
         for i in range(args.holders):
-            servers_request(slotkeeper, f"bench-{i}")
+            scenarios.create_limit(slotkeeper, f"bench-{i}", LIMIT)
         targets = {
             "session": (slotkeeper.base_url + "/api", slotkeeper),
             "http": (slotkeeper.base_url + "/api", slotkeeper),
@@ -330,7 +346,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 target, server = targets[variant]
                 server.resume()
                 try:
-                    measured[variant] = _measure(args, variant, target, server)
+                    measured[variant] = measure(
+                        variant,
+                        target,
+                        server,
+                        holders=args.holders,
+                        warmup=args.warmup,
+                        seconds=args.seconds,
+                        form=args.form,
+                    )
                     time.sleep(0.3)  # let the server finish what the holders left
                 finally:
                     server.pause()
@@ -348,19 +372,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         servers.stop_all(started)
     return _summary(command, variants, rounds, notes)
-
-
-def servers_request(server: servers.Server, name: str) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(
-        server.base_url + "/api/v2/concurrency_limits/",
-        data=json.dumps({"name": name, "limit": LIMIT}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        response.read()
 
 
 def _summary(
