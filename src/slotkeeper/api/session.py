@@ -14,16 +14,18 @@ ones. What the session adds:
   request waiting for slots sees its client "disconnect", withdraws from the queue, and releases
   a grant that raced the withdrawal (``limits._wait``); it is answered 499.
 * **Nothing leaks when the session ends.** The client acknowledges the messages it has read
-  (``ACK``). When the websocket closes, for whatever reason, every request still running is
-  withdrawn, and every lease granted in an answer the client did not acknowledge (or that could
-  no longer be sent) is released: nobody holds it. Leases the client did acknowledge stay, as
+  (``ACK``; the server confirms with ``ACKED``). When the websocket closes, every request still
+  running is withdrawn and every grant answered too late to be sent is released; unless the
+  server itself is shutting down (close code 1012), so is every lease granted in a message the
+  client had not acknowledged: nobody may hold it. Leases the client acknowledged stay, as
   leases do over HTTP: their holder renews them on a new session or they expire.
 
-Bounds: the message size is the server's ``ws_max_size`` (uvicorn: 16 MiB) and each request body
-``max_body_bytes``, as over HTTP; a message has at most ``protocol.MAX_RECORDS`` records; a session
-has at most :data:`MAX_IN_FLIGHT` requests running (the next ones are answered 429), and stops
-reading a client that leaves :data:`MAX_UNSENT` answers unread. Auth is checked on the upgrade request, before the websocket is
-accepted: no unauthenticated websocket is ever open, so no auth deadline is needed.
+Bounds: the message size is the server's ``ws_max_size`` (uvicorn: 16 MiB), each request body
+``max_body_bytes`` (413, as over HTTP), a message at most ``protocol.MAX_RECORDS`` records; a
+session has at most :data:`MAX_IN_FLIGHT` requests running (the next ones are answered 429), and
+stops reading a client that leaves :data:`MAX_UNSENT` answers unread. Auth is checked on the
+upgrade request, before the websocket is accepted: no unauthenticated websocket is ever open, so
+no auth deadline is needed.
 """
 
 from __future__ import annotations
@@ -211,10 +213,12 @@ class Session:
 
     async def _serve(self, carried: _Carried, handler: Handler, request: Request) -> None:
         try:
-            response = await handler(request)
-        except Exception as exc:  # rendered as over HTTP (a bug is a logged 500)
-            response = await errors.render(request, exc)
-        del self.running[carried.ident]
+            try:
+                response = await handler(request)
+            except Exception as exc:  # rendered as over HTTP (a bug is a logged 500)
+                response = await errors.render(request, exc)
+        finally:
+            del self.running[carried.ident]
         if self.ended:
             if carried.grants and response.status_code == 200:
                 self.orphans.append(_body(response))
@@ -283,17 +287,17 @@ class Session:
         lost = [*self.grants, *self.orphans]
         if code != protocol.SERVICE_RESTART:
             lost += [body for _, bodies in self.unacked for body in bodies]
-        released = 0
-        for body in lost:
-            try:
-                lease_id = orjson.loads(body).get("lease_id")
-            except (orjson.JSONDecodeError, AttributeError):  # pragma: no cover - our own answer
-                continue
-            if lease_id is not None:
-                with contextlib.suppress(Exception):  # the storage is closing: the lease expires
-                    released += await self.storage.release_lease(str(lease_id))
+        released = sum(await asyncio.gather(*(self._release(body) for body in lost)))
         if released:
-            log.info("session ended: released %d lease(s) its client never acknowledged", released)
+            log.info("session ended: released %d lease(s) its client may never have seen", released)
+
+    async def _release(self, grant: bytes) -> bool:
+        lease_id = orjson.loads(grant)["lease_id"]  # our own answer
+        try:
+            return await self.storage.release_lease(str(lease_id))
+        except Exception as exc:  # the storage is closing: the lease expires instead
+            log.warning("could not release lease %s of an ended session: %s", lease_id, exc)
+            return False
 
 
 def _body(response: Response) -> bytes:
