@@ -300,3 +300,21 @@ async def test_a_grant_stays_at_risk_until_the_server_confirms_it_was_read() -> 
     link._message(protocol.record(protocol.ACKED, 3))
     assert link.at_risk() == set()
     assert (await second)[0] == 200
+
+
+def test_a_batch_leaves_in_messages_of_bounded_records_and_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> list[bytes]:
+        link = scripted_link()
+        for i in range(7):
+            link._send(f"{V2}/decrement-with-lease", b"x" * (100 if i == 5 else 10))
+        link._flush()
+        return link.ws.sent  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(protocol, "MAX_RECORDS", 3)
+    monkeypatch.setattr(_session, "MAX_SEND", 200)
+    sent = asyncio.run(main())
+    counts = [len(list(protocol.records(message))) for message in sent]
+    assert sum(counts) == 7 and max(counts) <= 3
+    assert all(len(message) <= 200 for message in sent)
+    # In order: the requests are numbered as they were made.
+    assert [ident for message in sent for _, ident, _ in protocol.records(message)] == list(range(1, 8))

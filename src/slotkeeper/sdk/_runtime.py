@@ -82,7 +82,7 @@ class Endpoint:
     ) -> Answer:
         """One request; its answer whatever the status (the contract of :meth:`Pool.request`)."""
         session = self.session
-        if session is not None and session.carries(method, path):
+        if session is not None and session.carries(method, path, body):
             try:
                 return await session.request(method, path, body, timeout, withdraw=withdraw)
             except SessionUnavailable:

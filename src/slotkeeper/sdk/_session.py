@@ -56,6 +56,10 @@ ACK_SECONDS = 0.01
 PING_SECONDS = 10.0
 #: A link with no request for this long is closed (the next request opens another).
 IDLE_SECONDS = 60.0
+#: Request bodies larger than this go over HTTP (a server may bound its websocket messages far
+#: below its HTTP bodies), and messages are cut at this many bytes.
+MAX_BODY = 64 * 1024
+MAX_SEND = 512 * 1024
 #: Largest message accepted from the server.
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -329,8 +333,15 @@ class Link(asyncio.Protocol):
         if not parts:
             return
         self.outbox = []
-        for start in range(0, len(parts), protocol.MAX_RECORDS):
-            self.ws.send_binary(b"".join(parts[start : start + protocol.MAX_RECORDS]))
+        message: list[bytes] = []
+        size = 0
+        for part in parts:
+            if message and (len(message) == protocol.MAX_RECORDS or size + len(part) > MAX_SEND):
+                self.ws.send_binary(b"".join(message))
+                message, size = [], 0
+            message.append(part)
+            size += len(part)
+        self.ws.send_binary(b"".join(message))
         self._write_out()
 
     # --- requests ---------------------------------------------------------------------------------
@@ -393,11 +404,12 @@ class Session:
         self._opening: asyncio.Future[Link] | None = None
         self._unavailable_until = 0.0
 
-    def carries(self, method: str, path: str) -> bool:
-        """Whether this request goes over the session (a lease route, and sessions not refused)."""
+    def carries(self, method: str, path: str, body: bytes) -> bool:
+        """Whether this request goes over the session: a lease route with a body of a usual
+        size, and sessions not refused lately."""
         if self._unavailable_until and asyncio.get_running_loop().time() < self._unavailable_until:
             return False
-        return protocol.carries(method, path)
+        return len(body) <= MAX_BODY and protocol.carries(method, path)
 
     async def request(
         self, method: str, path: str, body: bytes, timeout: float, *, withdraw: bool = False
