@@ -4,9 +4,10 @@ Usage::
 
     python benchmarks/sdk_vs_redis.py [--rounds 4] [--seconds 5] [--warmup 1] [--holders 64]
                                       [--variants session,http,redis,nodb-session] [--form async|sync]
-                                      [--json out.json]
+                                      [--backend sqlite|postgres] [--json out.json]
 
-It starts slotkeeper (SQLite, a fresh home; ``uvicorn`` as ``benchmarks/servers.py`` starts it)
+It starts slotkeeper (SQLite in a fresh home, or ``--backend postgres``: a fresh database;
+``uvicorn`` as ``benchmarks/servers.py`` starts it)
 and a ``redis-server`` (no persistence, on a free loopback port; the Redis variant is skipped with
 a message when ``redis-server`` is not installed), then measures each variant in turn, round
 after round, the order rotating every round and the other servers frozen (SIGSTOP):
@@ -311,7 +312,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started: list[servers.Server] = []
     notes: list[str] = []
     try:
-        slotkeeper = servers.start_slotkeeper("slotkeeper-sqlite")
+        if args.backend == "postgres":
+            problem = servers.postgres_reachable()
+            if problem:
+                raise SystemExit(f"--backend postgres: {problem}")
+        slotkeeper = servers.start_slotkeeper(f"slotkeeper-{args.backend}")
         started.append(slotkeeper)
         redis = start_redis() if "redis" in variants else None
         if redis is not None:
@@ -430,6 +435,12 @@ def main() -> None:
         choices=("async", "sync"),
         default="async",
         help="async: tasks on one event loop (redis-py's asyncio client); sync: threads (its sync client)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="slotkeeper's database (postgres: a fresh database on BENCH_POSTGRES_URL's server)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
