@@ -452,3 +452,18 @@ async def test_a_client_that_does_not_read_its_answers_is_not_read_either(
     release.set()
     await asyncio.wait_for(room, BOUND)
     await state.end(protocol.NORMAL)
+
+
+async def test_a_client_that_never_acknowledges_its_grants_is_closed(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(endpoint, "MAX_UNACKED", 2)
+    await served.create("db", 10)
+    async with served.session() as wire:
+        for _ in range(3):  # three messages with a grant, none acknowledged
+            await wire.call(ACQUIRE, acquisition("db"))
+        _, record = wire.request(ACQUIRE, acquisition("db"))
+        await wire.send(record)
+        assert await wire.closed() == protocol.PROTOCOL_ERROR
+    # Nobody acknowledged them: they are released.
+    await served.until(lambda: _is(served.leases("db"), []), "the unacknowledged grants released")

@@ -23,7 +23,8 @@ ones. What the session adds:
 Bounds: the message size is the server's ``ws_max_size`` (uvicorn: 16 MiB), each request body
 ``max_body_bytes`` (413, as over HTTP), a message at most ``protocol.MAX_RECORDS`` records; a
 session has at most :data:`MAX_IN_FLIGHT` requests running (the next ones are answered 429), and
-stops reading a client that leaves :data:`MAX_UNSENT` answers unread. Auth is checked on the
+stops reading a client that leaves :data:`MAX_UNSENT` answers unread, and closes one that leaves
+:data:`MAX_UNACKED` messages with grants unacknowledged. Auth is checked on the
 upgrade request, before the websocket is accepted: no unauthenticated websocket is ever open, so
 no auth deadline is needed.
 """
@@ -58,6 +59,8 @@ MAX_IN_FLIGHT = 4096
 #: Answers waiting to be sent (the client does not read them) past which the session stops
 #: reading the client's messages until they are sent: TCP's flow control then holds the client.
 MAX_UNSENT = 4096
+#: Messages with grants a client may leave unacknowledged (it acknowledges within milliseconds).
+MAX_UNACKED = 4096
 #: An ``ACK`` is confirmed (``ACKED``) with the next message, or alone after this long.
 CONFIRM_SECONDS = 0.01
 #: The answer to a request that is not one of the session's routes (sent over HTTP instead).
@@ -168,6 +171,8 @@ class Session:
                 self._acknowledged(ident)
             else:
                 raise protocol.ProtocolError(f"unknown record kind {kind}")
+        if len(self.unacked) > MAX_UNACKED:
+            raise protocol.ProtocolError(f"more than {MAX_UNACKED} messages with grants left unacknowledged")
 
     async def room(self) -> None:
         """Return once fewer than :data:`MAX_UNSENT` answers wait to be sent."""
