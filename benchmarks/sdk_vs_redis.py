@@ -18,7 +18,8 @@ after round, the order rotating every round and the other servers frozen (SIGSTO
   release);
 * ``redis``: a counting semaphore with leases in Redis (a sorted set per name: a Lua script
   drops expired holders and adds this one if fewer than the limit hold it, ``ZREM`` releases),
-  through redis-py's asyncio client, which is what a user who picks Redis would write;
+  through redis-py's asyncio client (with hiredis, as the ``bench`` extra installs it), which is
+  what a user who picks Redis would write;
 * ``nodb-session`` (and ``nodb-http``, only when asked): the SDK against slotkeeper's own
   application over a storage that does no database work (``benchmarks/nodb_server.py``): what
   the protocol, the server's stack and the SDK allow without the database, the floor of the
@@ -213,6 +214,15 @@ def start_nodb() -> servers.Server:
     return servers._spawn("nodb", command, servers._clean_env(SLOTKEEPER_HOME=str(home)), home, {})
 
 
+def _redis_missing() -> str | None:
+    """Why the Redis variant cannot run here (redis-py not installed), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:
+        return "redis-py is not installed (pip install -e '.[bench]')"
+    return None
+
+
 def start_redis() -> servers.Server | None:
     """Start ``redis-server`` (no persistence) on a free loopback port; None when not installed."""
     binary = shutil.which("redis-server")
@@ -318,11 +328,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"--backend postgres: {problem}")
         slotkeeper = servers.start_slotkeeper(f"slotkeeper-{args.backend}")
         started.append(slotkeeper)
-        redis = start_redis() if "redis" in variants else None
+        missing = _redis_missing() if "redis" in variants else None
+        redis = start_redis() if "redis" in variants and missing is None else None
         if redis is not None:
             started.append(redis)
         elif "redis" in variants:
-            notes.append("redis-server is not installed: the Redis variant is skipped")
+            notes.append(f"{missing or 'redis-server is not installed'}: the Redis variant is skipped")
             print(f"[sdk-vs-redis] {notes[-1]}", flush=True)
             variants.remove("redis")
         nodb = start_nodb() if any(v.startswith("nodb") for v in variants) else None
