@@ -150,6 +150,16 @@ async def test_an_idle_session_is_closed_and_another_opened_when_needed(
         assert await held(sqlite_storage, "db") == []
 
 
+def test_no_session_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy from the environment is spoken to over HTTP: the endpoint opens no session."""
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
+    assert Endpoint("http://127.0.0.1:4200/api", None).session is None
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert Endpoint("http://127.0.0.1:4200/api", None).session is not None
+
+
 # --- a lost session --------------------------------------------------------------------------------
 
 

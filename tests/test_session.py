@@ -27,10 +27,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import uvicorn
 
 from slotkeeper import session as protocol
 from slotkeeper.api import session as endpoint
 from slotkeeper.api.app import create_app
+from slotkeeper.api.server import Server
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from tests.conftest import serving
@@ -327,6 +329,38 @@ async def test_a_server_shutdown_keeps_what_it_sent(storage: Storage, tmp_path: 
     assert rows == []
 
 
+async def test_at_a_shutdown_a_waiting_request_is_answered_503_with_its_place(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """slotkeeper's server answers the queue 503 ``shutting_down`` (with the waiter's id, to take
+    its place back) before anything else; a session delivers that answer before its websocket
+    is closed with 1012."""
+    storage.clock = time.time
+    settings = Settings(home=tmp_path)
+    app = create_app(settings, storage=storage)
+
+    def make(config: uvicorn.Config) -> uvicorn.Server:
+        return Server(config, app, settings)
+
+    async with aiohttp.ClientSession() as http:  # outlives the server
+        async with serving(app, make, ws="auto") as url:
+            served = Served(url, http, storage)
+            await served.create("full", 1)
+            await served.post(ACQUIRE, acquisition("full"))
+            ws = await http.ws_connect(
+                "ws" + url.removeprefix("http") + protocol.PATH, protocols=[protocol.SUBPROTOCOL]
+            )
+            wire = Wire(ws)
+            waiting = await served.wait_in_queue(wire, "full")
+            answered = asyncio.ensure_future(wire.wait_for(waiting))  # reads until the answer
+        # The server has shut down (leaving ``serving``).
+        answer = (await asyncio.wait_for(answered, BOUND))[waiting]
+        assert (answer.status, answer.body["code"]) == (503, "shutting_down")
+        assert answer.body["waiter_id"] and answer.retry_after is not None
+        assert await wire.closed() == protocol.SERVICE_RESTART
+        await ws.close()
+
+
 # --- what a session refuses ---------------------------------------------------------------------------
 
 
@@ -392,7 +426,7 @@ async def test_requests_beyond_the_bound_are_answered_429(
     async with served.session() as wire:
         waiting = await served.wait_in_queue(wire, "one")
         refused = await wire.call(ACQUIRE, acquisition("other"))
-        assert (refused.status, refused.body["code"]) == (429, "too_many_requests")
+        assert (refused.status, refused.body["code"], refused.retry_after) == (429, "session_busy", "1")
         await served.post(RELEASE, {"lease_id": holder})
         assert (await wire.wait_for(waiting))[waiting].status == 200
 
@@ -411,7 +445,7 @@ async def test_a_body_over_the_servers_bound_is_answered_413_as_over_http(
                 == (status, body)
                 == (
                     413,
-                    {"detail": "Request body is larger than 1024 bytes."},
+                    {"detail": "Request body is larger than 1024 bytes.", "code": "body_too_large"},
                 )
             )
             assert (await wire.call(ACQUIRE, acquisition("db"))).status == 200

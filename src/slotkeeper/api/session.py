@@ -45,7 +45,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from slotkeeper import session as protocol
 from slotkeeper.api import errors
-from slotkeeper.api.hotpath import Handler, HotPaths
+from slotkeeper.api.fastroute import FastRoute
+from slotkeeper.api.hotpath import ROUTE_TEMPLATE, HotPaths
 from slotkeeper.api.responses import json_response
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -155,6 +156,8 @@ class Session:
         self.orphans: list[bytes] = []
         self.ready = asyncio.Event()
         self.space = asyncio.Event()
+        self.sending = False
+        self.written = asyncio.Event()
         self.writer = asyncio.create_task(self._write(), name="slotkeeper-session-writer")
 
     # --- from the client ----------------------------------------------------------------------
@@ -199,7 +202,7 @@ class Session:
         method, path, body = protocol.parse_request(payload)
         if len(body) > self.max_body:
             detail = f"Request body is larger than {self.max_body} bytes."
-            self._answer(ident, json_response({"detail": detail}, 413))
+            self._answer(ident, json_response({"detail": detail, "code": "body_too_large"}, 413))
             return
         full = self.prefix + path
         matched = self.routes.match(method, full)
@@ -208,18 +211,25 @@ class Session:
             return
         if len(self.running) >= MAX_IN_FLIGHT:
             detail = f"More than {MAX_IN_FLIGHT} requests are running on this session; retry."
-            self._answer(ident, json_response({"detail": detail, "code": "too_many_requests"}, 429))
+            busy = {"detail": detail, "code": "session_busy"}
+            self._answer(ident, json_response(busy, 429, {"Retry-After": "1"}))
             return
-        handler, params = matched
+        (route, template), params = matched
         carried = _Carried(ident, (method, path) == protocol.ACQUIRE)
-        scope = {**self.scope, "method": method, "path": full, "path_params": params}
-        task = asyncio.create_task(self._serve(carried, handler, _Request(scope, carried, body)))
+        scope = {
+            **self.scope,
+            "method": method,
+            "path": full,
+            "path_params": params,
+            ROUTE_TEMPLATE: template,
+        }
+        task = asyncio.create_task(self._serve(carried, route, _Request(scope, carried, body)))
         self.running[ident] = (carried, task)
 
-    async def _serve(self, carried: _Carried, handler: Handler, request: Request) -> None:
+    async def _serve(self, carried: _Carried, route: FastRoute, request: Request) -> None:
         try:
             try:
-                response = await handler(request)
+                response = await route.handler(request)
             except Exception as exc:  # rendered as over HTTP (a bug is a logged 500)
                 response = await errors.render(request, exc)
         finally:
@@ -263,10 +273,26 @@ class Session:
             if self.grants:
                 self.unacked.append((self.sent, self.grants))
                 self.grants = []
+            self.sending = True
             try:
                 await self.websocket.send({"type": "websocket.send", "bytes": message})
             except Exception:  # the client is gone: its grants are released by ``end``
                 return
+            finally:
+                self.sending = False
+                self.written.set()
+
+    async def settle(self) -> None:
+        """Return once the requests running now are answered and their answers sent (or the
+        session is gone). At a shutdown the requests waiting in the queue are answered 503 with
+        their place (``Storage.detach_waiters``): their clients must read it before the server
+        closes the websocket."""
+        running = [task for _, task in self.running.values()]
+        if running:
+            await asyncio.wait(running)
+        while (self.out or self.sending) and not self.writer.done():
+            self.written.clear()
+            await self.written.wait()
 
     # --- the end ---------------------------------------------------------------------------------
 
@@ -305,6 +331,28 @@ class Session:
             return False
 
 
+def _live(app: Any) -> set[Session]:
+    """The sessions ``app`` serves now."""
+    live: set[Session] | None = getattr(app.state, "sessions", None)
+    if live is None:
+        live = app.state.sessions = set()
+    return live
+
+
+async def settle_sessions(app: Any, timeout: float) -> None:
+    """At a shutdown, once the queue's requests are answered: let every session send its answers
+    before the server closes the websockets (with 1012), for at most ``timeout`` seconds."""
+    live = list(getattr(app.state, "sessions", ()))
+    if not live:
+        return
+    settling = [asyncio.ensure_future(state.settle()) for state in live]
+    _, late = await asyncio.wait(settling, timeout=timeout)
+    for task in late:
+        task.cancel()
+    if late:
+        log.warning("%d session(s) had not sent every answer after %g s; closing them", len(late), timeout)
+
+
 def _body(response: Response) -> bytes:
     body = response.body
     return body if isinstance(body, bytes) else bytes(body)
@@ -332,7 +380,8 @@ async def session(websocket: WebSocket) -> None:
     """Serve one session until the client closes it or it is lost (see the module's doc)."""
     settings: Settings = websocket.app.state.settings
     if not _authorized(websocket, settings):
-        await _deny(websocket, json_response({"exception_message": "Unauthorized"}, 401), 1008)
+        unauthorized = {"exception_message": "Unauthorized", "code": "unauthorized"}
+        await _deny(websocket, json_response(unauthorized, 401), 1008)
         return
     offered = [
         part.strip()
@@ -346,6 +395,8 @@ async def session(websocket: WebSocket) -> None:
     await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
     prefix = websocket.scope["path"].removesuffix(protocol.PATH)  # where the API is mounted
     state = Session(websocket, _routes(websocket.app, prefix), prefix)
+    live = _live(websocket.app)
+    live.add(state)
     close: tuple[int, str] | None = None
     code = protocol.NORMAL
     try:
@@ -365,6 +416,7 @@ async def session(websocket: WebSocket) -> None:
                 close = (protocol.PROTOCOL_ERROR, str(exc)[:120])
                 break
     finally:
+        live.discard(state)
         await state.end(code)
     if close is not None:
         with contextlib.suppress(RuntimeError):

@@ -54,8 +54,8 @@ class Endpoint:
     """One server as the SDK reaches it: its session and connection pool, and what was learnt of it.
 
     Lease requests (acquire, release, renew) go over the session (see :mod:`._session`) unless
-    the server offers none; everything else, and everything when ``protocol`` is "http", over
-    the HTTP pool. ``held`` is the runtime's set of held leases: when a session is lost, those
+    the server offers none; everything else, and everything when ``protocol`` is "http" or a
+    proxy applies to the server (the proxy is spoken to over HTTP), over the HTTP pool. ``held`` is the runtime's set of held leases: when a session is lost, those
     of this endpoint are renewed at once.
     """
 
@@ -70,7 +70,11 @@ class Endpoint:
         self.pool = Pool(origin)
         self.base_url = origin.base_url
         self.held: set[Any] = set() if held is None else held
-        self.session = Session(origin, authorization, self._session_lost) if protocol == "session" else None
+        self.session = (
+            Session(origin, authorization, self._session_lost)
+            if protocol == "session" and origin.proxy is None
+            else None
+        )
         self._released: dict[str, None] = {}
         #: False once the server refused ``wait_seconds`` (a Prefect server): poll instead.
         self.waits = True
