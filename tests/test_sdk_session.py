@@ -140,8 +140,9 @@ async def test_an_idle_session_is_closed_and_another_opened_when_needed(
             session = endpoint(url).session
             assert session is not None
             first = session.link
-            await until(lambda: session.link is None, "the idle link closed")
-            assert first is not None and first.closed
+            await until(lambda: session.link is None, "the idle link given up")
+            assert first is not None
+            await until(lambda: first.closed, "the idle link's connection closed")
             # Closing an idle link is not losing it: the lease is neither dropped nor renewed.
             assert not lease.lost
             async with aconcurrency("db", api_url=url, strict=True):  # a new link
