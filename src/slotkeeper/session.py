@@ -57,14 +57,19 @@ ROUTES = frozenset(
     }
 )
 
-_CARRIED = re.compile(
-    "|".join(f"(?:{method} {re.sub(r'{[^}]+}', '[^/]+', path)})" for method, path in sorted(ROUTES))
+_EXACT = frozenset(f"{method} {path}" for method, path in ROUTES if "{" not in path)
+_TEMPLATED = re.compile(
+    "|".join(
+        f"(?:{method} {re.sub(r'{[^}]+}', '[^/]+', path)})" for method, path in sorted(ROUTES) if "{" in path
+    )
 )
 
 
 def carries(method: str, path: str) -> bool:
-    """Whether a session carries this request (``path`` under ``/api``, concrete)."""
-    return _CARRIED.fullmatch(f"{method} {path}") is not None
+    """Whether a session carries this request (``path`` under ``/api``, concrete). Called for
+    every request of the SDK: the fixed routes are a set lookup."""
+    line = f"{method} {path}"
+    return line in _EXACT or _TEMPLATED.fullmatch(line) is not None
 
 
 #: Close codes (RFC 6455 and IANA's registry).

@@ -52,6 +52,9 @@ WITHDRAW_SECONDS = 10.0
 FALLBACK_SECONDS = 60.0
 #: A grant is acknowledged with the next message, or alone after this long.
 ACK_SECONDS = 0.01
+#: Requests past their deadline are failed by a sweep this often (one timer per link, not one
+#: per request: a timer costs more than the rest of a request's bookkeeping).
+SWEEP_SECONDS = 0.5
 #: A ping is sent this often; a link that received nothing since the last ping is dead.
 PING_SECONDS = 10.0
 #: A link with no request for this long is closed (the next request opens another).
@@ -75,19 +78,16 @@ class _Lost(Exception):
 
 
 class _Pending:
-    """A request sent and not answered yet: the future its caller awaits, and its answer."""
+    """A request sent and not answered yet: the future its caller awaits, its answer, and when
+    its caller stops waiting (the link's sweep fails it with TimeoutError then)."""
 
-    __slots__ = ("acquire", "answer", "future")
+    __slots__ = ("acquire", "answer", "deadline", "future")
 
-    def __init__(self, future: asyncio.Future[Answer], acquire: bool) -> None:
+    def __init__(self, future: asyncio.Future[Answer], acquire: bool, deadline: float) -> None:
         self.future = future
         self.acquire = acquire
+        self.deadline = deadline
         self.answer: Answer | None = None
-
-
-def _expire(future: asyncio.Future[Answer]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def _lease_id(body: bytes) -> str:
@@ -147,6 +147,8 @@ class Link(asyncio.Protocol):
         self.heard = True  # something came since the last ping
         self.ping_timer: asyncio.TimerHandle | None = None
         self.last_request = self.loop.time()
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.sweep_at = 0.0
 
     # --- the connection ---------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for timer in (self.ack_timer, self.ping_timer):
+        for timer in (self.ack_timer, self.ping_timer, self.sweeper):
             if timer is not None:
                 timer.cancel()
         received = self.ws.close_rcvd
@@ -350,13 +352,13 @@ class Link(asyncio.Protocol):
         """One request and its answer (see :meth:`Session.request`)."""
         if self.closed or not self.open:
             raise _Lost("the session is closed")
-        entry = _Pending(self.loop.create_future(), (method, path) == protocol.ACQUIRE)
+        entry = _Pending(self.loop.create_future(), (method, path) == protocol.ACQUIRE, 0.0)
         ident = self._send(path, body)
         self.pending[ident] = entry
         delivered = False
         try:
             try:
-                answer = await self._within(entry.future, self.loop.time() + timeout)
+                answer = await self._within(entry, self.loop.time() + timeout)
             except asyncio.CancelledError:
                 # The answer may have come in the very loop step of the cancellation: keep it
                 # (it may be a grant). Otherwise finish the request, withdrawing it if it waits.
@@ -368,7 +370,7 @@ class Link(asyncio.Protocol):
                     else:
                         deadline = self.loop.time() + timeout
                     try:
-                        await self._within(entry.future, deadline)
+                        await self._within(entry, deadline)
                     except (_Lost, TimeoutError):
                         raise asyncio.CancelledError from None
                 assert entry.answer is not None
@@ -383,12 +385,28 @@ class Link(asyncio.Protocol):
                 elif entry.acquire and entry.answer[0] == 200:
                     self._release(_lease_id(entry.answer[3]))  # nobody will take it
 
-    async def _within(self, future: asyncio.Future[Answer], deadline: float) -> Answer:
-        timer = self.loop.call_at(deadline, _expire, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+    async def _within(self, entry: _Pending, deadline: float) -> Answer:
+        entry.deadline = deadline
+        if self.sweeper is None or deadline < self.sweep_at:
+            self._sweep_at(min(deadline, self.loop.time() + SWEEP_SECONDS))
+        return await entry.future
+
+    def _sweep_at(self, when: float) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        self.sweep_at = when
+        self.sweeper = self.loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail the requests whose caller's deadline has passed; again soon while any waits."""
+        self.sweeper = None
+        now = self.loop.time()
+        for entry in self.pending.values():
+            if entry.deadline <= now and not entry.future.done():
+                entry.future.set_exception(TimeoutError())
+        if self.pending and not self.closed:
+            soonest = min(entry.deadline for entry in self.pending.values())
+            self._sweep_at(max(min(soonest, now + SWEEP_SECONDS), now))
 
 
 class Session:
