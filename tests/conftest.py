@@ -291,17 +291,18 @@ class ServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, **config: Any) -> AsyncIterator[str]:
+async def serving(
+    app: Any, make: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server, **config: Any
+) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on a free local port in this process (lifespan on); yield
-    its ``/api`` URL. ``config``: more ``uvicorn.Config`` arguments (``ws``, ``http``)."""
+    its ``/api`` URL. ``config``: more ``uvicorn.Config`` arguments (``ws``, ``http``); ``make``:
+    the server class (slotkeeper's own, ``api.server.Server``, for its shutdown)."""
     sock = socket.socket()
     # Accepted sockets inherit this; without it the stdlib loop answers 40 ms late (Nagle).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, **config)
-    )
+    server = make(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         deadline = time.monotonic() + STARTUP_SECONDS

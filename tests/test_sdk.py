@@ -108,6 +108,24 @@ def own_server(tmp_path: Path) -> Iterator[Server]:
         yield running
 
 
+@pytest.fixture(params=["session", "http"])
+def sdk_protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test runs over each transport of the SDK (``SLOTKEEPER_SDK_PROTOCOL``): its endpoints
+    are made again, before and after."""
+    monkeypatch.setenv("SLOTKEEPER_SDK_PROTOCOL", request.param)
+    forget_endpoints()
+    yield str(request.param)
+    forget_endpoints()
+
+
+def forget_endpoints() -> None:
+    rt = runtime()
+    endpoints = list(rt.endpoints.values())
+    rt.endpoints.clear()
+    for endpoint in endpoints:
+        rt.loop.call_soon_threadsafe(endpoint.close)
+
+
 @pytest.fixture
 def fast_renewals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Renew every 2% of the lease and back off at most 0.5 s: seconds instead of minutes."""
@@ -255,6 +273,7 @@ async def test_inactive_limits_are_held_but_never_block(server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sdk_protocol")
 async def test_errors_read_as_prefects(server: Server) -> None:
     name = unique()
     server.create(name, 1)
@@ -417,6 +436,7 @@ def test_a_lower_maximum_wait_is_learnt(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sdk_protocol")
 async def test_cancelled_while_waiting_leaves_nothing_behind(server: Server) -> None:
     name = unique()
     server.create(name, 1)
@@ -427,13 +447,14 @@ async def test_cancelled_while_waiting_leaves_nothing_behind(server: Server) -> 
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        await queued(server, 0)  # the half-close withdrew the wait
+        await queued(server, 0)  # withdrawn (a CANCEL on the session, a half-close over HTTP)
         assert [x["lease_id"] for x in server.leases(name)] == [holding.lease_id]
     await auntil(lambda: server.leases(name) == [], "nothing held")
     assert server.queued() == 0
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sdk_protocol")
 def test_an_interrupt_while_a_sync_block_waits_leaves_nothing_behind(server: Server) -> None:
     name = unique()
     server.create(name, 1)
@@ -474,6 +495,7 @@ async def test_cancelled_in_the_body_releases(server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sdk_protocol")
 async def test_cancelled_at_every_step_of_many_acquisitions_leaves_nothing_held(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -519,6 +541,7 @@ async def test_cancelled_at_every_step_of_many_acquisitions_leaves_nothing_held(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fast_renewals")
+@pytest.mark.usefixtures("sdk_protocol")
 async def test_a_lost_lease_cancels_an_async_body(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     name = unique()
     server.create(name, 1)
@@ -581,6 +604,7 @@ def test_a_lost_lease_only_warns_when_not_strict(server: Server, caplog: pytest.
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fast_renewals")
+@pytest.mark.usefixtures("sdk_protocol")
 def test_renewal_keeps_the_lease_through_a_server_restart(
     own_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -966,7 +990,10 @@ class FakeServer:
         )
 
 
-async def test_a_grant_on_the_wire_when_the_caller_gives_up_is_released() -> None:
+async def test_a_grant_on_the_wire_when_the_caller_gives_up_is_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLOTKEEPER_SDK_PROTOCOL", "http")  # the half-close of HTTP's withdrawal
     fake = FakeServer()
     async with fake as url:
         waiter = asyncio.create_task(aconcurrency("db", api_url=url).__aenter__())

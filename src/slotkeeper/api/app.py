@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from slotkeeper import __version__
 from slotkeeper.api import admin, dashboard, errors, events, limits, live, stats, tags, views, websockets
 from slotkeeper.api import metrics as metrics_route
+from slotkeeper.api import session as sessions
 from slotkeeper.api.access import RequestLog
 from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.hotpath import HotPaths
@@ -205,6 +206,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         *live.routers(settings),
         events.router,
         websockets.router,
+        sessions.router,
     ]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

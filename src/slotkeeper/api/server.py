@@ -6,7 +6,9 @@ first stops accepting and ends the live views' streams (:func:`slotkeeper.api.li
 browsers reconnect to whichever server answers), then answers every waiting request at once with 503 ``shutting_down``
 and its waiter id (:meth:`slotkeeper.storage.Storage.detach_waiters`: its place in the queue is
 kept for ``SLOTKEEPER_DETACHED_WAITER_SECONDS``, for its retry on this server restarted or on any
-other process of the database), then gives the other requests in flight up to
+other process of the database), lets the sessions (``/api/slotkeeper/session``) send those
+answers before their websockets are closed (with 1012, "service restart"), then gives the
+other requests in flight up to
 ``SLOTKEEPER_SHUTDOWN_GRACE_SECONDS`` (uvicorn's ``timeout_graceful_shutdown``) before it
 cancels them and closes the storage. Held leases are not touched: their holders keep renewing
 them on whatever process answers.
@@ -20,11 +22,14 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
-from slotkeeper.api import live
+from slotkeeper.api import live, session
 from slotkeeper.settings import Settings
 from slotkeeper.storage.waiting import SHUTDOWN_RETRY_AFTER
 
 log = logging.getLogger("slotkeeper.server")
+
+#: How long a shutdown waits for the sessions to send the queue's 503s (they go out at once).
+SESSIONS_SETTLE_SECONDS = 2.0
 
 
 class Server(uvicorn.Server):
@@ -52,6 +57,8 @@ class Server(uvicorn.Server):
             else:
                 if detached:
                     log.info("answered %d waiting request(s) 503: their places are kept", detached)
+        # Sessions carry those answers too: let them go out before the websockets are closed.
+        await session.settle_sessions(self.app, SESSIONS_SETTLE_SECONDS)
         await super().shutdown(sockets)
 
 

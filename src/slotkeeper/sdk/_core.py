@@ -35,7 +35,7 @@ import orjson
 from slotkeeper.error_answers import api_error, error_detail, retry_after
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.sdk import _retry, _wire
-from slotkeeper.sdk._runtime import Endpoint, Runtime
+from slotkeeper.sdk._runtime import SESSION_LOST, Endpoint, Runtime
 from slotkeeper.sdk.errors import AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError
 
 log = logging.getLogger("slotkeeper.sdk")
@@ -176,14 +176,14 @@ async def exchange(
         timeout = min(bound, QUICK_TIMEOUT_SECONDS)
     else:
         timeout = wait + REQUEST_GRACE_SECONDS
-    answer = await ep.pool.request("POST", path, orjson.dumps(body), timeout, withdraw=wait is not None)
+    answer = await ep.request("POST", path, orjson.dumps(body), timeout, withdraw=wait is not None)
     task = asyncio.current_task()
     return answer, task is not None and task.cancelling() > 0
 
 
 async def post(ep: Endpoint, path: str, body: dict[str, Any], timeout: float = QUICK_TIMEOUT_SECONDS) -> None:
     """A POST whose answer only matters by its status: :class:`ApiError` if 400 or more."""
-    answer = await ep.pool.request("POST", path, orjson.dumps(body), timeout)
+    answer = await ep.request("POST", path, orjson.dumps(body), timeout)
     if answer[0] >= 400:
         raise answer_error(answer)
 
@@ -414,6 +414,8 @@ def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, 
     # answered at once, so it started at most a round trip ago (1 s is a generous bound).
     start = max(sent, rt.loop.time() - 1.0)
     renewal = Renewal(rt, ep, lease_id, spec.lease_duration, start, spec.names, spec.raises)
+    if ep.released(lease_id):  # its session was lost meanwhile: see _session
+        renewal.drop(SESSION_LOST)
     return Lease(lease_id, limits, renewal)
 
 
@@ -475,6 +477,19 @@ class Renewal:
     def _due(self) -> None:
         self._handle = None
         self._task = self.rt.loop.create_task(self._renew())
+
+    def drop(self, reason: str) -> None:
+        """The lease is known to be lost (the server released it): report it as such."""
+        self._lose(reason)
+
+    def renew_now(self) -> None:
+        """Renew at once instead of when due (the session that carried the lease was lost: the
+        server may have released it, see :mod:`._session`); nothing if a renewal is running."""
+        if self.stopped or self.lost is not None or self._task is not None:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._due()
 
     async def _renew(self) -> None:
         loop = self.rt.loop

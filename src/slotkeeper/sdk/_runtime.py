@@ -22,25 +22,102 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
-from slotkeeper.sdk._wire import Origin, Pool
+from slotkeeper.sdk._session import Session, SessionUnavailable
+from slotkeeper.sdk._wire import Answer, Origin, Pool
 
 T = TypeVar("T")
 log = logging.getLogger("slotkeeper.sdk")
 
 #: How long the process's exit waits for the release of leases still held (best effort).
 EXIT_RELEASE_SECONDS = 2.0
+#: Why a lease is lost with its session (see :mod:`._session`).
+SESSION_LOST = (
+    "the session that carried its grant was lost before the server knew the grant had arrived, "
+    "so the server released it"
+)
+#: Leases released by a lost session that the endpoint remembers for holders yet to come.
+MAX_RELEASED = 1024
+#: ``SLOTKEEPER_SDK_PROTOCOL``: "session" (the default: lease requests over a session when the
+#: server offers one, else HTTP) or "http" (HTTP only).
+PROTOCOLS = ("session", "http")
+
+
+def protocol_from_env() -> str:
+    """The protocol ``SLOTKEEPER_SDK_PROTOCOL`` asks for (ValueError if it names none)."""
+    chosen = os.environ.get("SLOTKEEPER_SDK_PROTOCOL", "").strip().lower() or "session"
+    if chosen not in PROTOCOLS:
+        raise ValueError(f"SLOTKEEPER_SDK_PROTOCOL={chosen!r}: use one of {', '.join(PROTOCOLS)}")
+    return chosen
 
 
 class Endpoint:
-    """One server as the SDK reaches it: its connection pool, and what was learnt of it."""
+    """One server as the SDK reaches it: its session and connection pool, and what was learnt of it.
 
-    def __init__(self, base_url: str, authorization: str | None) -> None:
-        self.pool = Pool(Origin(base_url, authorization))
-        self.base_url = self.pool.origin.base_url
+    Lease requests (acquire, release, renew) go over the session (see :mod:`._session`) unless
+    the server offers none; everything else, and everything when ``protocol`` is "http" or a
+    proxy applies to the server (the proxy is spoken to over HTTP), over the HTTP pool. ``held`` is the runtime's set of held leases: when a session is lost, those
+    of this endpoint are renewed at once.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        authorization: str | None,
+        held: set[Any] | None = None,
+        protocol: str = "session",
+    ) -> None:
+        origin = Origin(base_url, authorization)
+        self.pool = Pool(origin)
+        self.base_url = origin.base_url
+        self.held: set[Any] = set() if held is None else held
+        self.session = (
+            Session(origin, authorization, self._session_lost)
+            if protocol == "session" and origin.proxy is None
+            else None
+        )
+        self._released: dict[str, None] = {}
         #: False once the server refused ``wait_seconds`` (a Prefect server): poll instead.
         self.waits = True
         #: The longest wait asked of this server at once (lowered if the server's maximum is).
         self.wait_chunk: float | None = None
+
+    async def request(
+        self, method: str, path: str, body: bytes, timeout: float, *, withdraw: bool = False
+    ) -> Answer:
+        """One request; its answer whatever the status (the contract of :meth:`Pool.request`)."""
+        session = self.session
+        if session is not None and session.carries(method, path, body):
+            try:
+                return await session.request(method, path, body, timeout, withdraw=withdraw)
+            except SessionUnavailable:
+                pass  # nothing was sent: over HTTP
+        return await self.pool.request(method, path, body, timeout, withdraw=withdraw)
+
+    def _session_lost(self, at_risk: set[str]) -> None:
+        """The session was lost: the leases in ``at_risk`` were released by the server (see
+        :mod:`._session`), the others are renewed at once."""
+        for renewal in list(self.held):
+            if renewal.ep is not self:
+                continue
+            if renewal.lease_id in at_risk:
+                at_risk.discard(renewal.lease_id)
+                renewal.drop(SESSION_LOST)
+            else:
+                renewal.renew_now()
+        # Granted, but not held yet (the acquisition has not resumed): see :meth:`released`.
+        for lease_id in at_risk:
+            self._released[lease_id] = None
+        while len(self._released) > MAX_RELEASED:
+            del self._released[next(iter(self._released))]
+
+    def released(self, lease_id: str) -> bool:
+        """Whether the loss of a session released this lease before its holder held it."""
+        return self._released.pop(lease_id, False) is None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.pool.close()
 
 
 class Runtime:
@@ -53,6 +130,8 @@ class Runtime:
         #: Leases held by this process (their renewals), for the release at exit.
         self.held: set[Any] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        #: Calls done in this turn of the loop, by the loop of the task that awaits each.
+        self._settling: dict[asyncio.AbstractEventLoop, list[Call[Any]]] = {}
         ready = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(ready,), name="slotkeeper-sdk", daemon=True)
         self.thread.start()
@@ -95,11 +174,31 @@ class Runtime:
         if not task.cancelled() and task.exception() is not None:
             log.warning("slotkeeper SDK background work failed: %s", task.exception())
 
+    def settle_later(self, loop: asyncio.AbstractEventLoop, call: Call[Any]) -> None:
+        """Tell ``loop`` that ``call`` is done, with the other calls of ``loop`` done in this turn
+        of the runtime's loop: one wake-up of the caller's loop for them all (a stdlib loop
+        writes to its self-pipe on every ``call_soon_threadsafe``)."""
+        batch = self._settling.get(loop)
+        if batch is None:
+            if not self._settling:
+                self.loop.call_soon(self._settle_batches)
+            batch = self._settling[loop] = []
+        batch.append(call)
+
+    def _settle_batches(self) -> None:
+        batches, self._settling = self._settling, {}
+        for loop, calls in batches.items():
+            try:
+                loop.call_soon_threadsafe(_settle, calls)
+            except RuntimeError:  # the caller's loop is closed
+                for call in calls:
+                    call._unread()
+
     def endpoint(self, key: tuple[str, str | None]) -> Endpoint:
         """The endpoint of one (API URL, ``Authorization`` header) pair, made on first use."""
         found = self.endpoints.get(key)
         if found is None:
-            found = self.endpoints[key] = Endpoint(*key)
+            found = self.endpoints[key] = Endpoint(*key, self.held, protocol_from_env())
         return found
 
     async def _shutdown(self) -> None:
@@ -111,7 +210,7 @@ class Runtime:
         if self._background:
             await asyncio.wait(set(self._background), timeout=EXIT_RELEASE_SECONDS)
         for endpoint in self.endpoints.values():
-            endpoint.pool.close()
+            endpoint.close()
 
     def shutdown(self) -> None:
         """Release what is still held, close the connections, stop the loop (at interpreter exit)."""
@@ -198,11 +297,12 @@ class Call(Generic[T]):
         if event is not None:
             event.release()
         if afuture is not None and aloop is not None:
-            try:
-                aloop.call_soon_threadsafe(_settle, afuture)
-            except RuntimeError:  # the caller's loop is closed: nobody will read the result
-                if error is None:
-                    self._adopt(task.result())
+            self._rt.settle_later(aloop, self)
+
+    def _unread(self) -> None:
+        """The caller's loop closed before it could be told: nobody will read the result."""
+        if self._error is None:
+            self._adopt(self._result)  # type: ignore[arg-type]
 
     def _adopt(self, result: T) -> None:
         if self._orphan is not None:
@@ -266,9 +366,11 @@ class Call(Generic[T]):
         return self._outcome()
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _settle(calls: list[Call[Any]]) -> None:
+    for call in calls:
+        future = call._afuture
+        if future is not None and not future.done():
+            future.set_result(None)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
