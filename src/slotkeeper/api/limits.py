@@ -16,6 +16,7 @@ from starlette.types import Message
 
 from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import hot_route_class
+from slotkeeper.api.hotpath import CARRIED
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
@@ -34,6 +35,60 @@ def _storage(request: Request) -> Storage:
 
 async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
     """Await a waiting acquisition, or withdraw it if the client disconnects first.
+
+    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
+    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
+    that completed in the same loop step as the disconnect is released here.
+    """
+    if request.scope.get(CARRIED):
+        return await _wait_carried(request, acquiring)
+    return await _wait_http(request, acquiring)
+
+
+async def _wait_carried(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
+    """:func:`_wait` for a request a session carries: the acquisition is awaited directly (not
+    through ``asyncio.wait``), so its grant reaches this handler one turn of the loop after the
+    transaction that admitted it, the turn in which the releaser's answer is written too: the
+    session carries both in one message, the grant first (issue 14, the hand-off). A session's
+    request learns of its withdrawal (``CANCEL``) at once, so the check before answering is exact.
+
+    Over HTTP (:func:`_wait_http`) the one turn more stays: a client that leaves half-closes, and
+    uvicorn closes the transport, dropping whatever is written from then on, one turn before the
+    request learns of it; answering a turn earlier was measured to leak a grant into that window
+    (tests/test_sdk.py::test_cancelled_at_every_step_of_many_acquisitions_leaves_nothing_held).
+    """
+    task = asyncio.ensure_future(acquiring)
+    gone = asyncio.ensure_future(_disconnected(request))
+
+    def withdraw(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and not task.done():
+            task.cancel()
+
+    gone.add_done_callback(withdraw)
+    try:
+        granted = await task
+    except BaseException as exc:
+        current = asyncio.current_task()
+        withdrawn = (
+            isinstance(exc, asyncio.CancelledError)
+            and not (current is not None and current.cancelling())
+            and gone.done()
+            and not gone.cancelled()
+        )
+        if withdrawn:
+            return None  # the client left: withdrawn, nothing held
+        raise  # failed, or this handler is cancelled: the acquisition gave back its grant
+    finally:
+        gone.cancel()
+    if (gone.done() and not gone.cancelled()) or _lost_already(request):
+        if granted.lease_id is not None:  # nobody is there to hold it
+            await _storage(request).release_lease(granted.lease_id)
+        return None
+    return granted
+
+
+async def _wait_http(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
+    """:func:`_wait` over HTTP: await the acquisition or the disconnect, whichever comes first.
 
     The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
     storage call, which leaves the queue and releases a grant that raced the disconnect; a grant

@@ -46,7 +46,7 @@ from starlette.types import Message, Receive, Scope, Send
 from slotkeeper import session as protocol
 from slotkeeper.api import errors
 from slotkeeper.api.fastroute import FastRoute
-from slotkeeper.api.hotpath import ROUTE_TEMPLATE, HotPaths
+from slotkeeper.api.hotpath import CARRIED, ROUTE_TEMPLATE, HotPaths
 from slotkeeper.api.responses import json_response
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -139,7 +139,7 @@ class Session:
         # What a handler may read of its request's scope (the app, the client, the headers).
         ws = websocket.scope
         self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
-        self.scope.update(type="http", query_string=b"")
+        self.scope.update({"type": "http", "query_string": b"", CARRIED: True})
         self.running: dict[int, tuple[_Carried, asyncio.Task[None]]] = {}
         self.out: list[bytes] = []
         #: Lease grants of the current message (answer bodies), and of each message sent but not
