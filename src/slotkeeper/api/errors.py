@@ -41,10 +41,16 @@ HTTP_CODES = {
 }
 
 
-def _body_echo(body: Any) -> Any:
-    if isinstance(body, bytes):
-        return body.decode("utf-8", "replace")
-    return body
+def _readable(value: Any) -> Any:
+    """``value`` with every ``bytes`` in it decoded, undecodable bytes replaced: a body that is
+    not UTF-8 is echoed (as FastAPI would fail to encode it) instead of crashing its 422."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _readable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_readable(v) for v in value]
+    return value
 
 
 async def _domain(request: Request, exc: Exception) -> Response:
@@ -59,8 +65,8 @@ async def _invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     content = {
         "exception_message": "Invalid request received.",
-        "exception_detail": jsonable_encoder(exc.errors()),
-        "request_body": jsonable_encoder(_body_echo(exc.body)),
+        "exception_detail": jsonable_encoder(_readable(exc.errors())),
+        "request_body": jsonable_encoder(_readable(exc.body)),
         "code": "invalid_request",
     }
     try:
