@@ -32,3 +32,40 @@ async def test_a_body_that_is_not_utf8_gets_a_422(client: httpx.AsyncClient, pat
     answer = response.json()
     assert answer["code"] == "invalid_request"
     assert answer["request_body"] == "\ufffd\ufffd{"
+
+
+# --- defect 6: cross-site request forgery through a form or text/plain body -------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+@pytest.mark.parametrize(("path", "body"), HOT_POSTS)
+async def test_a_body_not_declared_json_is_refused(
+    client: httpx.AsyncClient, path: str, body: object, content_type: str | None
+) -> None:
+    """A web page can post a form or text/plain to any server without asking (no CORS
+    preflight); only a JSON Content-Type is read as JSON, as on every other route."""
+    await client.post(f"{V2}/", json={"name": "p", "limit": 5})
+    headers = {} if content_type is None else {"content-type": content_type}
+    content = httpx.Request("POST", "http://x", json=body).content
+    response = await client.post(path, content=content, headers=headers)
+    assert response.status_code == 422, response.text
+    answer = response.json()
+    assert answer["code"] == "invalid_request"
+    assert answer["exception_detail"][0]["type"] == "model_attributes_type"
+    # Nothing was taken.
+    limit = (await client.get(f"{V2}/p")).json()
+    assert limit["active_slots"] == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+async def test_json_content_types_with_parameters_or_suffixes_are_read(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    await client.post(f"{V2}/", json={"name": "p", "limit": 5})
+    content = httpx.Request("POST", "http://x", json={"names": ["p"], "slots": 2}).content
+    response = await client.post(f"{V2}/increment", content=content, headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
+    assert (await client.get(f"{V2}/p")).json()["active_slots"] == 2

@@ -140,6 +140,12 @@ class Session:
         ws = websocket.scope
         self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
         self.scope.update(type="http", query_string=b"")
+        # A record's body is JSON by the protocol: its handler reads it so, whatever the
+        # upgrade request's own Content-Type (see fastroute.declares_json).
+        self.scope["headers"] = [
+            *((k, v) for k, v in ws["headers"] if k != b"content-type"),
+            (b"content-type", b"application/json"),
+        ]
         self.running: dict[int, tuple[_Carried, asyncio.Task[None]]] = {}
         self.out: list[bytes] = []
         #: Lease grants of the current message (answer bodies), and of each message sent but not
