@@ -4,8 +4,20 @@ the harmless outcome, on both backends."""
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+from typing import Any
+
 import httpx
+import psycopg
 import pytest
+
+from slotkeeper import domain
+from slotkeeper.models import LimitSpec
+from slotkeeper.storage import Storage
+from tests.conftest import FakeClock, take
+from tests.test_domain import NOW, make_limit
 
 V2 = "/v2/concurrency_limits"
 V1 = "/concurrency_limits"
@@ -69,3 +81,92 @@ async def test_json_content_types_with_parameters_or_suffixes_are_read(
     response = await client.post(f"{V2}/increment", content=content, headers={"content-type": content_type})
     assert response.status_code == 200, response.text
     assert (await client.get(f"{V2}/p")).json()["active_slots"] == 2
+
+
+# --- defect 1: a huge occupancy_seconds poisoned a limit's average for good -----------------------
+
+HUGE = 1.7976931348623157e308
+
+
+async def test_an_occupancy_beyond_the_bound_is_refused(client: httpx.AsyncClient) -> None:
+    await client.post(f"{V2}/", json={"name": "p", "limit": 0})
+    body = {"names": ["p"], "slots": 1, "occupancy_seconds": HUGE}
+    response = await client.post(f"{V2}/decrement", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_request"
+    assert response.json()["exception_detail"][0]["loc"] == ["body", "occupancy_seconds"]
+    # Nothing changed: a release that is refused takes nothing from the pool.
+    assert (await client.post(f"{V2}/increment", json={"names": ["p"], "slots": 1})).status_code == 422
+
+
+async def test_the_largest_samples_keep_the_average_finite(storage: Storage, clock: FakeClock) -> None:
+    """Below the API's bound, the storage's arithmetic itself stays finite: releases with the
+    largest samples the rules take, then an ordinary lease that expires, and the reaper ends it."""
+    await storage.create_limit(LimitSpec(name="p", limit=0))
+    await storage.create_limit(LimitSpec(name="q", limit=10))
+    for _ in range(100):
+        await storage.release_slots(["p", "q"], 1, domain.MAX_OCCUPANCY_SECONDS)
+        await storage.release_slots(["p", "q"], 1, HUGE)  # what the API refuses, if it came through
+    for name in ("p", "q"):
+        average = (await storage.read_limit(name)).limit.avg_slot_occupancy_seconds
+        assert math.isfinite(average)
+        assert average <= domain.MAX_OCCUPANCY_SECONDS
+    await take(storage, "q", lease=60)
+    clock.advance(61)
+    assert await storage.reap_expired() == 1
+
+
+async def test_a_stored_average_that_is_not_a_number_heals(storage: Storage, database_url: str) -> None:
+    """PostgreSQL stored the NaN the overflow made (SQLite refused it, and every release after
+    that answered 503): the next sample starts the average again from the default."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL stores NaN in a float column")
+    await storage.create_limit(LimitSpec(name="p", limit=1))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE limits SET avg_slot_occupancy_seconds = 'NaN' WHERE name = 'p'")
+    await storage.release_slots(["p"], 1, 10.0)
+    average = (await storage.read_limit("p")).limit.avg_slot_occupancy_seconds
+    assert average == pytest.approx(
+        domain.next_avg_occupancy(domain.DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS, 10, 1, 1)
+    )
+
+
+def test_retry_after_from_an_average_that_is_not_a_number_is_the_default_ones() -> None:
+    policy = domain.RetryPolicy(max_wait=30.0, rng=random.Random(7))
+    broken = make_limit(avg_slot_occupancy_seconds=math.nan, limit=1, pool_slots=1)
+    sane = make_limit(
+        avg_slot_occupancy_seconds=domain.DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS, limit=1, pool_slots=1
+    )
+    hint = policy.seconds([broken], 1, NOW)
+    assert hint == domain.RetryPolicy(max_wait=30.0, rng=random.Random(7)).seconds([sane], 1, NOW)
+    assert hint > domain.MIN_RETRY_AFTER_SECONDS
+
+
+async def test_one_lease_that_cannot_end_does_not_stop_the_reaper(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await storage.create_limit(LimitSpec(name="bad", limit=5))
+    await storage.create_limit(LimitSpec(name="good", limit=5))
+    bad = await take(storage, "bad", lease=60)
+    good = await take(storage, "good", lease=60)
+    clock.advance(61)
+    slots = storage.scripts.slots
+    end_expired = slots.end_expired
+
+    def breaking(tx: Any, lease_id: str) -> bool:
+        if lease_id == bad.lease_id:
+            raise ZeroDivisionError("a broken limit")
+        return end_expired(tx, lease_id)
+
+    monkeypatch.setattr(slots, "end_expired", breaking)
+    with caplog.at_level(logging.ERROR, logger="slotkeeper.reaper"):
+        assert await storage.reap_expired() == 1
+        assert not await storage.list_leases("good")
+        lines = [r for r in caplog.records if bad.lease_id in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is not None
+        # The next passes try it again, quietly: one line, not one per pass.
+        assert await storage.reap_expired() == 0
+        assert len([r for r in caplog.records if bad.lease_id in r.getMessage()]) == 1
+    monkeypatch.setattr(slots, "end_expired", end_expired)
+    assert await storage.reap_expired() == 1
+    assert good.lease_id != bad.lease_id

@@ -141,7 +141,7 @@ class Decrement(Strict):
 
     names: list[NameRef]
     slots: int = Field(gt=0, le=MAX_INT)
-    occupancy_seconds: float | None = Field(default=None, gt=0)
+    occupancy_seconds: float | None = Field(default=None, gt=0, le=domain.MAX_OCCUPANCY_SECONDS)
     create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
 
 
