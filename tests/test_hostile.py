@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,9 @@ import psycopg
 import pytest
 
 from slotkeeper import domain
+from slotkeeper.api.app import create_app
 from slotkeeper.models import LimitSpec
+from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from tests.conftest import FakeClock, take
 from tests.test_domain import NOW, make_limit
@@ -170,3 +173,51 @@ async def test_one_lease_that_cannot_end_does_not_stop_the_reaper(
     monkeypatch.setattr(slots, "end_expired", end_expired)
     assert await storage.reap_expired() == 1
     assert good.lease_id != bad.lease_id
+
+
+# --- defect 4: unbounded names lists froze SQLite --------------------------------------------------
+
+#: The routes that take a ``names`` list, with the rest of a valid body.
+NAMED = [
+    (f"{V2}/increment", {"slots": 1}),
+    (f"{V2}/increment-with-lease", {"slots": 1}),
+    (f"{V2}/decrement", {"slots": 1}),
+    (f"{V1}/increment", {"task_run_id": "0c4c1a8e-7a6b-4b8e-9a51-2f7c3c4b5d6e"}),
+    (f"{V1}/decrement", {"task_run_id": "0c4c1a8e-7a6b-4b8e-9a51-2f7c3c4b5d6e"}),
+]
+
+
+@pytest.mark.parametrize(("path", "rest"), NAMED)
+async def test_more_names_than_the_default_cap_are_refused(
+    client: httpx.AsyncClient, path: str, rest: dict[str, Any]
+) -> None:
+    names = [f"n{i}" for i in range(Settings().max_names + 1)]
+    response = await client.post(path, json={"names": names, **rest})
+    assert response.status_code == 422, response.text
+    error = response.json()["exception_detail"][0]
+    assert (response.json()["code"], error["type"], error["loc"]) == (
+        "invalid_request",
+        "too_long",
+        ["body", "names"],
+    )
+    assert "SLOTKEEPER_MAX_NAMES" in error["msg"]
+
+
+@pytest.mark.parametrize(("path", "rest"), NAMED)
+async def test_the_names_cap_is_a_setting_checked_before_storage(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, rest: dict[str, Any]
+) -> None:
+    app = create_app(Settings(home=tmp_path, max_names=3), storage=storage)
+
+    def untouched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("storage was asked")
+
+    async with app.router.lifespan_context(app):
+        for method in ("acquire", "release_slots", "_run"):
+            monkeypatch.setattr(storage, method, untouched)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test/api") as http:
+            response = await http.post(path, json={"names": ["a", "b", "c", "d"], **rest})
+        monkeypatch.undo()
+    assert response.status_code == 422, response.text
+    assert response.json()["exception_detail"][0]["ctx"]["max_length"] == 3
