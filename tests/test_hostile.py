@@ -2,6 +2,8 @@
 frozen loop, a flooded log). Each test sends what broke it and asserts the 4xx with its code, or
 the harmless outcome, on both backends."""
 
+# ruff: noqa: F811 (``api``, test_api_events' fixture of the app with event routes, is imported)
+
 from __future__ import annotations
 
 import logging
@@ -20,6 +22,7 @@ from slotkeeper.models import LimitSpec
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
 from tests.conftest import FakeClock, take
+from tests.test_api_events import VALID_INNER, _token, api, post, stored, wire  # noqa: F401
 from tests.test_domain import NOW, make_limit
 
 V2 = "/v2/concurrency_limits"
@@ -221,3 +224,44 @@ async def test_the_names_cap_is_a_setting_checked_before_storage(
         monkeypatch.undo()
     assert response.status_code == 422, response.text
     assert response.json()["exception_detail"][0]["ctx"]["max_length"] == 3
+
+
+# --- defect 9: dates at the edges of the calendar --------------------------------------------------
+
+#: In UTC these are in year 10000 and year 0: no datetime can hold them.
+EDGES = ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"]
+
+
+@pytest.mark.parametrize("edge", EDGES)
+async def test_an_event_at_the_calendar_edge_is_refused(
+    api: httpx.AsyncClient, clock: FakeClock, edge: str
+) -> None:
+    response = await api.post("/events", json=[{**wire(clock), "occurred": edge}])
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_request"
+    assert "out of range" in response.text
+
+
+@pytest.mark.parametrize("bound", ["since", "until"])
+@pytest.mark.parametrize("edge", EDGES)
+async def test_a_filter_at_the_calendar_edge_is_refused(
+    api: httpx.AsyncClient, edge: str, bound: str
+) -> None:
+    for path in ("/events/filter", "/events/count-by/event"):
+        response = await api.post(path, json={"filter": {"occurred": {bound: edge}}})
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("edge", EDGES)
+async def test_a_page_token_at_the_calendar_edge_is_forbidden(api: httpx.AsyncClient, edge: str) -> None:
+    token = _token({**VALID_INNER, "filter": {"occurred": {"since": edge}}})
+    response = await api.get("/events/filter/next", params={"page-token": token})
+    assert response.status_code == 403, response.text
+    assert response.json() == {"detail": "Forbidden", "code": "invalid_page_token"}
+
+
+async def test_the_widest_dates_that_exist_are_served(api: httpx.AsyncClient, clock: FakeClock) -> None:
+    await post(api, wire(clock))
+    widest = {"since": "0001-01-01T00:00:00+00:00", "until": "9999-12-31T23:59:59.999999+00:00"}
+    assert len(await stored(api, filter={"occurred": widest})) == 1

@@ -67,7 +67,10 @@ class RelatedResource(RootModel[dict[str, str]]):
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in year 10000 in UTC
+        raise ValueError("the date is out of range once in UTC (years 1 to 9999)") from None
 
 
 class Event(BaseModel):
