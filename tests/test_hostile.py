@@ -6,9 +6,12 @@ the harmless outcome, on both backends."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import pytest
 
 from slotkeeper import domain
 from slotkeeper.api.app import create_app
+from slotkeeper.events.models import EventRecord, iso
 from slotkeeper.models import LimitSpec
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -265,3 +269,47 @@ async def test_the_widest_dates_that_exist_are_served(api: httpx.AsyncClient, cl
     await post(api, wire(clock))
     widest = {"since": "0001-01-01T00:00:00+00:00", "until": "9999-12-31T23:59:59.999999+00:00"}
     assert len(await stored(api, filter={"occurred": widest})) == 1
+
+
+# --- defect 12: years before 1000 are written with four digits -------------------------------------
+
+
+def test_times_before_year_1000_are_iso_8601() -> None:
+    moment = datetime(999, 6, 15, 12, 30, 1, tzinfo=UTC)  # whole seconds: floats this far back
+    assert iso(moment.timestamp()) == "0999-06-15T12:30:01.000000Z"
+    assert iso(datetime(1, 1, 1, tzinfo=UTC).timestamp()) == "0001-01-01T00:00:00.000000Z"
+    assert datetime.fromisoformat(iso(moment.timestamp())) == moment
+    record = EventRecord(
+        "e", moment.timestamp(), "x", {"prefect.resource.id": "r"}, received=moment.timestamp()
+    )
+    assert EventRecord.from_wire(record.wire()) == record
+
+
+async def test_an_event_before_year_1000_round_trips(api: httpx.AsyncClient, clock: FakeClock) -> None:
+    sent = {**wire(clock), "occurred": "0999-06-15T12:30:01+00:00"}
+    assert (await post(api, sent)).status_code == 204
+    since = {"since": "0001-01-01T00:00:00+00:00"}
+    [event] = await stored(api, filter={"occurred": since})
+    assert event["occurred"] == "0999-06-15T12:30:01.000000Z"
+
+
+async def test_a_live_event_before_year_1000_does_not_stop_live_delivery(storage: Storage) -> None:
+    """On PostgreSQL, live events come back through LISTEN as their wire JSON: one dated before
+    year 1000 could not be read back, and killed the listener for good."""
+    delivered: asyncio.Queue[list[EventRecord] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    stop = storage.subscribe_events(lambda events: loop.call_soon_threadsafe(delivered.put_nowait, events))
+    try:
+        events = storage.event_store()
+        ancient = datetime(999, 6, 15, tzinfo=UTC).timestamp()
+        for name, occurred in (("ancient", ancient), ("recent", storage.clock())):
+            record = EventRecord(str(uuid.uuid4()), occurred, name, {"prefect.resource.id": "r"})
+            await events.ingest([record])
+        seen: list[str] = []
+        async with asyncio.timeout(30):  # a bound against hanging, not an expectation
+            while "recent" not in seen:
+                batch = await delivered.get()
+                seen.extend(e.event for e in batch or [])
+        assert seen == ["ancient", "recent"]
+    finally:
+        stop()

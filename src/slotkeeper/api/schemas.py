@@ -10,7 +10,6 @@ with orjson: FastAPI's response-model path costs more than the whole storage rou
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
@@ -28,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode
 from slotkeeper.errors import InvalidRequest
+from slotkeeper.events.models import iso as iso  # the one way times are written
 from slotkeeper.models import LeaseInfo, LimitView
 
 #: Integers are stored as 32-bit on PostgreSQL; larger values are refused at the edge.
@@ -217,11 +217,6 @@ def lease_models(
     )
     renew = create_model("RenewLease", __base__=Strict, lease_duration=duration)
     return with_lease, renew
-
-
-def iso(ts: float) -> str:
-    """Epoch seconds as Prefect writes times: ISO-8601 UTC, microseconds, ``Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def limit_json(view: LimitView) -> dict[str, Any]:

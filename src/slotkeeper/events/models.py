@@ -203,9 +203,19 @@ class EventFilter(_Filter):
     order: EventOrder = EventOrder.DESC
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def iso(ts: float) -> str:
-    """Epoch seconds as ISO-8601 UTC with microseconds and ``Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Epoch seconds as ISO 8601 UTC with microseconds and ``Z``: the one way slotkeeper writes a
+    time (events, limits, leases, counts).
+
+    The year always has four digits (``0999-06-15T...``): ``strftime("%Y")`` writes ``999``, which
+    is not ISO 8601, and which neither Prefect's client nor ``datetime.fromisoformat`` (the
+    PostgreSQL listener) can read back. (Adding to the epoch is also quicker than
+    ``fromtimestamp(ts, UTC)``, and rounds the same.)
+    """
+    return (_EPOCH + timedelta(seconds=ts)).isoformat(timespec="microseconds") + "Z"
 
 
 @dataclass(frozen=True, slots=True)
