@@ -2,7 +2,7 @@
 frozen loop, a flooded log). Each test sends what broke it and asserts the 4xx with its code, or
 the harmless outcome, on both backends."""
 
-# ruff: noqa: F811 (``api``, test_api_events' fixture of the app with event routes, is imported)
+# ruff: noqa: F811 (the fixtures ``api`` and ``served`` are imported from the tests that define them)
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from slotkeeper.storage import Storage
 from tests.conftest import FakeClock, take
 from tests.test_api_events import VALID_INNER, _token, api, post, stored, wire  # noqa: F401
 from tests.test_domain import NOW, make_limit
+from tests.test_websockets import Served, authenticate, closed_with, served  # noqa: F401
 
 V2 = "/v2/concurrency_limits"
 V1 = "/concurrency_limits"
@@ -313,3 +314,46 @@ async def test_a_live_event_before_year_1000_does_not_stop_live_delivery(storage
         assert seen == ["ancient", "recent"]
     finally:
         stop()
+
+
+# --- defect 8: a NUL character in an event filter string -------------------------------------------
+
+#: Every string of a filter, each with a NUL in it.
+NUL_FILTERS = [
+    {"event": {"prefix": ["a\x00"]}},
+    {"event": {"name": ["a\x00b"]}},
+    {"resource": {"id": ["\x00"]}},
+    {"resource": {"id_prefix": ["r\x00"]}},
+    {"resource": {"labels": {"k\x00": "v"}}},
+    {"resource": {"labels": {"k": ["v\x00"]}}},
+    {"related": {"role": ["\x00"]}},
+    {"related": [{"resources_in_roles": [["r", "\x00"]]}]},
+    {"any_resource": {"id": ["\x00"]}},
+    {"text": {"query": "a\x00"}},
+]
+
+
+@pytest.mark.parametrize("event_filter", NUL_FILTERS)
+async def test_a_nul_in_a_filter_string_is_a_422(
+    api: httpx.AsyncClient, event_filter: dict[str, Any]
+) -> None:
+    for path in ("/events/filter", "/events/count-by/event"):
+        response = await api.post(path, json={"filter": event_filter})
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["code"] == "invalid_request"
+        assert "NUL" in response.text
+
+
+async def test_a_nul_in_a_page_token_filter_is_forbidden(api: httpx.AsyncClient) -> None:
+    token = _token({**VALID_INNER, "filter": {"event": {"prefix": ["\x00"]}}})
+    response = await api.get("/events/filter/next", params={"page-token": token})
+    assert response.json() == {"detail": "Forbidden", "code": "invalid_page_token"}
+
+
+async def test_a_nul_in_a_live_filter_closes_the_websocket_with_a_code(served: Served) -> None:
+    async with served.http.ws_connect(served.ws_url + "/events/out", protocols=["prefect"]) as ws:
+        await authenticate(ws)
+        await ws.send_json({"type": "filter", "filter": {"event": {"prefix": ["\x00"]}}})
+        code, reason = await closed_with(ws)
+    assert code == 1002
+    assert reason.startswith("Invalid filter: ") and "NUL" in reason

@@ -110,6 +110,28 @@ def check_size(event: Event) -> None:
 class _Filter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> Any:
+        # PostgreSQL text cannot hold NUL: a filter string with one made its driver raise (a
+        # 500, a websocket closed without a code) where SQLite answered 200. No stored string
+        # holds NUL (ingest refuses it), so it is refused on both backends, as invalid.
+        for name in type(self).model_fields:
+            if _holds_nul(getattr(self, name)):
+                raise ValueError(f"{name}: a filter string must not contain the NUL character")
+        return self
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string in ``value`` (a string, or lists, tuples and dicts of them) holds NUL;
+    nested filters check their own."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False
+
 
 def _default_since() -> datetime:
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
