@@ -357,3 +357,46 @@ async def test_a_nul_in_a_live_filter_closes_the_websocket_with_a_code(served: S
         code, reason = await closed_with(ws)
     assert code == 1002
     assert reason.startswith("Invalid filter: ") and "NUL" in reason
+
+
+# --- defect 11: a client that leaves mid-body was logged as a bug, with its traceback ------------
+
+
+@pytest.mark.parametrize(
+    "path", [f"/api{path}" for path, _ in HOT_POSTS] + ["/api/v2/concurrency_limits/filter", "/api/events"]
+)
+async def test_a_client_that_leaves_mid_body_is_one_quiet_line(
+    storage: Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    app = create_app(Settings(home=tmp_path), storage=storage)
+    incoming = [
+        {"type": "http.request", "body": b'{"names": ["p"', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 4200),
+    }
+    async with app.router.lifespan_context(app):
+        with caplog.at_level(logging.INFO):
+            await app(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not [r for r in caplog.records if r.exc_info], caplog.text

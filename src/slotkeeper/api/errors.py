@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from slotkeeper.api.responses import json_response
 from slotkeeper.errors import (
@@ -107,6 +108,13 @@ async def _shutting_down(request: Request, exc: Exception) -> Response:
     return json_response(body, 503, {"Retry-After": str(exc.retry_after)})
 
 
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    # The client left before its body arrived: nothing went wrong here, and nobody reads the
+    # answer (499, nginx's "client closed request", is what the access log shows).
+    log.info("client disconnected before sending its whole body: %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def _bug(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return json_response({"exception_message": "Internal Server Error", "code": "internal_error"}, 500)
@@ -125,6 +133,7 @@ def _table() -> dict[type[Exception], Handler]:
         # drivers' errors), and while it closes.
         DatabaseUnavailable: _database,
         StorageClosed: _database,
+        ClientDisconnect: _disconnected,
     }
     table[Exception] = _bug
     return table
