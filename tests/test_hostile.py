@@ -400,3 +400,25 @@ async def test_a_client_that_leaves_mid_body_is_one_quiet_line(
             await app(scope, receive, send)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+# --- smaller: the Allow header of a 405 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        # POST is the path's own method; the others read, change or delete a limit named so.
+        (f"{V2}/increment", {"POST", "GET", "PATCH", "DELETE"}),
+        (f"{V2}/decrement-with-lease", {"POST", "GET", "PATCH", "DELETE"}),
+        (f"{V2}/filter", {"POST", "GET", "PATCH", "DELETE"}),
+        ("/events", {"POST"}),
+        ("/health", {"GET"}),
+    ],
+)
+async def test_a_405_allows_every_method_of_its_path(
+    client: httpx.AsyncClient, path: str, allowed: set[str]
+) -> None:
+    response = await client.put(path, json={})
+    assert (response.status_code, response.json()["code"]) == (405, "method_not_allowed")
+    assert set(response.headers["allow"].split(", ")) == allowed

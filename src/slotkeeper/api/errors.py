@@ -90,7 +90,22 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
-    return json_response({"detail": exc.detail, "code": code}, exc.status_code, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed(request)
+    return json_response({"detail": exc.detail, "code": code}, exc.status_code, headers)
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's ``Allow`` names only the first
+    route whose path matches: ``PUT .../increment`` got ``Allow: GET``, from the route that
+    reads a limit by name, though ``POST`` is the path's own method."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for pattern, served in getattr(request.app, "route_methods", ()):
+        if pattern.match(path):
+            methods |= served
+    return ", ".join(sorted(methods))
 
 
 async def _database(request: Request, exc: Exception) -> Response:
