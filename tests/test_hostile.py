@@ -7,6 +7,7 @@ the harmless outcome, on both backends."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import random
@@ -422,3 +423,20 @@ async def test_a_405_allows_every_method_of_its_path(
     response = await client.put(path, json={})
     assert (response.status_code, response.json()["code"]) == (405, "method_not_allowed")
     assert set(response.headers["allow"].split(", ")) == allowed
+
+
+# --- smaller: the auth scheme is case-insensitive --------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC", "bAsIc", "Basic  "])
+async def test_the_basic_auth_scheme_is_case_insensitive(
+    storage: Storage, tmp_path: Path, scheme: str
+) -> None:
+    app = create_app(Settings(home=tmp_path, api_auth_string="user:pass"), storage=storage)
+    credentials = base64.b64encode(b"user:pass").decode()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test/api") as http:
+            for header in (f"{scheme} {credentials}", f"{scheme} {credentials[:-2]}"):
+                response = await http.post(f"{V2}/filter", headers={"Authorization": header})
+                assert response.status_code == (200 if header.endswith(credentials) else 401)
