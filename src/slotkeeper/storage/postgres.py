@@ -37,6 +37,7 @@ from psycopg import errors as pg_errors
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 
 log = logging.getLogger("slotkeeper.storage.postgres")
@@ -49,6 +50,17 @@ T = TypeVar("T")
 
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 _ATTEMPTS = 5
+
+#: Most operations one group transaction carries. Each runs in a subtransaction; PostgreSQL
+#: keeps the ids of 64 per transaction in shared memory, past which every snapshot taken by any
+#: session gets slower (subtransaction overflow), so a group stays below that.
+MAX_GROUP = 48
+#: How long an operation of a group waits for a row lock before the group gives up and runs its
+#: operations one by one. Groups hold the locks of their earlier operations while a later one
+#: waits, so two groups (of this process or another) can wait for each other although each
+#: operation locks in id order; this ends such a wait long before PostgreSQL's deadlock check
+#: (``deadlock_timeout``, 1 s by default).
+GROUP_LOCK_TIMEOUT = b"SET LOCAL lock_timeout = '200ms'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,7 @@ class PostgresBackend:
     #: A lost or refused connection: "the database cannot serve this now", not a bug.
     unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
-    def __init__(self, conninfo: str, pool_size: int = 8) -> None:
+    def __init__(self, conninfo: str, pool_size: int = 8, *, lanes: int | None = None) -> None:
         self.conninfo = conninfo
         # Fail at start-up, not at the first request, when the database is unreachable.
         psycopg.connect(conninfo).close()
@@ -83,6 +95,11 @@ class PostgresBackend:
         self._in_flight = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Group commit: write operations queue here, and each of ``lanes`` pool connections runs
+        #: what queued while it was busy as one transaction (``groups.py``).
+        self.groups = GroupQueue(
+            self._run_group, self._executor, lanes=lanes or pool_size, max_size=MAX_GROUP
+        )
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -119,8 +136,47 @@ class PostgresBackend:
                 raise
         raise AssertionError("unreachable")
 
+    def _run_group(self, ops: list[Op]) -> list[Outcome]:
+        """Run a group of operations in one transaction (on a pool thread): each its outcome.
+
+        An operation that raises rolls back to its savepoint and fails alone. A database error
+        (a write that failed without the script handling it, a lock waited for too long, a
+        failed commit) cannot be pinned on one operation of a pipelined group: the group is
+        rolled back and its operations run again one by one, each in its own transaction, as
+        if they had never been grouped. A lost connection fails them all: the commit may have
+        happened.
+        """
+        if len(ops) == 1:
+            return [_outcome(self._call, ops[0])]
+        conn = self._connection()
+        try:
+            outcomes, commit = _attempt_group(conn, ops)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                conn.close()
+                return [(False, exc)] * len(ops)
+            _rollback(conn)  # a lock timeout (an OperationalError too), a failed write, ...
+            return [_outcome(self._call, op) for op in ops]
+        except BaseException:
+            if not conn.closed:
+                _rollback(conn)
+            raise
+        if commit is not None:
+            run_handoffs(commit.handoffs)
+            for observer in self._observers:
+                observer(commit)
+        return outcomes
+
     async def run(self, op: Callable[[Tx], T]) -> T:
-        """Run ``op`` in one transaction on a pool thread."""
+        """Run ``op`` in the next group's transaction on a pool thread (``groups.py``)."""
+        self._in_flight += 1
+        try:
+            return await self.groups.run(op)
+        finally:
+            self._in_flight -= 1
+
+    async def _run_alone(self, op: Callable[[Tx], T]) -> T:
+        """Run ``op`` in a transaction of its own on a pool thread."""
         self._in_flight += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
@@ -181,11 +237,12 @@ class PostgresBackend:
                 delay = min(delay * 2, 5.0)
 
     async def read(self, op: Callable[[Tx], T]) -> T:
-        """Read-only ops run like any other: every pool thread reads beside the others."""
-        return await self.run(op)
+        """Read-only ops run alone: on any pool thread, beside the groups."""
+        return await self._run_alone(op)
 
     async def close(self) -> None:
         """Wait for running operations, then close every connection."""
+        await self.groups.close()
         self._stop.set()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         if self._listener is not None:
@@ -225,6 +282,50 @@ def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, C
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined write: then nothing was committed
     return result, commit
+
+
+def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
+    """Run ``ops`` in one transaction, each under a savepoint, in pipeline mode (as
+    :func:`_attempt`): an operation that raises is rolled back to its savepoint and fails alone;
+    one that returns after catching a database error itself (its subtransaction is aborted) is
+    rolled back too, as it would have been alone, and returns what it returned. A database
+    error that escapes an operation, or the commit's, raises here: the caller rolls back.
+    """
+    outcomes: list[Outcome] = []
+    with conn.pipeline() as pipeline, conn.cursor() as cursor:
+        cursor.execute(b"BEGIN", prepare=False)
+        cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
+        for op in ops:
+            cursor.execute(b"SAVEPOINT op", prepare=False)
+            mark = tx.mark()
+            try:
+                result = op(tx)
+            except psycopg.Error:
+                raise
+            except Exception as exc:
+                cursor.execute(b"ROLLBACK TO SAVEPOINT op", prepare=False)
+                tx.rollback_to(mark)
+                outcomes.append((False, exc))
+            else:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                    cursor.execute(b"ROLLBACK TO SAVEPOINT op", prepare=False)
+                    tx.rollback_to(mark)
+                outcomes.append((True, result))
+            cursor.execute(b"RELEASE SAVEPOINT op", prepare=False)
+        commit = tx.committed()
+        if commit is not None and (commit.events or commit.woken):
+            _notify(cursor, commit)
+        cursor.execute(b"COMMIT", prepare=False)
+        pipeline.sync()  # raises the error of any pipelined statement: then nothing was committed
+    return outcomes, commit
+
+
+def _outcome(call: Callable[[Op], Any], op: Op) -> Outcome:
+    try:
+        return True, call(op)
+    except Exception as exc:
+        return False, exc
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:
