@@ -23,10 +23,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from slotkeeper.errors import NotFound
+from slotkeeper.errors import NotFound, SlotsUnavailable
+from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
+from slotkeeper.storage import open_storage
 from slotkeeper.storage.groups import GroupQueue, Op, Outcome
 from slotkeeper.storage.postgres import PostgresBackend
 from slotkeeper.storage.tx import Tx
+from tests.conftest import truncate_postgres
 
 # --- the queue ----------------------------------------------------------------------------------
 
@@ -305,3 +308,43 @@ async def test_a_group_that_waits_too_long_for_a_lock_runs_its_operations_one_by
         other.close()
     assert outcomes == [2, 11, 3]
     assert _rows(postgres_url, table) == [2, 3, 11]
+
+
+# --- the leased slots read with the locks (scripts.lock_limits_and_queue) -----------------------
+
+
+class SteppingClock:
+    """A clock that answers each value of ``steps`` once, in turn, then stays at the last one:
+    ``now`` can move between the moment the leased read is sent and the moment ``now`` is read."""
+
+    def __init__(self, start: float) -> None:
+        self.steps = [start]
+
+    def __call__(self) -> float:
+        return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+
+
+@pytest.mark.parametrize("waited", [0.4, 0.6, 5.0])
+async def test_a_lease_counts_until_its_expiry_at_the_now_read_after_the_locks(
+    postgres_url: str, waited: float
+) -> None:
+    """The leased sums travel with the locks, sent before ``now`` is known: a lease that expires
+    between the moment they are sent and ``now`` (read after the locks) must not count, one that
+    expires after must; past the horizon (a long wait for the locks) they are read again."""
+    truncate_postgres(postgres_url)
+    store = open_storage(postgres_url, pool_size=1)
+    clock = SteppingClock(1000.0)
+    store.clock = clock
+    try:
+        await store.create_limit(LimitSpec(name="db", limit=1))
+        await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.5)))  # expires at 1030.5
+        # Sent at 1030.0; ``now`` read after the locks, ``waited`` seconds later.
+        clock.steps = [1030.0, 1030.0 + waited]
+        if 1030.0 + waited > 1030.5:
+            granted = await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.0)))
+            assert granted.lease_id is not None
+        else:
+            with pytest.raises(SlotsUnavailable):
+                await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.0)))
+    finally:
+        await store.close()

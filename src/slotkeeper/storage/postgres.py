@@ -295,7 +295,9 @@ def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[O
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
         cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
-        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
+        # The group's server-written events are inserted together before its COMMIT, one
+        # statement per table (``Tx.insert_at_commit``); an operation rolled back drops its own.
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
         for op in ops:
             cursor.execute(b"SAVEPOINT op", prepare=False)
             mark = tx.mark()
@@ -313,6 +315,7 @@ def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[O
                     tx.rollback_to(mark)
                 outcomes.append((True, result))
             cursor.execute(b"RELEASE SAVEPOINT op", prepare=False)
+        tx.flush()
         commit = tx.committed()
         if commit is not None and (commit.events or commit.woken):
             _notify(cursor, commit)
