@@ -179,6 +179,72 @@ def _window(
     }
 
 
+#: The floor's connections: as many as a slotkeeper process's pool (SLOTKEEPER_POOL_SIZE).
+FLOOR_CONNECTIONS = 8
+
+
+def measure_floor(database: str, rnd: int, duration: float) -> dict[str, Any]:
+    """PostgreSQL's own floor for a pair, in the same run: ``FLOOR_CONNECTIONS`` threads of this
+    process, each on its own connection and row, loop over the least a pair asks of the
+    database: two transactions (acquire, release), each a row lock read then a write and a
+    COMMIT (two round trips and one fsync), in psycopg's pipeline mode, no Python around them.
+    Also the median round trip of ``SELECT 1`` and of one such transaction."""
+    import psycopg
+
+    url = servers.postgres_url(database)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS floor_rows (id int PRIMARY KEY, n bigint NOT NULL)")
+        conn.execute(
+            "INSERT INTO floor_rows SELECT g, 0 FROM generate_series(0, %s) g ON CONFLICT DO NOTHING",
+            (FLOOR_CONNECTIONS,),
+        )
+    stop = threading.Event()
+    pairs = [0] * FLOOR_CONNECTIONS
+    trips: list[list[float]] = [[] for _ in range(FLOOR_CONNECTIONS)]
+    txs: list[list[float]] = [[] for _ in range(FLOOR_CONNECTIONS)]
+
+    def one(i: int) -> None:
+        with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                cur.execute(b"SELECT 1", prepare=False)
+                cur.fetchone()
+                trips[i].append(time.perf_counter() - t0)
+                for _ in range(2):  # acquire, release
+                    t0 = time.perf_counter()
+                    with conn.pipeline() as pipe:
+                        cur.execute(b"BEGIN", prepare=False)
+                        cur.execute("SELECT n FROM floor_rows WHERE id = %s FOR UPDATE", (i,))
+                        cur.fetchone()
+                        cur.execute("UPDATE floor_rows SET n = n + 1 WHERE id = %s", (i,))
+                        cur.execute(b"COMMIT", prepare=False)
+                        pipe.sync()
+                    txs[i].append(time.perf_counter() - t0)
+                pairs[i] += 1
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(FLOOR_CONNECTIONS)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # connected
+    before, t0 = sum(pairs), time.monotonic()
+    time.sleep(duration)
+    done, t1 = sum(pairs) - before, time.monotonic()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    return {
+        "scenario": "procs",
+        "target": KEY,
+        "variant": "floor",
+        "processes": 0,
+        "round": rnd,
+        "connections": FLOOR_CONNECTIONS,
+        "pairs_per_s": done / (t1 - t0),
+        "round_trip_ms": statistics.median(x for ts in trips for x in ts) * 1000,
+        "transaction_ms": statistics.median(x for ts in txs for x in ts) * 1000,
+    }
+
+
 def measure_procs(ctx: Context, rnd: int) -> list[dict[str, Any]]:
     """Start two processes on one fresh database, measure one then two (or two then one:
     alternating by round), stop them."""
@@ -211,6 +277,15 @@ def measure_procs(ctx: Context, rnd: int) -> list[dict[str, Any]]:
                 ctx.log(progress(m))
                 for s in members:
                     scenarios.settle(s, ctx.settle_max)
+            for s in members:
+                s.pause()
+            try:
+                floor = measure_floor(database, rnd, ctx.extra.procs_duration)
+            finally:
+                for s in members:
+                    s.resume()
+            out.append(floor)
+            ctx.log(progress(floor))
     except Exception as exc:
         out.append({"scenario": "procs", "target": KEY, "round": rnd, "failed": repr(exc)[:500]})
     finally:
@@ -226,6 +301,11 @@ def progress(m: dict[str, Any]) -> str:
     """One log line of a procs measurement."""
     if m.get("failed"):
         return f"round {m['round']} procs {m['target']} failed: {m['failed']}"
+    if m["variant"] == "floor":
+        return (
+            f"round {m['round']} procs  floor: {m['pairs_per_s']:8.0f} pairs/s ({m['connections']} connections), "
+            f"round trip {m['round_trip_ms']:.2f} ms, transaction {m['transaction_ms']:.2f} ms"
+        )
     return (
         f"round {m['round']} procs  c={m['clients']:<3} {m['variant']:12} {m['pairs_per_s']:8.0f} pairs/s "
         f"server CPU {m['server_cpu_us_per_pair'] or 0:,.0f} us/pair, PostgreSQL {m['postgres_cpu_us_per_pair'] or 0:,.0f} us/pair"
@@ -235,6 +315,8 @@ def progress(m: dict[str, Any]) -> str:
 def summarize_procs(measurements: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Medians per number of processes, and two / one round by round."""
     ok = [m for m in measurements if m["scenario"] == "procs" and not m.get("failed")]
+    floors = [m for m in ok if m["variant"] == "floor"]
+    ok = [m for m in ok if m["variant"] != "floor"]
     if not ok:
         return None
     cells = []
@@ -259,6 +341,14 @@ def summarize_procs(measurements: list[dict[str, Any]]) -> dict[str, Any] | None
         "cells": cells,
         "two_over_one": statistics.median(ratios) if ratios else None,
         "per_round": ratios,
+        "floor": {
+            "pairs": statistics.median(m["pairs_per_s"] for m in floors),
+            "round_trip_ms": statistics.median(m["round_trip_ms"] for m in floors),
+            "transaction_ms": statistics.median(m["transaction_ms"] for m in floors),
+            "connections": floors[0]["connections"],
+        }
+        if floors
+        else None,
         "failed": [m["failed"] for m in measurements if m["scenario"] == "procs" and m.get("failed")],
     }
 
@@ -313,6 +403,16 @@ def render(item1: dict[str, Any] | None, item4: dict[str, Any] | None, cores: in
                 f"| {c['processes']} | {_n(c['pairs'])} | {_n(c['server_cpu_us'])} µs | "
                 f"{_n(c['postgres_cpu_us'])} µs | {_n(c['p99_ms'], 1)} ms | {c['errors']} |"
             )
+        floor = item4.get("floor")
+        if floor is not None:
+            lines += [
+                "",
+                f"PostgreSQL's own floor in the same rounds (the servers frozen): {floor['connections']} "
+                "connections looping over the least a pair asks of the database (two transactions, each a "
+                "row lock read, a write and a COMMIT, pipelined; no Python around them) reach "
+                f"**{_n(floor['pairs'])} pairs/s**; a round trip (`SELECT 1`) takes {floor['round_trip_ms']:.2f} ms "
+                f"and such a transaction {floor['transaction_ms']:.2f} ms (median).",
+            ]
         two = item4["two_over_one"]
         if two is not None:
             lines += ["", f"Two processes / one: {two * 100:.0f} % (median of the rounds' ratios)."]
