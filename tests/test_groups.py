@@ -205,19 +205,58 @@ def _insert(table: str, x: int) -> Callable[[Tx], int]:
     return op
 
 
-async def test_an_operation_that_raises_rolls_back_alone(
+class Counted:
+    """An operation that counts how often it ran (a group that falls back runs it again)."""
+
+    def __init__(self, op: Callable[[Tx], Any]) -> None:
+        self.op = op
+        self.runs = 0
+
+    def __call__(self, tx: Tx) -> Any:
+        self.runs += 1
+        return self.op(tx)
+
+
+@pytest.mark.postgres
+async def test_an_operation_that_raises_before_writing_fails_alone_in_its_group(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
+    """The common failure (a refused acquisition: locks and reads, then a refusal) leaves
+    nothing to undo: it fails alone and the group commits the others, each run once."""
+
+    def refuses(tx: Tx) -> None:
+        tx.one(f"SELECT count(*) FROM {table}")
+        tx.events.append(None)  # type: ignore[arg-type]  # what it published goes with it
+        raise NotFound("no slots")
+
+    ops = [Counted(_insert(table, 1)), Counted(refuses), Counted(_insert(table, 3))]
+    outcomes = await _one_group(backend, list(ops))
+    assert outcomes[0] == 1 and outcomes[2] == 3
+    assert isinstance(outcomes[1], NotFound)
+    assert [op.runs for op in ops] == [1, 1, 1]
+    assert _rows(postgres_url, table) == [1, 3]
+
+
+@pytest.mark.postgres
+async def test_an_operation_that_raises_after_writing_rolls_back_alone(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    """What it wrote cannot be undone alone: the group rolls back and its operations run again,
+    each in a transaction of its own. The outcome is the same as if they had never been grouped."""
+
     def fails_after_writing(tx: Tx) -> None:
         tx.write(f"INSERT INTO {table} VALUES (2)")
         raise NotFound("changed its mind")
 
-    outcomes = await _one_group(backend, [_insert(table, 1), fails_after_writing, _insert(table, 3)])
+    ops = [Counted(_insert(table, 1)), Counted(fails_after_writing), Counted(_insert(table, 3))]
+    outcomes = await _one_group(backend, list(ops))
     assert outcomes[0] == 1 and outcomes[2] == 3
     assert isinstance(outcomes[1], NotFound)
+    assert [op.runs for op in ops] == [2, 2, 1]  # the group stopped at the failure
     assert _rows(postgres_url, table) == [1, 3]
 
 
+@pytest.mark.postgres
 async def test_an_operation_that_handles_a_database_error_rolls_back_alone(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
@@ -237,6 +276,7 @@ async def test_an_operation_that_handles_a_database_error_rolls_back_alone(
     assert _rows(postgres_url, table) == [1, 3, 5]
 
 
+@pytest.mark.postgres
 async def test_a_database_error_that_escapes_fails_that_operation_only(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
@@ -247,6 +287,7 @@ async def test_a_database_error_that_escapes_fails_that_operation_only(
     assert _rows(postgres_url, table) == [1, 3, 5]
 
 
+@pytest.mark.postgres
 async def test_hand_offs_run_after_the_commit_and_only_for_what_committed(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
@@ -254,10 +295,10 @@ async def test_hand_offs_run_after_the_commit_and_only_for_what_committed(
 
     def handing(name: str, fail: bool) -> Callable[[Tx], None]:
         def op(tx: Tx) -> None:
-            tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": len(name)})
             tx.handoffs.append(lambda: seen.append((name, _rows(postgres_url, table))))
             if fail:
                 raise NotFound("no")
+            tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": len(name)})
 
         return op
 
@@ -267,6 +308,7 @@ async def test_hand_offs_run_after_the_commit_and_only_for_what_committed(
     assert seen == [("a", [1, 3]), ("ccc", [1, 3])]
 
 
+@pytest.mark.postgres
 async def test_a_group_whose_connection_is_lost_leaves_nothing(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
@@ -284,6 +326,7 @@ async def test_a_group_whose_connection_is_lost_leaves_nothing(
     assert _rows(postgres_url, table) == [4]
 
 
+@pytest.mark.postgres
 async def test_a_group_that_waits_too_long_for_a_lock_runs_its_operations_one_by_one(
     backend: PostgresBackend, table: str, postgres_url: str
 ) -> None:
@@ -324,6 +367,7 @@ class SteppingClock:
         return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("waited", [0.4, 0.6, 5.0])
 async def test_a_lease_counts_until_its_expiry_at_the_now_read_after_the_locks(
     postgres_url: str, waited: float

@@ -89,7 +89,9 @@ class GroupQueue:
         self._scheduled = False
         loop = asyncio.get_running_loop()
         while self._pending and self._free:
-            count = min(len(self._pending), self.max_size)
+            # Spread over the free lanes: groups in flight side by side answer sooner than one
+            # large group, whose operations take their round trips one after the other.
+            count = min(-(-len(self._pending) // self._free), self.max_size)
             group = [self._pending.popleft() for _ in range(count)]
             self._free -= 1
             if self.on_group is not None:

@@ -51,10 +51,8 @@ T = TypeVar("T")
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 _ATTEMPTS = 5
 
-#: Most operations one group transaction carries. Each runs in a subtransaction; PostgreSQL
-#: keeps the ids of 64 per transaction in shared memory, past which every snapshot taken by any
-#: session gets slower (subtransaction overflow), so a group stays below that.
-MAX_GROUP = 48
+#: Most operations one group transaction carries: bounds how long a group holds its locks.
+MAX_GROUP = 64
 #: How long an operation of a group waits for a row lock before the group gives up and runs its
 #: operations one by one. Groups hold the locks of their earlier operations while a later one
 #: waits, so two groups (of this process or another) can wait for each other although each
@@ -139,12 +137,12 @@ class PostgresBackend:
     def _run_group(self, ops: list[Op]) -> list[Outcome]:
         """Run a group of operations in one transaction (on a pool thread): each its outcome.
 
-        An operation that raises rolls back to its savepoint and fails alone. A database error
-        (a write that failed without the script handling it, a lock waited for too long, a
-        failed commit) cannot be pinned on one operation of a pipelined group: the group is
-        rolled back and its operations run again one by one, each in its own transaction, as
-        if they had never been grouped. A lost connection fails them all: the commit may have
-        happened.
+        An operation that raises before writing fails alone (:func:`_attempt_group`). What
+        cannot be undone alone, or pinned on one operation of a pipelined group (a write that
+        failed without the script handling it, a lock waited for too long, a failed commit),
+        rolls the group back, and its operations run again one by one, each in its own
+        transaction, as if they had never been grouped. A lost connection fails them all: the
+        commit may have happened.
         """
         if len(ops) == 1:
             return [_outcome(self._call, ops[0])]
@@ -156,6 +154,9 @@ class PostgresBackend:
                 conn.close()
                 return [(False, exc)] * len(ops)
             _rollback(conn)  # a lock timeout (an OperationalError too), a failed write, ...
+            return [_outcome(self._call, op) for op in ops]
+        except Ungroupable:
+            _rollback(conn)
             return [_outcome(self._call, op) for op in ops]
         except BaseException:
             if not conn.closed:
@@ -284,37 +285,44 @@ def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, C
     return result, commit
 
 
+class Ungroupable(Exception):
+    """An operation of a group failed in a way that cannot be undone alone: the group rolls back
+    and its operations run one by one (``PostgresBackend._run_group``)."""
+
+
 def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
-    """Run ``ops`` in one transaction, each under a savepoint, in pipeline mode (as
-    :func:`_attempt`): an operation that raises is rolled back to its savepoint and fails alone;
-    one that returns after catching a database error itself (its subtransaction is aborted) is
-    rolled back too, as it would have been alone, and returns what it returned. A database
-    error that escapes an operation, or the commit's, raises here: the caller rolls back.
+    """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
+
+    Scripts decide before they write: one that raises having sent only reads (its locks, a
+    refused acquisition) fails alone, with nothing to undo but what it queued to publish and
+    its deferred rows. Its row locks stay until the group commits. One that raises after a
+    write, or returns after catching a database error itself (the transaction is then aborted),
+    cannot be undone alone without a savepoint per operation (two statements each, which cost
+    more than this rare case): :class:`Ungroupable` is raised, and so is a database error that
+    escapes an operation or the commit; the caller rolls back.
     """
     outcomes: list[Outcome] = []
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
         cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
         # The group's server-written events are inserted together before its COMMIT, one
-        # statement per table (``Tx.insert_at_commit``); an operation rolled back drops its own.
+        # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
         tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
         for op in ops:
-            cursor.execute(b"SAVEPOINT op", prepare=False)
-            mark = tx.mark()
+            mark, writes = tx.mark(), tx.writes
             try:
                 result = op(tx)
             except psycopg.Error:
                 raise
             except Exception as exc:
-                cursor.execute(b"ROLLBACK TO SAVEPOINT op", prepare=False)
+                if tx.writes != writes:
+                    raise Ungroupable("an operation failed after writing") from exc
                 tx.rollback_to(mark)
                 outcomes.append((False, exc))
             else:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                    cursor.execute(b"ROLLBACK TO SAVEPOINT op", prepare=False)
-                    tx.rollback_to(mark)
+                    raise Ungroupable("an operation handled a database error")
                 outcomes.append((True, result))
-            cursor.execute(b"RELEASE SAVEPOINT op", prepare=False)
         tx.flush()
         commit = tx.committed()
         if commit is not None and (commit.events or commit.woken):
