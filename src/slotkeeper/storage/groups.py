@@ -1,17 +1,19 @@
 """Group commit for a backend whose transactions run on threads (PostgreSQL).
 
 Operations are queued on the event loop. Each free *lane* (at most ``lanes`` at once, each one
-transaction on one pool connection) takes every operation queued when it is free, up to
-``max_size``, and runs them as one group in one transaction (``run_group``, on a pool thread).
-While a group is out, newcomers queue for the next free lane: under load, groups grow and the
-cost of a transaction (its round trips, its commit) is shared; with one request in the air, a
-group is that request alone and costs what a transaction of its own costs.
+transaction on one pool connection) takes its share of what is queued (spread evenly over the
+free lanes, at most ``max_size``) and runs it as one group in one transaction (``run_group``, on
+a pool thread). While groups are out, newcomers queue for the next free lane: under load, groups
+grow and the cost of a transaction (its commit, its fsync) is shared; with one request in the
+air, a group is that request alone and costs what a transaction of its own costs. Spreading
+matters: a group's operations take their round trips one after the other, so one group of 64
+answers later than eight groups of 8 side by side.
 
-What a group guarantees (``PostgresBackend._run_group``): each operation runs under its own
-savepoint, so one that fails rolls back alone; every decision is still made under the row locks
-it takes, in the database; nothing is reported before the commit, and a hand-off to a waiting
-request of this process runs only once its group has committed. This module only queues, hands
-groups to the runner, and completes the callers' futures in the order they queued.
+What a group guarantees (``PostgresBackend._run_group``): an operation that fails does not fail
+the others; every decision is still made under the row locks it takes, in the database; nothing
+is reported before the commit, and a hand-off to a waiting request of this process runs only
+once its group has committed. This module only queues, hands groups to the runner, and completes
+the callers' futures in the order they queued.
 
 An operation is handed over for good once queued (``Backend.run``'s contract): if its caller is
 cancelled meanwhile it still runs, and its outcome is dropped (``waiting.Acquisitions`` gives

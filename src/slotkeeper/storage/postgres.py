@@ -1,7 +1,8 @@
 """The PostgreSQL backend: a pool of connections, one per worker thread, and a listener.
 
-Every operation runs in its own transaction on one of ``pool_size`` threads, each owning one
-psycopg connection. Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
+Write operations run in groups (group commit, ``groups.py``): what queues while the lanes are
+busy runs as one transaction on one of ``pool_size`` threads, each owning one psycopg connection
+(``_attempt_group``); a request alone is a transaction of its own (``_attempt``). Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
 same limits across every thread and every server process sharing the database. A deadlock or
 serialisation failure is retried (the transaction was rolled back, so nothing happened twice);
 any other error rolls the transaction back and is raised.
