@@ -90,8 +90,8 @@ class PostgresBackend:
         self._subscribers: list[Callable[[Commit | None], None]] = []
         self._observers: list[Callable[[Commit], None]] = []
         self.pool_size = pool_size
-        #: Operations handed to the pool and not finished (counted on the event loop).
-        self._in_flight = 0
+        #: Operations running alone (reads) handed to the pool and not finished (on the loop).
+        self._alone = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         #: Group commit: write operations queue here, and each of ``lanes`` pool connections runs
@@ -171,24 +171,22 @@ class PostgresBackend:
 
     async def run(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` in the next group's transaction on a pool thread (``groups.py``)."""
-        self._in_flight += 1
-        try:
-            return await self.groups.run(op)
-        finally:
-            self._in_flight -= 1
+        return await self.groups.run(op)
 
     async def _run_alone(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` in a transaction of its own on a pool thread."""
-        self._in_flight += 1
+        self._alone += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
         finally:
-            self._in_flight -= 1
+            self._alone -= 1
 
     def pool_stats(self) -> PoolStats:
-        """The pool now: its size, connections open, operations running and queued for a thread."""
-        busy = min(self._in_flight, self.pool_size)
-        return PoolStats(self.pool_size, len(self._connections), busy, self._in_flight - busy)
+        """The pool now: its size, connections open, threads running a group or a read, and
+        operations waiting (for a lane, or reads for a thread)."""
+        running = self.groups.busy + self._alone
+        busy = min(running, self.pool_size)
+        return PoolStats(self.pool_size, len(self._connections), busy, self.groups.queued + running - busy)
 
     def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
         """Call ``callback`` (on the pool thread) with each transaction of this process that
