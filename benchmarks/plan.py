@@ -70,6 +70,8 @@ def smoke(mode: Mode) -> Mode:
             events_duration=0.5,
             scale_warmup=0.1,
             scale_duration=0.5,
+            procs_warmup=0.1,
+            procs_duration=0.5,
         ),
     )
 

@@ -431,14 +431,11 @@ def _scaling_paragraph(item4: dict[str, Any]) -> list[str]:
     per_core_db = 1e6 / one["postgres_cpu_us"]
     return [
         "",
-        f"*N processes on N machines.* A slotkeeper process spends {_n(one['server_cpu_us'])} µs of CPU "
-        f"per pair, so one core of a server machine carries about {_n(per_core_server)} pairs/s; "
-        f"PostgreSQL spends {_n(one['postgres_cpu_us'])} µs per pair, about {_n(per_core_db)} pairs/s per "
-        "core of the database machine. Processes share nothing but the database (no lock between "
-        "them outside its rows, clients on different limits never wait for each other), so N "
-        "processes on N machines add up until the database's cores are busy: N ≈ "
-        f"{_n(per_core_db / per_core_server * 1, 1)} server cores per database core. With D database cores, "
-        f"about {_n(per_core_db)} x D pairs/s whatever N beyond that; below it, about "
-        f"{_n(per_core_server)} pairs/s per server core. Clients that share one limit serialise on its row "
-        "lock instead, whatever N: a group commit holds it for one round trip per operation.",
+        f"*N processes on N machines.* One core of a slotkeeper process carried about "
+        f"{_n(per_core_server)} pairs/s here ({_n(one['server_cpu_us'])} µs per pair) and one core of "
+        f"PostgreSQL about {_n(per_core_db)} ({_n(one['postgres_cpu_us'])} µs). Processes share nothing "
+        "but the database (no lock between them outside its rows; clients on different limits never "
+        f"wait for each other), so N processes on N machines of c cores reach about N x c x "
+        f"{_n(per_core_server)} pairs/s, up to D x {_n(per_core_db)} for a database of D cores. Clients "
+        "that share one limit serialise on its row lock whatever N.",
     ]
