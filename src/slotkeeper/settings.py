@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         description="How long a waiter answered 503 at shutdown keeps its place in the queue.",
     )
 
+    websocket_auth_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How long an events websocket may take to send its handshake messages (auth, "
+        "then filter) before it is closed with 1008.",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:
