@@ -1,7 +1,8 @@
 """Hostile clients of the events API cannot hurt the server (issue 11).
 
 Each test pins one defect a fuzzer or a hand-written attack found, and failed before its fix:
-websocket frames the endpoints do not speak and handshakes that never come (defect 10), ...
+websocket frames the endpoints do not speak and handshakes that never come (defect 10), a slow
+subscriber's queue bounded by bytes as well as by count (defect 5), ...
 
 Nothing is timed: a wait is bounded (``BOUND`` seconds) only so that a broken server fails the
 test instead of hanging it.
@@ -12,10 +13,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from slotkeeper.storage import Storage
-from tests.test_websockets import authenticate, closed_with, served_app
+from tests.test_websockets import (
+    authenticate,
+    client_event,
+    closed_with,
+    next_event,
+    receive,
+    served_app,
+    subscribed,
+    wait_until_subscribed,
+)
 
 # --- websockets: frames and handshakes (defect 10) ----------------------------------------------
 
@@ -73,3 +84,32 @@ async def test_an_authenticated_ingest_socket_may_stay_quiet(storage: Storage, t
         await ws.send_str(json.dumps({"not": "an event"}))
         code, _ = await closed_with(ws)
         assert code == 1007
+
+
+# --- a slow subscriber's queue, in bytes (defect 5) -------------------------------------------------
+
+
+async def test_a_subscriber_that_falls_behind_in_bytes_is_cut_off_with_1013(
+    storage: Storage, tmp_path: Path
+) -> None:
+    blob = "x" * 100_000
+    async with (
+        served_app(storage, tmp_path, events_subscriber_queue_bytes=250_000) as served,
+        subscribed(served) as slow,
+        subscribed(served, {"event": {"name": ["small"]}}) as other,
+    ):
+        await wait_until_subscribed(served, 2)
+        # One batch, so the broker queues it at once: the slow subscriber's third event does not
+        # fit in 250 kB, whatever it has read meanwhile.
+        batch = [client_event("big", payload={"blob": blob}) for _ in range(5)] + [client_event("small")]
+        await served.post("/events", batch, 204)
+        frames = []
+        while True:
+            msg = await receive(slow)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            frames.append(json.loads(msg.data)["event"]["id"])
+        assert (msg.data, msg.extra) == (1013, "Subscriber too slow: more than 250000 bytes queued")
+        assert frames == [e["id"] for e in batch[:2]]
+        assert (await next_event(other))["id"] == batch[-1]["id"]
+        assert served.app.state.broker.subscribers == 1

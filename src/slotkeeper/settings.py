@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         "then filter) before it is closed with 1008.",
     )
 
+    events_subscriber_queue_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of events (about their JSON size) a live subscriber may lag before it "
+        "is cut off, whichever of this and events_subscriber_queue_size comes first.",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:

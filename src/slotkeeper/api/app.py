@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         store: Storage = app.state.storage
         if owned:
             freeze_startup_objects()
-        broker = Broker(settings.events_subscriber_queue_size)
+        broker = Broker(settings.events_subscriber_queue_size, settings.events_subscriber_queue_bytes)
         app.state.broker = broker
         app.state.events = store.event_store()
         loop = asyncio.get_running_loop()

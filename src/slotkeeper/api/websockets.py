@@ -7,8 +7,8 @@ subprotocol it is accepted in legacy mode only when no auth is configured.
 ``/out`` subscribes to the live stream *before* it backfills from the store, then skips live
 events it already sent, so nothing falls in between and nothing is sent twice. Unlike Prefect,
 the whole filter (``related`` included) applies to the live stream. A subscriber that falls
-``events_subscriber_queue_size`` events behind is disconnected with close code 1013 and a
-reason, and counted; it never slows the server down.
+``events_subscriber_queue_size`` events (or ``events_subscriber_queue_bytes`` bytes) behind is
+disconnected with close code 1013 and a reason, and counted; it never slows the server down.
 
 Bounds on what a client may make the server hold (docs/configuration.md#resource-bounds): the
 handshake messages (``auth``, then ``/out``'s ``filter``) must arrive within
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from slotkeeper.events import filters
-from slotkeeper.events.broker import OVERFLOWED, Broker, Subscription
+from slotkeeper.events.broker import OVERFLOWED, OVERFLOWED_BYTES, Broker, Subscription
 from slotkeeper.events.models import Event, EventFilter, EventOrder, EventRecord, check_size
 from slotkeeper.settings import Settings
 from slotkeeper.storage.events import EventStore, unstorable
@@ -252,6 +252,8 @@ async def _stream(websocket: WebSocket, broker: Broker, subscription: Subscripti
             if record is None:
                 if subscription.ended == OVERFLOWED:
                     reason = f"Subscriber too slow: more than {broker.queue_size} events queued"
+                elif subscription.ended == OVERFLOWED_BYTES:
+                    reason = f"Subscriber too slow: more than {broker.queue_bytes} bytes queued"
                 else:
                     reason = "Event stream interrupted; subscribe again to backfill"
                 await _close(websocket, TRY_AGAIN_LATER, reason)
