@@ -40,6 +40,11 @@ CODES: dict[str, tuple[int, str]] = {
         "or a limit deleted while the request waited",
     ),
     "csrf_disabled": (422, "`GET /api/csrf-token`: CSRF protection is off (as a default Prefect server)"),
+    "filter_too_large": (
+        422,
+        "an events filter beyond `SLOTKEEPER_EVENTS_FILTER_*` (too many values or entries, or too "
+        "long a value); `detail` names the field",
+    ),
     "limit_not_found": (404, "no limit (or tag limit) with this id, name or tag"),
     "route_not_found": (404, "no such path: is the API URL's `/api` prefix there?"),
     "method_not_allowed": (405, "the path exists, not with this method"),

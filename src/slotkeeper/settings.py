@@ -123,6 +123,26 @@ class Settings(BaseSettings):
         "is cut off, whichever of this and events_subscriber_queue_size comes first.",
     )
 
+    events_filter_max_values: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Values in one list of an events filter (ids, prefixes, names, roles, pairs, "
+        "event ids, one label's patterns) and labels in one labels object; more is a 422.",
+    )
+    events_filter_max_resource_filters: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Entries in an events filter's related list, and in its any_resource list.",
+    )
+    events_filter_max_string_length: int = Field(
+        default=1024,
+        ge=16,
+        le=1_000_000,
+        description="Characters in one value, label name or label pattern of an events filter.",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:

@@ -31,6 +31,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from slotkeeper.api.events import filter_bounds
 from slotkeeper.events import filters
 from slotkeeper.events.broker import OVERFLOWED, OVERFLOWED_BYTES, Broker, Subscription
 from slotkeeper.events.models import Event, EventFilter, EventOrder, EventRecord, check_size
@@ -192,6 +193,11 @@ async def events_out(websocket: WebSocket) -> None:
         except ValidationError as exc:
             await _close(websocket, PROTOCOL_ERROR, f"Invalid filter: {_first_error(exc)}")
             return
+        try:
+            filters.check_bounds(event_filter, filter_bounds(settings))
+        except filters.FilterTooLarge as exc:
+            await _close(websocket, POLICY_VIOLATION, f"Filter too large: {exc.detail}")
+            return
         if "until" not in ((message.get("filter") or {}).get("occurred") or {}):
             # An unbounded subscription: Prefect's default ``until`` (now) would end the live
             # stream before it starts; its own subscriber sends now + 365 days for this reason.
@@ -200,7 +206,7 @@ async def events_out(websocket: WebSocket) -> None:
         event_filter.occurred.since = max(event_filter.occurred.since, earliest)
         event_filter.order = EventOrder.ASC
 
-        subscription = broker.subscribe(lambda record: filters.matches(event_filter, record))
+        subscription = broker.subscribe(filters.matcher(event_filter))
         try:
             sent: set[str] = set()
             if message.get("backfill", True):
