@@ -10,6 +10,7 @@
     ├── StorageClosed               the server is shutting down (503)
     ├── ShuttingDown                503 to a waiting request at shutdown: retry (its place is kept)
     ├── DatabaseUnavailable         the database cannot serve the request now (503)
+    ├── QueryTimeout                an events query ran past its time and was stopped (504)
     └── ClientError                 raised by clients of the API (CLI, SDK)
         ├── ServerUnreachable       the server could not be reached at all
         └── ApiError                the server answered with an error status
@@ -64,6 +65,11 @@ CODES: dict[str, tuple[int, str]] = {
     "session_busy": (429, "a session runs 4096 requests already; `Retry-After` says when to try again"),
     "database_unavailable": (503, "the database cannot be reached now; `Retry-After` says when to try again"),
     "shutting_down": (503, "the server is stopping; `Retry-After` says when to try again (elsewhere)"),
+    "query_timeout": (
+        504,
+        "an events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS` and was stopped: "
+        "narrow the filter (its `occurred` range first)",
+    ),
     "internal_error": (500, "a bug in the server; its log has the traceback"),
 }
 
@@ -150,6 +156,13 @@ class DatabaseUnavailable(SlotkeeperError):
     from the driver's error (``raise ... from``), so nothing above storage knows the drivers."""
 
     code = "database_unavailable"
+
+
+class QueryTimeout(SlotkeeperError):
+    """An events query ran longer than ``SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS`` and the
+    database stopped it (504): retrying the same query would only fail the same way."""
+
+    code = "query_timeout"
 
 
 class ClientError(SlotkeeperError):

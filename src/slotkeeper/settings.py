@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     events_filter_max_resource_filters: int = Field(
         default=16,
         ge=1,
-        le=1000,
+        le=100,
         description="Entries in an events filter's related list, and in its any_resource list.",
     )
     events_filter_max_string_length: int = Field(
@@ -141,6 +141,20 @@ class Settings(BaseSettings):
         ge=16,
         le=1_000_000,
         description="Characters in one value, label name or label pattern of an events filter.",
+    )
+
+    events_pool_size: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Connections (and threads) of the pool that runs event queries, apart from "
+        "the pool of acquisitions: slow event queries can never hold up an acquire.",
+    )
+    events_query_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long one event query may run before the database stops it (504 query_timeout).",
     )
 
     @model_validator(mode="after")

@@ -127,7 +127,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             url = settings.resolved_database_url
             await asyncio.to_thread(migrate, url)
             app.state.storage = await asyncio.to_thread(
-                open_storage, url, pool_size=settings.pool_size, retry_policy=retry_policy(settings)
+                open_storage,
+                url,
+                pool_size=settings.pool_size,
+                retry_policy=retry_policy(settings),
+                events_pool_size=settings.events_pool_size,
+                events_query_timeout=settings.events_query_timeout_seconds,
             )
         else:
             app.state.storage = storage

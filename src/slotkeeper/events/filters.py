@@ -692,6 +692,7 @@ def compile(event_filter: EventFilter, dialect: str) -> tuple[str, dict[str, Any
     if event_filter.resource is not None:
         conditions.extend(_resource_conditions(c, event_filter.resource, related=False))
 
+    entries = []  # each related filter: one condition on a related row
     for related in _listed(event_filter.related):
         inner = []
         if related.id:
@@ -703,7 +704,20 @@ def compile(event_filter: EventFilter, dialect: str) -> tuple[str, dict[str, Any
         if related.labels:
             inner.extend(c.labels(related.labels, _RELATED_COLUMNS, "r.labels"))
         if inner:
-            conditions.append(related_rows(inner))
+            entries.append(" AND ".join(inner))
+    if len(entries) == 1:
+        conditions.append(related_rows(entries))
+    elif entries:
+        # Several filters, each held by some related row: one pass over the related rows, grouped
+        # by event. (A semi-join per filter made PostgreSQL's planner search every join order:
+        # 80 filters took 0.33 s to plan, 160 took 5.3 s, 320 took 83 s.)
+        held = "bool_or" if not c.sqlite else "max"
+        conditions.append(
+            "e.id IN (SELECT r.event_id FROM event_resources r "
+            f"WHERE r.occurred >= {since} AND r.occurred <= {until} "
+            f"AND ({' OR '.join(f'({entry})' for entry in entries)}) "
+            f"GROUP BY r.event_id HAVING {' AND '.join(f'{held}({entry})' for entry in entries)})"
+        )
 
     for anyone in _listed(event_filter.any_resource):
         primary = _resource_conditions(c, anyone, related=False)

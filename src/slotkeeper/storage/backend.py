@@ -34,7 +34,15 @@ class Backend(Protocol):
     async def run(self, script: Script[T]) -> T: ...
 
     async def read(self, script: Script[T]) -> T:
-        """Run a read-only script, possibly beside the writes (queries that may scan)."""
+        """Run a read-only script, possibly beside the writes (views, statistics)."""
+        ...
+
+    async def scan(self, script: Script[T]) -> T:
+        """Run a read-only script that may scan a large table (event queries): on connections
+        and threads of its own (``events_pool_size``), so that no such query can delay a write
+        or a view, and stopped after ``query_timeout`` seconds
+        (:class:`~slotkeeper.errors.QueryTimeout`) or when the backend closes
+        (:class:`~slotkeeper.errors.StorageClosed`)."""
         ...
 
     async def close(self) -> None: ...
@@ -69,6 +77,11 @@ def run(backend: Backend, script: Script[T]) -> Awaitable[T]:
 def read(backend: Backend, script: Script[T]) -> Awaitable[T]:
     """:func:`run` for a read-only script (:meth:`Backend.read`)."""
     return _translated(backend.read(script), backend.unavailable)
+
+
+def scan(backend: Backend, script: Script[T]) -> Awaitable[T]:
+    """:func:`run` for a read-only script that may scan (:meth:`Backend.scan`)."""
+    return _translated(backend.scan(script), backend.unavailable)
 
 
 async def _translated(outcome: Awaitable[T], unavailable: tuple[type[Exception], ...]) -> T:
