@@ -164,6 +164,12 @@ class QueryTimeout(SlotkeeperError):
 
     code = "query_timeout"
 
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The events query ran longer than {seconds:g} s and was stopped; "
+            "narrow the filter (its occurred range first)"
+        )
+
 
 class ClientError(SlotkeeperError):
     """Raised by slotkeeper's own clients (the CLI and the SDK)."""

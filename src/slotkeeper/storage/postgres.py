@@ -162,10 +162,7 @@ class PostgresBackend:
             _rollback(conn)
             if self._stop.is_set():
                 raise StorageClosed("storage is closed") from exc
-            raise QueryTimeout(
-                f"The events query ran longer than {self.query_timeout:g} s and was stopped; "
-                "narrow the filter (its occurred range first)"
-            ) from exc
+            raise QueryTimeout(self.query_timeout) from exc
         except psycopg.OperationalError:
             conn.close()
             raise

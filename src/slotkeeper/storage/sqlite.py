@@ -153,10 +153,7 @@ class SQLiteBackend:
                 raise
             if self._stop.is_set():
                 raise StorageClosed("storage is closed") from exc
-            raise QueryTimeout(
-                f"The events query ran longer than {self.query_timeout:g} s and was stopped; "
-                "narrow the filter (its occurred range first)"
-            ) from exc
+            raise QueryTimeout(self.query_timeout) from exc
         finally:
             conn.set_progress_handler(None, 0)
 
