@@ -4,7 +4,8 @@ Each test pins one defect a fuzzer or a hand-written attack found, and failed be
 websocket frames the endpoints do not speak and handshakes that never come (defect 10), a slow
 subscriber's queue bounded by bytes as well as by count (defect 5), filters bounded in size and
 matched in linear time (defect 2), event queries planned in linear time, stopped at a deadline and
-run on a pool of their own (defect 3), ...
+run on a pool of their own (defect 3), and background loops that cannot die silently: a bad
+notification skipped, a dead loop restarted, readiness failed while one keeps failing (defect 12).
 
 Nothing is timed: a wait is bounded (``BOUND`` seconds) only so that a broken server fails the
 test instead of hanging it.
@@ -16,6 +17,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import psycopg
 import pytest
 
 from slotkeeper.api.app import create_app
@@ -35,6 +38,7 @@ from slotkeeper.storage import Storage, open_storage
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage.tx import Tx
 from tests.conftest import take
+from tests.test_broker import Collected, record, writer
 from tests.test_websockets import (
     authenticate,
     client_event,
@@ -390,3 +394,96 @@ async def test_a_close_stops_the_event_queries_that_run(database_url: str) -> No
     assert all(isinstance(o, StorageClosed | asyncio.CancelledError) for o in outcomes), outcomes
     with pytest.raises(StorageClosed):
         await transactions.scan(storage.backend, lambda tx: tx.one("SELECT 1"))
+
+
+# --- background loops never die silently (defect 12) -------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_notification_that_cannot_be_read_is_skipped_and_the_listener_goes_on(
+    storage: Storage, database_url: str
+) -> None:
+    """One event dated before year 1000 killed the listener thread for good: no live events, no
+    wake-ups between processes. A payload that cannot be read is now logged and skipped."""
+    collected = Collected()
+    unsubscribe = storage.backend.subscribe(collected)
+    try:
+        old = record().wire() | {"occurred": "999-06-15T12:30:01.000000Z"}
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for payload in ("not json", orjson.dumps({"events": [old], "woken": []}).decode(), "{}"):
+                conn.execute("SELECT pg_notify('slotkeeper_events', %s)", [payload])
+        after = record()
+        await storage.backend.run(writer([after]))
+        assert await collected.until(1) == [after]
+        assert None not in collected.commits  # skipped, not restarted: nothing was missed
+        assert storage.supervisor.problems() == {}
+    finally:
+        unsubscribe()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_listener_that_dies_is_restarted_and_says_events_may_be_missed(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend: Any = storage.backend
+    deliver = backend._deliver
+    crashed: list[bool] = []
+
+    def crash_once(commit: Any) -> None:
+        if commit is not None and not crashed:
+            crashed.append(True)
+            raise RuntimeError("a subscriber's bug")
+        deliver(commit)
+
+    monkeypatch.setattr(backend, "_deliver", crash_once)
+    storage.supervisor.max_failures = 1
+    collected = Collected()
+    unsubscribe = storage.backend.subscribe(collected)
+    try:
+        await storage.backend.run(writer([record()]))  # its delivery kills the listener
+        later = record()
+        for _ in range(int(BOUND / 0.01)):  # until the listener is back (it says so with None)
+            if None in collected.commits:
+                break
+            await asyncio.sleep(0.01)
+        assert collected.commits[0] is None
+        await storage.backend.run(writer([later]))
+        assert await collected.until(1) == [later]
+        assert storage.supervisor.problems() == {"event listener": 1}
+    finally:
+        unsubscribe()
+
+
+async def test_ready_fails_while_the_reaper_keeps_failing(
+    storage: Storage, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper failed every pass forever with nothing but tracebacks to show for it: now each
+    failure is counted, the passes back off, and readiness fails until they stop failing."""
+
+    async def broken(batch: int = 500) -> int:
+        raise RuntimeError("the reaper's database is broken")
+
+    monkeypatch.setattr(storage, "reap_expired", broken)
+    app = create_app(settings.model_copy(update={"background_max_failures": 3}), storage=storage)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test/api") as http:
+            deadline = time.monotonic() + BOUND
+            while (response := await http.get("/ready")).status_code == 200:
+                assert time.monotonic() < deadline, "readiness never failed"
+                await asyncio.sleep(0.05)
+            assert response.status_code == 503
+            body = response.json()
+            assert body["code"] == "not_ready"
+            assert body["failing"]["reaper"] >= 3
+            assert "reaper" in body["detail"]
+            assert (await http.get("/health")).status_code == 200  # alive, not ready
+            # Repaired: once the failures leave the window, it is ready again.
+            monkeypatch.undo()
+            storage.supervisor.window = 0.001
+            while (response := await http.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, "readiness never came back"
+                await asyncio.sleep(0.05)
+            assert response.json() == {"message": "OK"}

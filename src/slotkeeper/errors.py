@@ -65,6 +65,10 @@ CODES: dict[str, tuple[int, str]] = {
     "session_busy": (429, "a session runs 4096 requests already; `Retry-After` says when to try again"),
     "database_unavailable": (503, "the database cannot be reached now; `Retry-After` says when to try again"),
     "shutting_down": (503, "the server is stopping; `Retry-After` says when to try again (elsewhere)"),
+    "not_ready": (
+        503,
+        "`GET /api/ready`: a background loop keeps failing (`failing` names them); see the log",
+    ),
     "query_timeout": (
         504,
         "an events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS` and was stopped: "

@@ -157,6 +157,20 @@ class Settings(BaseSettings):
         description="How long one event query may run before the database stops it (504 query_timeout).",
     )
 
+    background_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failures of one background loop (reaper, retention, event listener, "
+        "checkpointer) within the window that make GET /api/ready answer 503.",
+    )
+    background_failure_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="The window in which background_max_failures are counted.",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:

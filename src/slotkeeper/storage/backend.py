@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 
 from slotkeeper.errors import DatabaseUnavailable
 from slotkeeper.storage.tx import Commit, Tx
+from slotkeeper.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -30,6 +31,9 @@ class Backend(Protocol):
     #: locked or damaged file), as opposed to a bug: :func:`run` raises them as
     #: :class:`~slotkeeper.errors.DatabaseUnavailable`.
     unavailable: tuple[type[Exception], ...]
+    #: Keeps the backend's own background threads running (and the storage's loops: the reaper,
+    #: retention); what ``/api/ready`` asks (see ``slotkeeper.supervisor``).
+    supervisor: Supervisor
 
     async def run(self, script: Script[T]) -> T: ...
 

@@ -364,15 +364,21 @@ class EventStore:
                 return total
 
 
+#: The retention job's name among the supervised loops (``backend.supervisor``).
+RETENTION = "event retention"
+
+
 async def run_retention(store: EventStore, retention_seconds: float, interval_seconds: float) -> None:
-    """Delete events older than ``retention_seconds`` (by ``occurred``) every ``interval_seconds``."""
+    """Delete events older than ``retention_seconds`` (by ``occurred``) every ``interval_seconds``.
+
+    A failed pass is reported to the backend's supervisor (logged, counted for readiness)."""
     while True:
         try:
             deleted = await store.delete_older_than(store.clock() - retention_seconds)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a database hiccup must not stop retention
-            log.exception("event retention pass failed; retrying")
+        except Exception as exc:  # a database hiccup must not stop retention
+            store.backend.supervisor.failure(RETENTION, exc)
         else:
             if deleted:
                 log.info("deleted %d event(s) past retention", deleted)

@@ -40,10 +40,13 @@ from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
+from slotkeeper.supervisor import Supervisor
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
 CHANNEL = "slotkeeper_events"
+#: The supervised loop that listens on CHANNEL.
+LISTENER = "event listener"
 #: NOTIFY payloads must stay under 8000 bytes; larger batches travel as event ids.
 _MAX_PAYLOAD = 7000
 
@@ -87,6 +90,9 @@ class PostgresBackend:
         self._in_flight = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Keeps the listener thread running (restarts it after an unexpected error).
+        self.supervisor = Supervisor()
+        self._listened = False  # the listener was connected once: a reconnection may miss events
         # Event queries (``scan``): threads and connections of their own, so that however many
         # run and however long, the pool above stays free for acquisitions (issue 11: eight slow
         # event queries held the whole pool and an acquire waited 20.9 s).
@@ -188,7 +194,10 @@ class PostgresBackend:
         if self._listener is None:
             ready = threading.Event()
             self._listener = threading.Thread(
-                target=self._listen, args=(ready,), name="slotkeeper-pg-listen", daemon=True
+                target=self.supervisor.keep_thread,
+                args=(LISTENER, lambda: self._listen(ready), self._stop),
+                name="slotkeeper-pg-listen",
+                daemon=True,
             )
             self._listener.start()
             ready.wait(10)
@@ -199,15 +208,19 @@ class PostgresBackend:
             callback(commit)
 
     def _listen(self, ready: threading.Event) -> None:
+        """Deliver every notification until stopped; reconnect when the connection is lost.
+
+        Runs under :attr:`supervisor`: any other error ends this call, is logged, and the
+        supervisor calls it again (which tells subscribers that events may have been missed).
+        """
         delay = 0.1
-        first = True
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    if not first:
-                        self._deliver(None)  # events may have been missed while disconnected
-                    first = False
+                    if self._listened:
+                        self._deliver(None)  # events may have been missed meanwhile
+                    self._listened = True
                     ready.set()
                     delay = 0.1
                     while not self._stop.is_set():
@@ -215,7 +228,9 @@ class PostgresBackend:
                         # table, which cannot happen on a connection inside notifies().
                         payloads = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
                         for payload in payloads:
-                            self._deliver(_decode(conn, payload))
+                            commit = _decode_or_skip(conn, payload)
+                            if commit is not None:
+                                self._deliver(commit)
             except psycopg.Error as exc:
                 ready.set()
                 if self._stop.is_set():
@@ -306,6 +321,19 @@ def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:
             cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(part).decode()))
         return
     cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
+
+
+def _decode_or_skip(conn: psycopg.Connection[Any], payload: str) -> Commit | None:
+    """The commit a notification carries, or None (logged) if it cannot be read: one bad
+    payload (another version's format, an event this process cannot parse) must not stop the
+    listener, which carries every other live event and cross-process wake-up."""
+    try:
+        return _decode(conn, payload)
+    except psycopg.Error:
+        raise  # the connection's trouble: the listener reconnects
+    except Exception:
+        log.exception("skipped a notification on %s that could not be read: %.300r", CHANNEL, payload)
+        return None
 
 
 def _decode(conn: psycopg.Connection[Any], payload: str) -> Commit:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.storage.dialect import SQLITE
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
+from slotkeeper.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -43,6 +44,8 @@ log = logging.getLogger("slotkeeper.storage.sqlite")
 MAX_GROUP = 256
 #: How often the WAL is checkpointed into the database file.
 CHECKPOINT_SECONDS = 1.0
+#: The supervised loop that checkpoints the WAL.
+CHECKPOINTER = "checkpointer"
 #: Reader threads for read-only queries (views, statistics).
 READERS = 2
 #: SQLite virtual-machine steps between two looks at an event query's deadline (a few ms).
@@ -102,10 +105,15 @@ class SQLiteBackend:
         self.query_timeout = query_timeout
         self._scanners = ThreadPoolExecutor(events_pool_size, thread_name_prefix="slotkeeper-sqlite-events")
         self._stop = threading.Event()
+        #: Keeps the checkpointer thread running (restarts it after an unexpected error).
+        self.supervisor = Supervisor()
         self._checkpointer: threading.Thread | None = None
         if self.shared:
             self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, name="slotkeeper-sqlite-checkpoint", daemon=True
+                target=self.supervisor.keep_thread,
+                args=(CHECKPOINTER, self._checkpoint_loop, self._stop),
+                name="slotkeeper-sqlite-checkpoint",
+                daemon=True,
             )
             self._checkpointer.start()
 
