@@ -487,3 +487,20 @@ async def test_ready_fails_while_the_reaper_keeps_failing(
                 assert time.monotonic() < deadline, "readiness never came back"
                 await asyncio.sleep(0.05)
             assert response.json() == {"message": "OK"}
+
+
+async def test_a_backfill_past_its_deadline_closes_the_subscriber_with_1008(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage.backend.query_timeout = 0.2  # type: ignore[attr-defined]
+    async with served_app(storage, tmp_path) as served:
+        await served.post("/events", [client_event()], 204)  # a row for the condition to run on
+        endless = f"({ENDLESS[storage.backend.name]}) IS NOT NULL"
+        monkeypatch.setattr(filters, "compile", lambda event_filter, dialect: (endless, {}))
+        async with subscribed(served, backfill=True) as ws:
+            code, reason = await closed_with(ws)
+        assert code == 1008
+        assert (
+            reason
+            == "The events query ran longer than 0.2 s and was stopped; narrow the filter (its occurred range first)"
+        )

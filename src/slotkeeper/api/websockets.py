@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from slotkeeper.api.events import filter_bounds
+from slotkeeper.errors import QueryTimeout
 from slotkeeper.events import filters
 from slotkeeper.events.broker import OVERFLOWED, OVERFLOWED_BYTES, Broker, Subscription
 from slotkeeper.events.models import Event, EventFilter, EventOrder, EventRecord, check_size
@@ -226,6 +227,8 @@ async def events_out(websocket: WebSocket) -> None:
             broker.unsubscribe(subscription)
     except (BinaryFrame, HandshakeTimeout) as exc:
         await _refuse(websocket, exc, settings)
+    except QueryTimeout as exc:  # the backfill's query ran past its deadline
+        await _close(websocket, POLICY_VIOLATION, str(exc))
     except WebSocketDisconnect:
         return
 
