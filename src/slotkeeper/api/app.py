@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
@@ -69,6 +72,8 @@ class App(FastAPI):
         self.state.settings = settings
         #: (full path, route) of every FastRoute, filled in by :func:`create_app`.
         self.hot_routes: list[tuple[str, FastRoute]] = []
+        #: Each route's full path pattern and methods, as included: what a 405's ``Allow`` lists.
+        self.route_methods: list[tuple[re.Pattern[str], set[str]]] = []
 
     def _hot_path(self) -> bool:
         settings: Settings = self.state.settings
@@ -92,6 +97,10 @@ class App(FastAPI):
                 "check the request in the endpoint, or serve it with an ordinary route"
             )
         super().include_router(router, *args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for route in router.routes:
+            if isinstance(route, APIRoute | Route) and route.methods:
+                self.route_methods.append((compile_path(prefix + route.path)[0], set(route.methods)))
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings
