@@ -409,10 +409,11 @@ async def test_a_client_that_leaves_mid_body_is_one_quiet_line(
 @pytest.mark.parametrize(
     ("path", "allowed"),
     [
-        # POST is the path's own method; the others read, change or delete a limit named so.
-        (f"{V2}/increment", {"POST", "GET", "PATCH", "DELETE"}),
-        (f"{V2}/decrement-with-lease", {"POST", "GET", "PATCH", "DELETE"}),
-        (f"{V2}/filter", {"POST", "GET", "PATCH", "DELETE"}),
+        # POST is the path's own method, not the methods of a limit's path ({id_or_name}).
+        (f"{V2}/increment", {"POST"}),
+        (f"{V2}/decrement-with-lease", {"POST"}),
+        (f"{V2}/filter", {"POST"}),
+        (f"{V2}/some-limit", {"GET", "PATCH", "DELETE"}),
         ("/events", {"POST"}),
         ("/health", {"GET"}),
     ],

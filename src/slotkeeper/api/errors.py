@@ -98,15 +98,17 @@ async def _http(request: Request, exc: Exception) -> Response:
 
 
 def _allowed(request: Request) -> str:
-    """Every method some route serves at this path. Starlette's ``Allow`` names only the first
-    route whose path matches: ``PUT .../increment`` got ``Allow: GET``, from the route that
-    reads a limit by name, though ``POST`` is the path's own method."""
+    """The methods of the path's own routes. Starlette's ``Allow`` names those of the first route
+    whose pattern matches: ``PUT .../concurrency_limits/increment`` got ``Allow: GET``, from the
+    route reading a limit by name, not ``POST``. A route that names the path literally is the
+    path's own; a path no route names literally is served by every pattern that matches it."""
     path = request.scope["path"]
-    methods: set[str] = set()
-    for pattern, served in getattr(request.app, "route_methods", ()):
+    literal: set[str] = set()
+    patterned: set[str] = set()
+    for pattern, served, has_params in getattr(request.app, "route_methods", ()):
         if pattern.match(path):
-            methods |= served
-    return ", ".join(sorted(methods))
+            (patterned if has_params else literal).update(served)
+    return ", ".join(sorted(literal or patterned))
 
 
 async def _database(request: Request, exc: Exception) -> Response:
