@@ -32,9 +32,9 @@ from slotkeeper.api.app import create_app
 from slotkeeper.errors import StorageClosed
 from slotkeeper.events import filters
 from slotkeeper.events.models import EventFilter, EventRecord
-from slotkeeper.models import LimitSpec
+from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
 from slotkeeper.settings import Settings
-from slotkeeper.storage import Storage, open_storage
+from slotkeeper.storage import Storage, open_storage, waiting
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage.tx import Tx
 from tests.conftest import take
@@ -504,3 +504,28 @@ async def test_a_backfill_past_its_deadline_closes_the_subscriber_with_1008(
             reason
             == "The events query ran longer than 0.2 s and was stopped; narrow the filter (its occurred range first)"
         )
+
+
+async def test_a_failing_waiter_heartbeat_is_logged_and_counted(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat of this process's waiters swallowed every error without a word."""
+    monkeypatch.setattr(waiting, "WAITER_HEARTBEAT_SECONDS", 0.01)
+    await storage.create_limit(LimitSpec("db", 1))
+    held = await take(storage, "db")
+    queue: Any = storage.scripts.queue  # type: ignore[attr-defined]
+
+    def broken(tx: Tx) -> None:
+        raise RuntimeError("the heartbeat's database is broken")
+
+    monkeypatch.setattr(queue, "touch", broken)
+    storage.supervisor.max_failures = 1
+    waiter = asyncio.ensure_future(
+        storage.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(60.0), wait=BOUND))
+    )
+    deadline = time.monotonic() + BOUND
+    while waiting.HEARTBEAT not in storage.supervisor.problems():
+        assert time.monotonic() < deadline, "the heartbeat's failure was never reported"
+        await asyncio.sleep(0.01)
+    await storage.release_lease(str(held.lease_id))
+    assert (await asyncio.wait_for(waiter, BOUND)).lease_id is not None
