@@ -70,6 +70,8 @@ def smoke(mode: Mode) -> Mode:
             events_duration=0.5,
             scale_warmup=0.1,
             scale_duration=0.5,
+            procs_warmup=0.1,
+            procs_duration=0.5,
         ),
     )
 
@@ -149,6 +151,9 @@ def build(keys: Sequence[str], chosen: Sequence[str], mode: Mode) -> list[Step]:
     for scenario, rounds in (("client", x.client_rounds), ("rate", x.rate_rounds), ("events", mode.rounds)):
         if scenario in chosen:
             steps += [Step(scenario, r, k) for r in range(1, rounds + 1) for k in rotated(served, r)]
+    if "procs" in chosen and "slotkeeper-postgres" in keys:
+        # Two servers of its own on one database, started and stopped within each step (procs.py).
+        steps += [Step("procs", r, "slotkeeper-postgres") for r in range(1, mode.rounds + 1)]
     return steps
 
 
@@ -195,6 +200,10 @@ def seconds(step: Step, mode: Mode) -> float:
         return STEP + x.rate_duration
     if step.scenario == "events":
         return STEP + EVENTS_SETUP + x.events_warmup + x.events_duration
+    if step.scenario == "procs":  # two servers start, 64 limits, two windows, stop
+        return (
+            2 * SLOTKEEPER_BOOT + CREATE_LIMITS[False] + 2 * (STEP + x.procs_warmup + x.procs_duration) + 1.0
+        )
     if step.scenario == "scale":
         reaper = x.scale_short_leases / SCALE_SHORT_PER_S + x.scale_short_duration + 0.5
         return _scale_setup(step, x) + x.scale_warmup + x.scale_duration + reaper

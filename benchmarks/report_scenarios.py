@@ -121,6 +121,7 @@ def summarize(measurements: list[dict[str, Any]]) -> dict[str, Any]:
         "rate": [],
         "events": [],
         "scale": [],
+        "procs": [],  # rendered by procs.py
         "targets": [],
     }
     for (scenario, target, variant), ms in sorted(groups.items()):

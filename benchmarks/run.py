@@ -37,6 +37,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import plan
+import procs
 import report
 import report_scenarios
 import scale
@@ -189,6 +190,9 @@ def run_step(ctx: scenarios.Context, step: plan.Step, mode: plan.Mode) -> list[d
         m = measure(ctx, step, mode)
         _progress(m, time.monotonic() - ctx.began)
         return [m]
+    if step.scenario == "procs":
+        with ctx.quiet():  # the shared servers stay frozen; it starts two of its own
+            return procs.measure_procs(ctx, step.round)
     if step.scenario == "scale":
         out = [scale.measure_scale(ctx, step.target.split("-", 1)[1], step.round)]
     elif server is None:
@@ -330,12 +334,22 @@ def publish(results: dict[str, Any], docs: bool) -> None:
     plot = PLOT.name if report.plot_pairs(results, PLOT) else None
     plots = report_scenarios.plot_all(results, DOCS.parent)
     scenario_lines = report_scenarios.render(results, plots, results["summary"]["cells"])
+    scenario_lines += _postgres_lines(results)
     report.update_docs(DOCS, report.render(results, plot=plot, scenario_lines=scenario_lines))
     written = [p for p in ([plot] if plot else []) + list(plots.values())]
     print(
         f"[bench] wrote {DOCS.relative_to(ROOT)}"
         + (f" and docs/{', docs/'.join(written)}" if written else ""),
         flush=True,
+    )
+
+
+def _postgres_lines(results: dict[str, Any]) -> list[str]:
+    """PostgreSQL against SQLite and one process against two (procs.py)."""
+    return procs.render(
+        procs.postgres_vs_sqlite(results["measurements"]),
+        procs.summarize_procs(results.get("scenarios", [])),
+        results["meta"]["machine"]["cores"],
     )
 
 
@@ -552,6 +566,9 @@ def _print_summary(results: dict[str, Any]) -> None:
             )
     for line in report_scenarios.summary_lines(results["scenario_summary"]):
         print(f"[bench] {line}", flush=True)
+    for line in _postgres_lines(results):
+        if line.startswith("|") or line.startswith("Targets") or line.startswith("Two"):
+            print(f"[bench] {line}", flush=True)
 
 
 def _reexec_in_venv() -> None:

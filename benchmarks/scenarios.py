@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from loadgen import Job, Merged, WorkerPool
 
 #: Every scenario (the order of ``--scenarios`` and of the report; ``plan.py`` sets the run order).
-SCENARIOS = ("pairs", "handoff", "sdk", "client", "rate", "events", "scale")
+SCENARIOS = ("pairs", "handoff", "sdk", "client", "rate", "events", "scale", "procs")
 
 ACQUIRED = "prefect.concurrency-limit.acquired"
 RELEASED = "prefect.concurrency-limit.released"
@@ -108,6 +108,9 @@ class Extra:
     scale_clients: int = 16
     scale_warmup: float = 0.25
     scale_duration: float = 1.0
+    # procs: one and two slotkeeper processes on one PostgreSQL database (procs.py)
+    procs_warmup: float = 1.0
+    procs_duration: float = 2.0
 
 
 EXTRA = {
@@ -131,6 +134,8 @@ EXTRA = {
         scale_short_duration=3.0,
         scale_warmup=2.0,
         scale_duration=10.0,
+        procs_warmup=2.0,
+        procs_duration=10.0,
     ),
 }
 
