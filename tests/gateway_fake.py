@@ -8,6 +8,7 @@ It records every request it gets and answers:
 - ``GET /api/hang``: never answers (until the connection is dropped);
 - ``GET /api/cut``: starts a streamed answer, then drops the connection;
 - ``GET /api/csrf-token``: 422 "CSRF protection is disabled." or a token (``csrf_enabled``);
+- ``OPTIONS /api/flows/``: a CORS preflight's answer, allowing the request's origin;
 - ``POST /api/events/filter``: a page with a ``next_page`` link built from the request (as
   Prefect's server: ``request.base_url``, i.e. the Host header and scheme);
 - websocket ``/api/events/in`` and ``/api/ws/echo``: echoes text frames as ``echo:<text>`` and
@@ -48,6 +49,7 @@ class FakeUpstream:
         app.router.add_post("/api/events/filter", self.events_page)
         app.router.add_get("/api/events/in", self.websocket)
         app.router.add_get("/api/ws/echo", self.websocket)
+        app.router.add_route("OPTIONS", "/api/flows/", self.preflight)
         return app
 
     def _record(self, request: web.Request, body: bytes) -> dict[str, Any]:
@@ -117,6 +119,16 @@ class FakeUpstream:
         base = f"{proto}://{request.headers['Host']}/"
         return web.json_response(
             {"events": [], "total": 0, "next_page": f"{base}api/events/filter/next?page-token=abc"}
+        )
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        return web.Response(
+            headers={
+                "Access-Control-Allow-Origin": request.headers.get("Origin", ""),
+                "Access-Control-Allow-Methods": "POST",
+                "X-Upstream": "yes",
+            }
         )
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:

@@ -290,3 +290,39 @@ async def test_many_failed_forwards_leave_no_connection_task_or_response_behind(
         connector = gw.state.upstream.session.connector
         assert connector is not None
         assert len(connector._acquired) == 0  # type: ignore[attr-defined]
+
+
+PREFLIGHT = {"Origin": "http://ui.example:4200", "Access-Control-Request-Method": "POST"}
+
+
+async def test_browsers_cross_origin_calls_get_the_upstreams_cors_or_prefects_default(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Prefect's UI calls the gateway from the upstream's origin: preflights of forwarded paths are
+    the upstream's (before auth, as on Prefect's server), slotkeeper's routes get CORS headers."""
+    async with (
+        fake_upstream() as upstream,
+        gateway_on(storage, tmp_path, upstream.url, upstream, api_auth_string="u:p") as gw,
+    ):
+        status, _, response = await gw.call("OPTIONS", "/flows/", headers=PREFLIGHT)
+        assert (status, response.headers["X-Upstream"]) == (200, "yes")
+        assert response.headers["Access-Control-Allow-Origin"] == "http://ui.example:4200"
+
+        status, _, response = await gw.call("OPTIONS", "/v2/concurrency_limits/filter", headers=PREFLIGHT)
+        assert status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in response.headers["Access-Control-Allow-Methods"]
+        assert len(upstream.requests) == 1  # slotkeeper's own preflight stayed here
+
+        auth = {"Origin": "http://ui.example:4200", "Authorization": "Basic dTpw"}
+        status, _, response = await gw.call("POST", "/v2/concurrency_limits/filter", json={}, headers=auth)
+        assert (status, response.headers["Access-Control-Allow-Origin"]) == (200, "*")
+        status, _, response = await gw.call(
+            "POST", "/v2/concurrency_limits/filter", json={}, headers=PREFLIGHT
+        )
+        assert (status, response.headers["Access-Control-Allow-Origin"]) == (401, "*")  # readable refusal
+        # A forwarded answer carries the upstream's CORS headers only (the fake sets none here).
+        status, _, response = await gw.call("GET", "/echo/x", headers=auth)
+        assert status == 200 and "Access-Control-Allow-Origin" not in response.headers
+        # Forwarded requests are still checked against the gateway's auth string.
+        assert (await gw.call("GET", "/echo/x"))[0] == 401

@@ -10,6 +10,7 @@ dispatch, placed around slotkeeper's own app only when an upstream is set (docs/
 
 from __future__ import annotations
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slotkeeper.gateway.csrf import CsrfMirror
@@ -18,7 +19,7 @@ from slotkeeper.gateway.routes import forwarded
 from slotkeeper.gateway.ws import relay
 from slotkeeper.settings import Settings
 
-__all__ = ["Gateway", "GatewayState"]
+__all__ = ["Gateway", "GatewayFront", "GatewayState"]
 
 #: The scope key of the route template (slotkeeper.api.hotpath.ROUTE_TEMPLATE, for the access log).
 _ROUTE_TEMPLATE = "slotkeeper.route"
@@ -55,5 +56,37 @@ class Gateway:
             await forward(self.state.upstream, scope, receive, send)
         elif kind == "websocket" and forwarded(scope["path"]):
             await relay(self.state.upstream, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+class GatewayFront:
+    """ASGI, outside auth: browsers' cross-origin requests, as the upstream Prefect server answers them.
+
+    Prefect's UI is served by the upstream and calls the gateway's API from another origin
+    (``PREFECT_UI_API_URL``), so its browser sends CORS preflights and expects CORS headers.
+    A preflight of a forwarded path goes straight to the upstream, whose CORS policy answers it
+    (before auth, as on Prefect's server: preflights carry no credentials). slotkeeper's own
+    routes get Prefect's default policy, with the origins of ``SLOTKEEPER_CORS_ALLOWED_ORIGINS``
+    (any method and header); forwarded answers carry the upstream's own CORS headers.
+    """
+
+    def __init__(self, app: ASGIApp, state: GatewayState, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.state = state
+        self.cors = CORSMiddleware(
+            app, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif not forwarded(scope["path"]):
+            await self.cors(scope, receive, send)
+        elif scope["method"] == "OPTIONS" and any(
+            name == b"access-control-request-method" for name, _ in scope["headers"]
+        ):
+            scope[_ROUTE_TEMPLATE] = ROUTE_LABEL
+            await forward(self.state.upstream, scope, receive, send)
         else:
             await self.app(scope, receive, send)
