@@ -4,7 +4,8 @@ slotkeeper answers concurrency (and its own extensions) itself and forwards ever
 under ``/api`` to the upstream Prefect server: HTTP through one shared connection pool
 (:mod:`~slotkeeper.gateway.proxy`), websockets frame by frame (:mod:`~slotkeeper.gateway.ws`).
 :mod:`~slotkeeper.gateway.routes` says which is which; :mod:`~slotkeeper.gateway.csrf` answers
-Prefect's CSRF token requests even while the upstream is down. :class:`Gateway` is the ASGI
+Prefect's CSRF token requests even while the upstream is down; :mod:`~slotkeeper.gateway.leases`
+sends renewals of the upstream's own leases (deployment concurrency) on to it. :class:`Gateway` is the ASGI
 dispatch, placed around slotkeeper's own app only when an upstream is set (docs/gateway.md).
 """
 
@@ -14,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slotkeeper.gateway.csrf import CsrfMirror
+from slotkeeper.gateway.leases import is_renewal, renew
 from slotkeeper.gateway.proxy import ROUTE_LABEL, Upstream, forward
 from slotkeeper.gateway.routes import forwarded
 from slotkeeper.gateway.ws import relay
@@ -54,6 +56,8 @@ class Gateway:
         if kind == "http" and forwarded(scope["path"]):
             scope[_ROUTE_TEMPLATE] = ROUTE_LABEL
             await forward(self.state.upstream, scope, receive, send)
+        elif kind == "http" and is_renewal(scope):  # maybe a deployment's lease, the upstream's
+            await renew(self.app, self.state.upstream, scope, receive, send)
         elif kind == "websocket" and forwarded(scope["path"]):
             await relay(self.state.upstream, scope, receive, send)
         else:
