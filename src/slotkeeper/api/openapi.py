@@ -99,6 +99,7 @@ ANSWERS: dict[str, dict[str, Any]] = {
     "422": _answer("The request is invalid: Prefect's shape, or a `detail`", ["InvalidRequest", "Error"]),
     "423": _answer("The slots are taken now", "Error", headers=True),
     "503": _answer("The database is unavailable, or the server is stopping", "Error", headers=True),
+    "504": _answer("An events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS`", "Error"),
 }
 
 #: Every operation can be refused by auth, the body cap and validation, and the database.
@@ -127,7 +128,9 @@ STATUSES: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", f"{_V1}/tag/{{tag}}/reset"): ("404",),
     ("post", f"{_V1}/increment"): ("423",),
     ("get", "/api/live/limits/{id_or_name}"): ("404",),
-    ("get", "/api/events/filter/next"): ("403",),
+    ("post", "/api/events/filter"): ("504",),
+    ("get", "/api/events/filter/next"): ("403", "504"),
+    ("post", "/api/events/count-by/{countable}"): ("504",),
 }
 #: Successes FastAPI cannot see (a route that answers one of two statuses).
 SUCCESSES: dict[tuple[str, str], tuple[str, str]] = {
