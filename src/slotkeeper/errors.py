@@ -74,6 +74,8 @@ CODES: dict[str, tuple[int, str]] = {
         "an events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS` and was stopped: "
         "narrow the filter (its `occurred` range first)",
     ),
+    "upstream_unavailable": (502, "gateway: the upstream Prefect server could not be reached or broke off"),
+    "upstream_timeout": (504, "gateway: the upstream Prefect server did not answer in time"),
     "internal_error": (500, "a bug in the server; its log has the traceback"),
 }
 

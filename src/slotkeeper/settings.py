@@ -5,11 +5,29 @@ Every knob of the server is a field here; nothing else reads the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+
+def _upstream_url(url: str) -> str:
+    """``url`` checked as an upstream's API URL (http or https, with a host), without its last ``/``."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises on a port out of range)
+        host = URL(parts.geturl()).host if parts.scheme in ("http", "https") else None
+    except ValueError as exc:
+        raise ValueError(f"upstream_url is not a URL ({exc}): {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host or not re.fullmatch(r"[^\s/<>\"{}|\\^`]+", host):
+        raise ValueError(f"upstream_url must be an http:// or https:// URL with a host, not {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"upstream_url must not have a query or fragment: {url!r}")
+    return parts.geturl().rstrip("/")
 
 
 def default_home() -> Path:
@@ -177,11 +195,51 @@ class Settings(BaseSettings):
         description="The window in which background_max_failures are counted.",
     )
 
+    upstream_url: str | None = Field(
+        default=None,
+        description="Gateway mode: the API URL of the Prefect server behind slotkeeper "
+        "(http://prefect-host:4200/api). slotkeeper answers concurrency itself and forwards every "
+        "other /api request there (docs/gateway.md). Unset: no forwarding.",
+    )
+    upstream_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Gateway: how long a forwarded request may wait for the upstream's answer, and "
+        "for each read of its body, before it is answered 504 upstream_timeout.",
+    )
+    upstream_connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Gateway: how long connecting to the upstream may take before a forwarded "
+        "request is answered 504 upstream_timeout (a refused connection: 502 at once).",
+    )
+    upstream_max_connections: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Gateway: open connections to the upstream at most (HTTP pool; websockets "
+        "have a connection each, outside it). A request waits for a free one within the timeouts.",
+    )
+    cors_allowed_origins: str = Field(
+        default="*",
+        description="Gateway: the origins (comma-separated) whose browsers may call slotkeeper's own "
+        "routes, as Prefect's PREFECT_SERVER_CORS_ALLOWED_ORIGINS (give both the same value).",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:
             raise ValueError("lease_min_seconds must not exceed lease_max_seconds")
+        if self.upstream_url is not None:
+            self.upstream_url = _upstream_url(self.upstream_url)
         return self
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """``cors_allowed_origins`` as a list."""
+        return [origin.strip() for origin in self.cors_allowed_origins.split(",") if origin.strip()]
 
     @property
     def resolved_database_url(self) -> str:
