@@ -52,11 +52,10 @@ async def _wait_carried(request: Request, acquiring: Coroutine[Any, Any, Granted
     session carries both in one message, the grant first (issue 14, the hand-off). A session's
     request learns of its withdrawal (``CANCEL``) at once, so the check before answering is exact.
 
-    Over HTTP (:func:`_wait_http`) the one turn more stays: a client that leaves half-closes, and
-    uvicorn closes the transport, dropping whatever is written from then on, one turn before the
-    request learns of it; answering a turn earlier made the SDK's cancellation stress test
-    (tests/test_sdk.py) catch that window more often (:class:`LeaseAnswer` now releases such a
-    grant; HTTP keeps its timing all the same, the hand-off is measured with sessions).
+    Over HTTP (:func:`_wait_http`) the one turn more stays: answering a turn earlier made the SDK's
+    cancellation stress test (tests/test_sdk.py) catch more often the turn in which uvicorn had
+    closed a half-closed connection without telling the request. :mod:`slotkeeper.api.protocol`
+    now reports that turn as the disconnect, so HTTP could follow; not measured yet.
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
