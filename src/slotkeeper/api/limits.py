@@ -75,6 +75,9 @@ def routers(settings: Settings) -> list[APIRouter]:
     IncrementWithLease, RenewLease = schemas.lease_models(
         settings.lease_min_seconds, settings.lease_max_seconds, settings.max_wait_seconds
     )
+    IncrementWithLease = schemas.names_capped(IncrementWithLease, settings.max_names)
+    Increment = schemas.names_capped(schemas.Increment, settings.max_names)
+    Decrement = schemas.names_capped(schemas.Decrement, settings.max_names)
     page_max = settings.api_default_limit
     hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=hot_route_class(settings))
 
@@ -110,8 +113,9 @@ def routers(settings: Settings) -> list[APIRouter]:
         return Response(status_code=204)
 
     @hot.post("/increment", summary="Take slots without a lease")
-    async def increment(request: Request, body: schemas.Increment) -> Response:
-        granted = await _storage(request).acquire(AcquireRequest(body.names, body.slots, body.mode))
+    async def increment(request: Request, body: Increment) -> Response:  # type: ignore[valid-type]
+        wanted = cast(schemas.Increment, body)
+        granted = await _storage(request).acquire(AcquireRequest(wanted.names, wanted.slots, wanted.mode))
         return json_response([schemas.minimal_json(lim, fencing=True) for lim in granted.limits])
 
     @hot.post("/increment-with-lease", summary="Take slots under a lease")
@@ -139,8 +143,9 @@ def routers(settings: Settings) -> list[APIRouter]:
         return LeaseAnswer(content, granted.lease_id, _storage(request).release_lease)
 
     @hot.post("/decrement", summary="Free slots taken without a lease")
-    async def decrement(request: Request, body: schemas.Decrement) -> Response:
-        found = await _storage(request).release_slots(body.names, body.slots, body.occupancy_seconds)
+    async def decrement(request: Request, body: Decrement) -> Response:  # type: ignore[valid-type]
+        freed = cast(schemas.Decrement, body)
+        found = await _storage(request).release_slots(freed.names, freed.slots, freed.occupancy_seconds)
         return json_response([schemas.minimal_json(lim) for lim in found])
 
     @hot.post("/decrement-with-lease", status_code=204, summary="Release a lease and its slots")
