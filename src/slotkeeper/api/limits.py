@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import Coroutine
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
