@@ -37,11 +37,12 @@ from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
 from slotkeeper.events.models import EventRecord
+from slotkeeper.gateway import Gateway, GatewayFront, GatewayState
 from slotkeeper.metrics import Metrics
-from slotkeeper.reaper import log_expired, run_reaper
+from slotkeeper.reaper import REAPER, log_expired, run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
-from slotkeeper.storage.events import run_retention
+from slotkeeper.storage.events import RETENTION, run_retention
 
 API_PREFIX = "/api"
 
@@ -132,9 +133,14 @@ class App(FastAPI):
             )
         app: ASGIApp = HotPaths(self.hot_routes, stack) if settings.hot_path else stack
         app = BodyLimit(app, max_bytes=settings.max_body_bytes)
+        gateway: GatewayState | None = getattr(self.state, "gateway", None)
+        if gateway is not None:  # outside the body cap: the upstream has its own
+            app = Gateway(app, gateway)
         if settings.api_auth_string:
             opened = frozenset({metrics_route.PATH}) if settings.metrics_open else frozenset()
             app = BasicAuth(app, auth_string=settings.api_auth_string, open_paths=opened)
+        if gateway is not None:  # CORS as the upstream answers it (Prefect's UI calls from its origin)
+            app = GatewayFront(app, gateway, settings.cors_origins)
         metrics: Metrics | None = getattr(self.state, "metrics", None)
         return RequestLog(
             app, access_log=settings.access_log, observe=metrics.request if metrics is not None else None
@@ -156,14 +162,22 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             url = settings.resolved_database_url
             await asyncio.to_thread(migrate, url)
             app.state.storage = await asyncio.to_thread(
-                open_storage, url, pool_size=settings.pool_size, retry_policy=retry_policy(settings)
+                open_storage,
+                url,
+                pool_size=settings.pool_size,
+                retry_policy=retry_policy(settings),
+                events_pool_size=settings.events_pool_size,
+                events_query_timeout=settings.events_query_timeout_seconds,
             )
         else:
             app.state.storage = storage
         store: Storage = app.state.storage
+        gateway: GatewayState | None = app.state.gateway
+        if gateway is not None:
+            await gateway.open()
         if owned:
             freeze_startup_objects()
-        broker = Broker(settings.events_subscriber_queue_size)
+        broker = Broker(settings.events_subscriber_queue_size, settings.events_subscriber_queue_bytes)
         app.state.broker = broker
         app.state.events = store.event_store()
         loop = asyncio.get_running_loop()
@@ -186,16 +200,27 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         unobserve = [store.observe(log_expired)]
         if metrics is not None:
             unobserve.append(metrics.attach(store, broker))
+        # Every background loop runs under the storage's supervisor: restarted if it dies,
+        # its failures logged and counted, and /api/ready fails while one keeps failing.
+        supervisor = store.supervisor
+        supervisor.max_failures = settings.background_max_failures
+        supervisor.window = settings.background_failure_window_seconds
         jobs = [
             asyncio.create_task(
-                run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
+                supervisor.keep(
+                    REAPER,
+                    lambda: run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
+                ),
                 name="slotkeeper-reaper",
             ),
             asyncio.create_task(
-                run_retention(
-                    app.state.events,
-                    settings.events_retention_seconds,
-                    settings.events_retention_interval_seconds,
+                supervisor.keep(
+                    RETENTION,
+                    lambda: run_retention(
+                        app.state.events,
+                        settings.events_retention_seconds,
+                        settings.events_retention_interval_seconds,
+                    ),
                 ),
                 name="slotkeeper-retention",
             ),
@@ -211,6 +236,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             unsubscribe()
             for undo in unobserve:
                 undo()
+            if gateway is not None:
+                await gateway.close()
             if owned:
                 await app.state.storage.close()
 
@@ -225,6 +252,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         lifespan=lifespan,
     )
     app.state.metrics = Metrics(settings.metrics_max_limits) if settings.metrics_enabled else None
+    app.state.gateway = GatewayState(settings) if settings.upstream_url else None
     routers = [
         admin.router,
         admin.hot_router(settings),

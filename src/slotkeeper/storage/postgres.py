@@ -1,7 +1,8 @@
 """The PostgreSQL backend: a pool of connections, one per worker thread, and a listener.
 
-Every operation runs in its own transaction on one of ``pool_size`` threads, each owning one
-psycopg connection. Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
+Write operations run in groups (group commit, ``groups.py``): what queues while the lanes are
+busy runs as one transaction on one of ``pool_size`` threads, each owning one psycopg connection
+(``_attempt_group``); a request alone is a transaction of its own (``_attempt``). Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
 same limits across every thread and every server process sharing the database. A deadlock or
 serialisation failure is retried (the transaction was rolled back, so nothing happened twice);
 any other error rolls the transaction back and is raised.
@@ -22,6 +23,7 @@ from a fresh ``Tx``, so a rolled-back attempt delivers nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -34,14 +36,19 @@ import orjson
 import psycopg
 from psycopg import errors as pg_errors
 
+from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
+from slotkeeper.supervisor import Supervisor
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
 CHANNEL = "slotkeeper_events"
+#: The supervised loop that listens on CHANNEL.
+LISTENER = "event listener"
 #: NOTIFY payloads must stay under 8000 bytes; larger batches travel as event ids.
 _MAX_PAYLOAD = 7000
 
@@ -49,6 +56,15 @@ T = TypeVar("T")
 
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 _ATTEMPTS = 5
+
+#: Most operations one group transaction carries: bounds how long a group holds its locks.
+MAX_GROUP = 64
+#: How long an operation of a group waits for a row lock before the group gives up and runs its
+#: operations one by one. Groups hold the locks of their earlier operations while a later one
+#: waits, so two groups (of this process or another) can wait for each other although each
+#: operation locks in id order; this ends such a wait long before PostgreSQL's deadlock check
+#: (``deadlock_timeout``, 1 s by default).
+GROUP_LOCK_TIMEOUT = b"SET LOCAL lock_timeout = '200ms'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +84,15 @@ class PostgresBackend:
     #: A lost or refused connection: "the database cannot serve this now", not a bug.
     unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
-    def __init__(self, conninfo: str, pool_size: int = 8) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        pool_size: int = 8,
+        *,
+        events_pool_size: int = 2,
+        query_timeout: float = 30.0,
+        lanes: int | None = None,
+    ) -> None:
         self.conninfo = conninfo
         # Fail at start-up, not at the first request, when the database is unreachable.
         psycopg.connect(conninfo).close()
@@ -79,10 +103,27 @@ class PostgresBackend:
         self._subscribers: list[Callable[[Commit | None], None]] = []
         self._observers: list[Callable[[Commit], None]] = []
         self.pool_size = pool_size
-        #: Operations handed to the pool and not finished (counted on the event loop).
-        self._in_flight = 0
+        #: Operations running alone (reads) handed to the pool and not finished (on the loop).
+        self._alone = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Keeps the listener thread running (restarts it after an unexpected error).
+        self.supervisor = Supervisor()
+        self._listened = False  # the listener was connected once: a reconnection may miss events
+        # Event queries (``scan``): threads and connections of their own, so that however many
+        # run and however long, the pool above stays free for acquisitions (issue 11: eight slow
+        # event queries held the whole pool and an acquire waited 20.9 s).
+        self.events_pool_size = events_pool_size
+        #: Seconds an event query may run (``statement_timeout``, set per transaction).
+        self.query_timeout = query_timeout
+        self._scanners = ThreadPoolExecutor(events_pool_size, thread_name_prefix="slotkeeper-pg-events")
+        self._scan_local = threading.local()
+        self._scan_connections: list[psycopg.Connection[Any]] = []
+        #: Group commit: write operations queue here, and each of ``lanes`` pool connections runs
+        #: what queued while it was busy as one transaction (``groups.py``).
+        self.groups = GroupQueue(
+            self._run_group, self._executor, lanes=lanes or pool_size, max_size=MAX_GROUP
+        )
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -119,18 +160,89 @@ class PostgresBackend:
                 raise
         raise AssertionError("unreachable")
 
+    def _run_group(self, ops: list[Op]) -> list[Outcome]:
+        """Run a group of operations in one transaction (on a pool thread): each its outcome.
+
+        An operation that raises before writing fails alone (:func:`_attempt_group`). What
+        cannot be undone alone, or pinned on one operation of a pipelined group (a write that
+        failed without the script handling it, a lock waited for too long, a failed commit),
+        rolls the group back, and its operations run again one by one, each in its own
+        transaction, as if they had never been grouped. A lost connection fails them all: the
+        commit may have happened.
+        """
+        if len(ops) == 1:
+            return [_outcome(self._call, ops[0])]
+        conn = self._connection()
+        try:
+            outcomes, commit = _attempt_group(conn, ops)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                conn.close()
+                return [(False, exc)] * len(ops)
+            _rollback(conn)  # a lock timeout (an OperationalError too), a failed write, ...
+            return [_outcome(self._call, op) for op in ops]
+        except Ungroupable:
+            _rollback(conn)
+            return [_outcome(self._call, op) for op in ops]
+        except BaseException:
+            if not conn.closed:
+                _rollback(conn)
+            raise
+        if commit is not None:
+            run_handoffs(commit.handoffs)
+            for observer in self._observers:
+                observer(commit)
+        return outcomes
+
     async def run(self, op: Callable[[Tx], T]) -> T:
-        """Run ``op`` in one transaction on a pool thread."""
-        self._in_flight += 1
+        """Run ``op`` in the next group's transaction on a pool thread (``groups.py``)."""
+        return await self.groups.run(op)
+
+    async def _run_alone(self, op: Callable[[Tx], T]) -> T:
+        """Run ``op`` in a transaction of its own on a pool thread."""
+        self._alone += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
         finally:
-            self._in_flight -= 1
+            self._alone -= 1
+
+    async def scan(self, op: Callable[[Tx], T]) -> T:
+        """Run a read-only ``op`` that may scan on the events pool, under a statement timeout
+        (:class:`QueryTimeout`); a close cancels what runs (:class:`StorageClosed`)."""
+        if self._stop.is_set():
+            raise StorageClosed("storage is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._scanners, self._scan, op)
+
+    def _scan(self, op: Callable[[Tx], T]) -> T:
+        if self._stop.is_set():
+            raise StorageClosed("storage is closed")
+        conn: psycopg.Connection[Any] | None = getattr(self._scan_local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._scan_local.conn = psycopg.connect(self.conninfo, autocommit=True)
+            with self._lock:
+                self._scan_connections.append(conn)
+        try:
+            result, _ = _attempt(conn, op, timeout_ms=max(1, round(self.query_timeout * 1000)))
+            return result
+        except pg_errors.QueryCanceled as exc:  # the statement timeout, or close() cancelled it
+            _rollback(conn)
+            if self._stop.is_set():
+                raise StorageClosed("storage is closed") from exc
+            raise QueryTimeout(self.query_timeout) from exc
+        except psycopg.OperationalError:
+            conn.close()
+            raise
+        except BaseException:
+            if not conn.closed:
+                _rollback(conn)
+            raise
 
     def pool_stats(self) -> PoolStats:
-        """The pool now: its size, connections open, operations running and queued for a thread."""
-        busy = min(self._in_flight, self.pool_size)
-        return PoolStats(self.pool_size, len(self._connections), busy, self._in_flight - busy)
+        """The pool now: its size, connections open, threads running a group or a read, and
+        operations waiting (for a lane, or reads for a thread)."""
+        running = self.groups.busy + self._alone
+        busy = min(running, self.pool_size)
+        return PoolStats(self.pool_size, len(self._connections), busy, self.groups.queued + running - busy)
 
     def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
         """Call ``callback`` (on the pool thread) with each transaction of this process that
@@ -144,7 +256,10 @@ class PostgresBackend:
         if self._listener is None:
             ready = threading.Event()
             self._listener = threading.Thread(
-                target=self._listen, args=(ready,), name="slotkeeper-pg-listen", daemon=True
+                target=self.supervisor.keep_thread,
+                args=(LISTENER, lambda: self._listen(ready), self._stop),
+                name="slotkeeper-pg-listen",
+                daemon=True,
             )
             self._listener.start()
             ready.wait(10)
@@ -155,15 +270,19 @@ class PostgresBackend:
             callback(commit)
 
     def _listen(self, ready: threading.Event) -> None:
+        """Deliver every notification until stopped; reconnect when the connection is lost.
+
+        Runs under :attr:`supervisor`: any other error ends this call, is logged, and the
+        supervisor calls it again (which tells subscribers that events may have been missed).
+        """
         delay = 0.1
-        first = True
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    if not first:
-                        self._deliver(None)  # events may have been missed while disconnected
-                    first = False
+                    if self._listened:
+                        self._deliver(None)  # events may have been missed meanwhile
+                    self._listened = True
                     ready.set()
                     delay = 0.1
                     while not self._stop.is_set():
@@ -171,7 +290,9 @@ class PostgresBackend:
                         # table, which cannot happen on a connection inside notifies().
                         payloads = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
                         for payload in payloads:
-                            self._deliver(_decode(conn, payload))
+                            commit = _decode_or_skip(conn, payload)
+                            if commit is not None:
+                                self._deliver(commit)
             except psycopg.Error as exc:
                 ready.set()
                 if self._stop.is_set():
@@ -181,22 +302,34 @@ class PostgresBackend:
                 delay = min(delay * 2, 5.0)
 
     async def read(self, op: Callable[[Tx], T]) -> T:
-        """Read-only ops run like any other: every pool thread reads beside the others."""
-        return await self.run(op)
+        """Read-only ops run alone: on any pool thread, beside the groups."""
+        return await self._run_alone(op)
 
     async def close(self) -> None:
-        """Wait for running operations, then close every connection."""
+        """Wait for running operations, cancel running event queries, then close every
+        connection."""
+        await self.groups.close()
         self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        with self._lock:
+            scanning = list(self._scan_connections)
+        for conn in scanning:  # a query in flight ends at once (QueryCanceled -> StorageClosed)
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=5)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self._scanners.shutdown(cancel_futures=True))
+        await loop.run_in_executor(None, self._executor.shutdown)
         if self._listener is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5)
         with self._lock:
-            for conn in self._connections:
+            for conn in [*self._connections, *self._scan_connections]:
                 conn.close()
             self._connections.clear()
+            self._scan_connections.clear()
 
 
-def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, Commit | None]:
+def _attempt(
+    conn: psycopg.Connection[Any], op: Callable[[Tx], T], timeout_ms: int | None = None
+) -> tuple[T, Commit | None]:
     """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
     the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
     ``Tx.all``, ``Tx.run``). BEGIN goes out with the first statement, and the writes after the
@@ -206,9 +339,14 @@ def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, C
     with a snapshot taken when it starts: a read sent after the limit locks sees every change
     committed before they were granted. An error aborts the rest of the pipeline and is raised
     where the op next reads, or here at the commit; the caller rolls back.
+
+    ``timeout_ms`` bounds every statement of the transaction (``SET LOCAL statement_timeout``,
+    sent with BEGIN: no round trip of its own).
     """
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
+        if timeout_ms is not None:
+            cursor.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}".encode(), prepare=False)
         tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
         try:
             result = op(tx)
@@ -225,6 +363,60 @@ def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, C
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined write: then nothing was committed
     return result, commit
+
+
+class Ungroupable(Exception):
+    """An operation of a group failed in a way that cannot be undone alone: the group rolls back
+    and its operations run one by one (``PostgresBackend._run_group``)."""
+
+
+def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
+    """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
+
+    Scripts decide before they write: one that raises having sent only reads (its locks, a
+    refused acquisition) fails alone, with nothing to undo but what it queued to publish and
+    its deferred rows. Its row locks stay until the group commits. One that raises after a
+    write, or returns after catching a database error itself (the transaction is then aborted),
+    cannot be undone alone without a savepoint per operation (two statements each, which cost
+    more than this rare case): :class:`Ungroupable` is raised, and so is a database error that
+    escapes an operation or the commit; the caller rolls back.
+    """
+    outcomes: list[Outcome] = []
+    with conn.pipeline() as pipeline, conn.cursor() as cursor:
+        cursor.execute(b"BEGIN", prepare=False)
+        cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
+        # The group's server-written events are inserted together before its COMMIT, one
+        # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
+        for op in ops:
+            mark, writes = tx.mark(), tx.writes
+            try:
+                result = op(tx)
+            except psycopg.Error:
+                raise
+            except Exception as exc:
+                if tx.writes != writes:
+                    raise Ungroupable("an operation failed after writing") from exc
+                tx.rollback_to(mark)
+                outcomes.append((False, exc))
+            else:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                    raise Ungroupable("an operation handled a database error")
+                outcomes.append((True, result))
+        tx.flush()
+        commit = tx.committed()
+        if commit is not None and (commit.events or commit.woken):
+            _notify(cursor, commit)
+        cursor.execute(b"COMMIT", prepare=False)
+        pipeline.sync()  # raises the error of any pipelined statement: then nothing was committed
+    return outcomes, commit
+
+
+def _outcome(call: Callable[[Op], Any], op: Op) -> Outcome:
+    try:
+        return True, call(op)
+    except Exception as exc:
+        return False, exc
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:
@@ -246,6 +438,19 @@ def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:
             cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(part).decode()))
         return
     cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
+
+
+def _decode_or_skip(conn: psycopg.Connection[Any], payload: str) -> Commit | None:
+    """The commit a notification carries, or None (logged) if it cannot be read: one bad
+    payload (another version's format, an event this process cannot parse) must not stop the
+    listener, which carries every other live event and cross-process wake-up."""
+    try:
+        return _decode(conn, payload)
+    except psycopg.Error:
+        raise  # the connection's trouble: the listener reconnects
+    except Exception:
+        log.exception("skipped a notification on %s that could not be read: %.300r", CHANNEL, payload)
+        return None
 
 
 def _decode(conn: psycopg.Connection[Any], payload: str) -> Commit:
