@@ -158,14 +158,57 @@ def _install_prefect(config: pytest.Config) -> str | None:
     return None
 
 
+def _ensure_prefect(config: pytest.Config) -> str | None:
+    """Make the Prefect virtualenv hold ``prefect==3.8.8`` (installing it if needed); the reason
+    it cannot, or None."""
+    if _installed_versions(PREFECT_PYTHON) == WANTED_VERSIONS:
+        return None
+    # Two sessions must not build the same virtualenv at once: lock the checkout's folder.
+    fd = os.open(REPO, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        found = _installed_versions(PREFECT_PYTHON)
+        if found == WANTED_VERSIONS:
+            return None
+        announce(
+            config,
+            f"{PREFECT_VENV} has {found or 'no usable Prefect'}; installing "
+            + " ".join(PREFECT_REQUIREMENTS),
+        )
+        problem = _install_prefect(config)
+        found = _installed_versions(PREFECT_PYTHON)
+        if problem is None and found != WANTED_VERSIONS:
+            problem = f"after install, {PREFECT_VENV} has {found}, not {WANTED_VERSIONS}"
+        if problem is None:
+            announce(config, f"{PREFECT_VENV} is ready ({found})")
+        return problem
+    finally:
+        os.close(fd)
+
+
+_SETUP_PROBLEM: dict[str, str | None] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Install Prefect before the first test that needs it, not inside it: the install (minutes on
+    a fresh machine) must not count against that test's per-test timeout."""
+    if any("prefect_python" in getattr(item, "fixturenames", ()) for item in session.items):
+        _SETUP_PROBLEM["problem"] = _ensure_prefect(session.config)
+
+
 @pytest.fixture(scope="session")
 def prefect_python(pytestconfig: pytest.Config) -> Path:
     """The Prefect virtualenv's interpreter, installing ``prefect==3.8.8`` there if needed.
 
     A failed install fails the run in CI (``CI`` set) and skips the compat tests elsewhere.
     """
-    if _installed_versions(PREFECT_PYTHON) == WANTED_VERSIONS:
-        return PREFECT_PYTHON
+    problem = _SETUP_PROBLEM["problem"] if "problem" in _SETUP_PROBLEM else _ensure_prefect(pytestconfig)
+    if problem is not None:
+        reason = f"cannot set up Prefect's client in {PREFECT_VENV}: {problem}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return PREFECT_PYTHON
     # Two sessions must not build the same virtualenv at once: lock the checkout's folder.
     fd = os.open(REPO, os.O_RDONLY)
     try:
