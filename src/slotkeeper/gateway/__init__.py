@@ -1,0 +1,1 @@
+"""Gateway mode: slotkeeper in front of a Prefect server (``SLOTKEEPER_UPSTREAM_URL``)."""
