@@ -318,3 +318,27 @@ async def test_the_endpoint_fails_on_an_error_answer_and_when_unreachable(
             await gone.send([_event()])
     finally:
         await gone.close()
+
+
+async def test_metrics_report_the_backlog_and_the_delivery(storage: Storage, clock: FakeClock) -> None:
+    from slotkeeper.events.broker import Broker
+    from slotkeeper.gateway.events_in import SlotCopyFilter
+    from slotkeeper.metrics import Metrics
+
+    storage.outbox_store().enable()
+    await storage.create_limit(LimitSpec(name="db", limit=2))
+    await take(storage)
+    upstream = FakeUpstream()
+    d = deliverer(storage, upstream, clock, batch=1)
+    metrics = Metrics()
+    detach = metrics.attach(storage, Broker(10))
+    metrics.attach_outbox(d, SlotCopyFilter(d.contexts))
+    try:
+        await d.deliver()
+        text = (await metrics.scrape()).decode()
+    finally:
+        detach()
+    assert "slotkeeper_outbox_events 1.0" in text
+    assert "slotkeeper_outbox_delivered_events_total 1.0" in text
+    assert "slotkeeper_outbox_delivering 1.0" in text
+    assert "slotkeeper_gateway_slot_copies_dropped_total 0.0" in text
