@@ -811,12 +811,25 @@ def start(
         LogLevel | None,
         typer.Option("--log-level", case_sensitive=False, help="Default: SLOTKEEPER_LOG_LEVEL or info."),
     ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            "--upstream",
+            help="Gateway mode: the API URL of your Prefect server (http://prefect-host:4200/api); "
+            "every /api request slotkeeper does not answer goes there. Default: SLOTKEEPER_UPSTREAM_URL.",
+        ),
+    ] = None,
 ) -> None:
     """Start the server (settings from SLOTKEEPER_* variables; options override them)."""
     from slotkeeper.api.app import create_app
     from slotkeeper.api.server import serve
 
-    overrides = {"host": host, "port": port, "log_level": log_level.value if log_level else None}
+    overrides = {
+        "host": host,
+        "port": port,
+        "log_level": log_level.value if log_level else None,
+        "upstream_url": upstream,
+    }
     settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
     level = settings.log_level.lower()
     if level not in set(LogLevel):
@@ -833,6 +846,8 @@ def start(
     _print(f"Database: {redact_url(settings.resolved_database_url)}")
     if settings.api_auth_string:
         _print("API auth: HTTP basic (SLOTKEEPER_API_AUTH_STRING)")
+    if settings.upstream_url:
+        _print(f"Gateway: forwarding what slotkeeper does not answer to {redact_url(settings.upstream_url)}")
     serve(create_app(settings), settings, level)
 
 

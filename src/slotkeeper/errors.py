@@ -59,6 +59,8 @@ CODES: dict[str, tuple[int, str]] = {
     "session_busy": (429, "a session runs 4096 requests already; `Retry-After` says when to try again"),
     "database_unavailable": (503, "the database cannot be reached now; `Retry-After` says when to try again"),
     "shutting_down": (503, "the server is stopping; `Retry-After` says when to try again (elsewhere)"),
+    "upstream_unavailable": (502, "gateway: the upstream Prefect server could not be reached or broke off"),
+    "upstream_timeout": (504, "gateway: the upstream Prefect server did not answer in time"),
     "internal_error": (500, "a bug in the server; its log has the traceback"),
 }
 

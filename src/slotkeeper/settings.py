@@ -7,9 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _upstream_url(url: str) -> str:
+    """``url`` checked as an upstream's API URL (http or https, with a host), without its last ``/``."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream_url must be an http:// or https:// URL with a host, not {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"upstream_url must not have a query or fragment: {url!r}")
+    return parts.geturl().rstrip("/")
 
 
 def default_home() -> Path:
@@ -107,6 +118,33 @@ class Settings(BaseSettings):
         le=86400,
         description="How long a waiter answered 503 at shutdown keeps its place in the queue.",
     )
+    upstream_url: str | None = Field(
+        default=None,
+        description="Gateway mode: the API URL of the Prefect server behind slotkeeper "
+        "(http://prefect-host:4200/api). slotkeeper answers concurrency itself and forwards every "
+        "other /api request there (docs/gateway.md). Unset: no forwarding.",
+    )
+    upstream_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Gateway: how long a forwarded request may wait for the upstream's answer, and "
+        "for each read of its body, before it is answered 504 upstream_timeout.",
+    )
+    upstream_connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Gateway: how long connecting to the upstream may take before a forwarded "
+        "request is answered 504 upstream_timeout (a refused connection: 502 at once).",
+    )
+    upstream_max_connections: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Gateway: open connections to the upstream at most (HTTP pool; websockets "
+        "have a connection each, outside it). A request waits for a free one within the timeouts.",
+    )
     upstream_auth_string: str | None = Field(
         default=None,
         description="Gateway: HTTP basic auth ('user:password') of slotkeeper's own requests to the "
@@ -145,6 +183,8 @@ class Settings(BaseSettings):
     def _check_bounds(self) -> Settings:
         if self.lease_min_seconds > self.lease_max_seconds:
             raise ValueError("lease_min_seconds must not exceed lease_max_seconds")
+        if self.upstream_url is not None:
+            self.upstream_url = _upstream_url(self.upstream_url)
         return self
 
     @property

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from slotkeeper.api.fastroute import hot_route_class
 from slotkeeper.api.responses import json_response
+from slotkeeper.gateway import GatewayState
+from slotkeeper.gateway.proxy import forwarding_headers
 from slotkeeper.settings import Settings
 
 #: The Prefect API version slotkeeper speaks. Prefect's clients refuse another major version.
@@ -36,5 +38,10 @@ async def version() -> Response:
 
 
 @router.get("/csrf-token", summary="CSRF token (protection is off, as on a default Prefect server)")
-async def csrf_token(client: str | None = None) -> Response:
+async def csrf_token(request: Request, client: str | None = None) -> Response:
+    gateway: GatewayState | None = request.app.state.gateway
+    if gateway is not None:  # the upstream's setting (slotkeeper.gateway.csrf)
+        return await gateway.csrf.answer(
+            client, forwarding_headers(request.scope), request.scope["query_string"]
+        )
     return json_response({"detail": "CSRF protection is disabled.", "code": "csrf_disabled"}, 422)

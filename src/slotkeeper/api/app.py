@@ -22,6 +22,7 @@ from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
 from slotkeeper.events.models import EventRecord
+from slotkeeper.gateway import Gateway, GatewayState
 from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import log_expired, run_reaper
 from slotkeeper.settings import Settings
@@ -103,6 +104,9 @@ class App(FastAPI):
             )
         app: ASGIApp = HotPaths(self.hot_routes, stack) if settings.hot_path else stack
         app = BodyLimit(app, max_bytes=settings.max_body_bytes)
+        gateway: GatewayState | None = getattr(self.state, "gateway", None)
+        if gateway is not None:  # outside the body cap: the upstream has its own
+            app = Gateway(app, gateway)
         if settings.api_auth_string:
             opened = frozenset({metrics_route.PATH}) if settings.metrics_open else frozenset()
             app = BasicAuth(app, auth_string=settings.api_auth_string, open_paths=opened)
@@ -132,6 +136,9 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         else:
             app.state.storage = storage
         store: Storage = app.state.storage
+        gateway: GatewayState | None = app.state.gateway
+        if gateway is not None:
+            await gateway.open()
         if owned:
             freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size)
@@ -182,6 +189,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             unsubscribe()
             for undo in unobserve:
                 undo()
+            if gateway is not None:
+                await gateway.close()
             if owned:
                 await app.state.storage.close()
 
@@ -196,6 +205,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         lifespan=lifespan,
     )
     app.state.metrics = Metrics(settings.metrics_max_limits) if settings.metrics_enabled else None
+    app.state.gateway = GatewayState(settings) if settings.upstream_url else None
     routers = [
         admin.router,
         admin.hot_router(settings),
