@@ -17,7 +17,7 @@ from aiohttp import web
 from slotkeeper.events import builders
 from slotkeeper.events.models import EventRecord
 from slotkeeper.gateway.context import RunContexts, client_copy
-from slotkeeper.gateway.outbox import Deliverer, DeliveryFailed, EventsEndpoint, wire
+from slotkeeper.gateway.outbox import COMMIT, COPY, Deliverer, DeliveryFailed, EventsEndpoint, wire
 from slotkeeper.models import Holder, LimitSpec
 from slotkeeper.storage import Storage
 from tests.conftest import FakeClock, free_port, take
@@ -128,8 +128,7 @@ async def test_batches_are_bounded_and_follow_each_other(storage: Storage, clock
     d = deliverer(storage, upstream, clock, batch=2)
     assert (await d.deliver())[0] == 0.0  # a full batch: more behind, at once
     assert (await d.deliver())[0] == 0.0
-    delay, wakeable = await d.deliver()
-    assert (delay, wakeable) == (d.idle_seconds, True)
+    assert await d.deliver() == (d.idle_seconds, COMMIT)
     assert upstream.sent == await stored_ids(storage)
 
 
@@ -158,24 +157,10 @@ async def test_a_slot_event_waits_for_its_run_context_briefly(storage: Storage, 
     upstream = FakeUpstream()
     d = deliverer(storage, upstream, clock, contexts=contexts)
     granted = await take(storage, holder=Holder("task_run", "t1"))
-    delay, wakeable = await d.deliver()
+    delay, wake_on = await d.deliver()
     assert [upstream.stored[i].event for i in upstream.sent] == [builders.CREATED]  # the slot event waits
-    assert (delay, wakeable) == (1.5, False)
-    limit_id = granted.limits[0].id
-    copy = client_copy(
-        {
-            "event": builders.ACQUIRED,
-            "resource": {
-                "prefect.resource.id": f"prefect.concurrency-limit.{limit_id}",
-                "slots-acquired": "1",
-            },
-            "related": [
-                {"prefect.resource.id": "prefect.flow-run.fr", "prefect.resource.role": "flow-run"},
-                {"prefect.resource.id": "prefect.task-run.t1", "prefect.resource.role": "task-run"},
-            ],
-        },
-        clock(),
-    )
+    assert (delay, wake_on) == (1.5, COPY)
+    copy = acquired_copy(granted.limits[0].id, "t1", clock())
     assert copy is not None
     contexts.add(copy)
     await d.deliver()  # its copy came: at once, with the flow run
@@ -232,6 +217,51 @@ async def test_the_task_restarts_after_a_bug_and_frees_its_lease_when_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await storage.outbox_store().claim("b", 10)  # freed: taken at once
+
+
+def acquired_copy(limit_id: str, task_run: str, seen: float) -> Any:
+    """Prefect's client copy of an acquired event of ``limit_id`` by ``task_run``."""
+    return client_copy(
+        {
+            "event": builders.ACQUIRED,
+            "resource": {
+                "prefect.resource.id": f"prefect.concurrency-limit.{limit_id}",
+                "slots-acquired": "1",
+            },
+            "related": [
+                {"prefect.resource.id": "prefect.flow-run.fr", "prefect.resource.role": "flow-run"},
+                {"prefect.resource.id": f"prefect.task-run.{task_run}", "prefect.resource.role": "task-run"},
+            ],
+        },
+        seen,
+    )
+
+
+async def test_an_event_held_for_its_context_goes_as_soon_as_its_copy_arrives(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """The clock stands still: only the copy's arrival can let the held event go."""
+    storage.outbox_store().enable()
+    lim = await storage.create_limit(LimitSpec(name="db", limit=2))
+    contexts = RunContexts(wait=1.5, clock=clock)
+    upstream = FakeUpstream()
+    d = deliverer(storage, upstream, clock, contexts=contexts, idle_seconds=3600, coalesce=0.0)
+    await take(storage, holder=Holder("task_run", "t1"))
+    task = asyncio.create_task(d.run())
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while len(upstream.sent) < 1:  # the created event; the acquired one waits
+                await asyncio.sleep(0.01)
+            contexts.add(acquired_copy(lim.limit.id, "t1", clock()))
+            while len(upstream.sent) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert "prefect.flow-run.fr" in {
+        r["prefect.resource.id"] for r in upstream.stored[upstream.sent[1]].related
+    }
 
 
 async def test_a_commit_wakes_an_idle_deliverer(storage: Storage, clock: FakeClock) -> None:

@@ -158,6 +158,8 @@ class RunContexts:
         #: Copies kept since start, and dropped unmatched (metrics, tests).
         self.seen = 0
         self.expired = 0
+        #: Called after each copy is kept (the outbox's deliverer: an event may wait for it).
+        self.on_copy: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -181,6 +183,8 @@ class RunContexts:
                 self.expired += 1
             if not oldest:
                 del self._copies[oldest_key]
+        if self.on_copy is not None:
+            self.on_copy()
 
     def resolve(self, record: EventRecord, now: float | None = None) -> EventRecord | None:
         """``record`` as it goes to the upstream: with its run context when known; None while it

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -45,9 +45,19 @@ import orjson
 from slotkeeper.errors import DatabaseUnavailable
 from slotkeeper.events.models import EventRecord, iso
 from slotkeeper.gateway.context import RunContexts
+from slotkeeper.gateway.events_in import SlotCopyFilter
+from slotkeeper.gateway.ws import FRAME_FILTERS
+from slotkeeper.settings import Settings
 from slotkeeper.storage.outbox import OutboxStore
 
+if TYPE_CHECKING:
+    from slotkeeper.storage.core import Storage
+
 log = logging.getLogger("slotkeeper.gateway.outbox")
+
+
+#: What may end a deliverer's wait early: new events committed, a client copy seen.
+COMMIT, COPY = "commit", "copy"
 
 
 class DeliveryFailed(Exception):
@@ -133,6 +143,7 @@ class Deliverer:
         idle_seconds: float = 1.0,
         max_backoff: float = 30.0,
         restart_seconds: float = 1.0,
+        coalesce: float = 0.02,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -147,39 +158,50 @@ class Deliverer:
         self.clock = clock
         self.stats = DeliveryStats()
         self._renew_at = 0.0
-        self._wake: asyncio.Event | None = None
+        self.coalesce = coalesce
+        self._wakes = {COMMIT: asyncio.Event(), COPY: asyncio.Event()}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_pending = False
 
     # --- wake-ups -------------------------------------------------------------------------------
 
     def committed(self, _events: object = None) -> None:
-        """Events were committed (any thread): deliver soon. One wake-up per pass at most."""
+        """Events were committed (any thread): an idle deliverer delivers soon. One wake-up
+        scheduled at a time."""
         if self._wake_pending or self._loop is None:
             return
         self._wake_pending = True
         with contextlib.suppress(RuntimeError):  # the loop is closing
-            self._loop.call_soon_threadsafe(self._set_wake)
+            self._loop.call_soon_threadsafe(self._set_committed)
 
-    def _set_wake(self) -> None:
+    def _set_committed(self) -> None:
         self._wake_pending = False
-        if self._wake is not None:
-            self._wake.set()
+        self._wakes[COMMIT].set()
 
-    async def _sleep(self, seconds: float, *, wakeable: bool) -> None:
-        assert self._wake is not None
-        if not wakeable:
+    def copied(self) -> None:
+        """A client copy arrived (on the loop): an event held for its run context may go now."""
+        self._wakes[COPY].set()
+
+    async def _sleep(self, seconds: float, wake_on: str | None) -> None:
+        """Sleep ``seconds``, or less if ``wake_on`` happens meanwhile; then a short pause
+        (``coalesce``), so that a burst of wake-ups costs one pass."""
+        if wake_on is None:
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        self._wake.clear()
+        wake = self._wakes[wake_on]
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), seconds)
+        except TimeoutError:
+            return
+        await asyncio.sleep(self.coalesce)
 
     # --- one pass -------------------------------------------------------------------------------
 
-    async def deliver(self) -> tuple[float, bool]:
+    async def deliver(self) -> tuple[float, str | None]:
         """One pass: hold the lease, send what is ready, delete it. Returns how long to wait
-        before the next pass, and whether a commit may end that wait early.
+        before the next pass, and what may end that wait early: :data:`COMMIT` (idle: new
+        events), :data:`COPY` (an event waits for its run context: a client copy), or None.
 
         Raises :class:`DeliveryFailed` or :class:`DatabaseUnavailable` (nothing was deleted).
         """
@@ -188,7 +210,7 @@ class Deliverer:
             self.stats.delivering = await self.store.claim(self.owner, self.lease_seconds)
             self._renew_at = now + self.lease_seconds / 3
         if not self.stats.delivering:
-            return self.lease_seconds / 3, False  # another process delivers; stand by
+            return self.lease_seconds / 3, None  # another process delivers; stand by
         queued = await self.store.oldest(self.batch)
         ready: list[EventRecord] = []
         for item in queued:
@@ -205,17 +227,17 @@ class Deliverer:
             self.stats.lag = max(done - ready[-1].occurred, 0.0)
         if len(ready) < len(queued):  # the next one waits for its context, until its deadline
             head = queued[len(ready)].event
-            return max(head.occurred + self.contexts.wait - self.clock(), 0.01), False
+            return max(head.occurred + self.contexts.wait - self.clock(), 0.01), COPY
         if queued and len(queued) == self.batch:
-            return 0.0, False  # more behind: at once
-        return self.idle_seconds, True
+            return 0.0, None  # more behind: at once
+        return self.idle_seconds, COMMIT
 
     # --- the task -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Deliver until cancelled; restart after a bug (logged); free the lease at the end."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self.contexts.on_copy = self.copied
         try:
             while True:
                 try:
@@ -240,7 +262,7 @@ class Deliverer:
         failing_since: float | None = None
         while True:
             try:
-                delay, wakeable = await self.deliver()
+                delay, wake_on = await self.deliver()
             except (DeliveryFailed, DatabaseUnavailable) as exc:
                 self.stats.failures += 1
                 backoff = min(max(backoff * 2, 0.5), self.max_backoff)
@@ -253,7 +275,7 @@ class Deliverer:
                     )
                 else:
                     log.debug("outbox delivery still failing: %s", exc)
-                delay, wakeable = backoff, False
+                delay, wake_on = backoff, None
             else:
                 if failing_since is not None:
                     log.info(
@@ -262,4 +284,64 @@ class Deliverer:
                     )
                     failing_since, backoff = None, 0.0
             if delay > 0:
-                await self._sleep(delay, wakeable=wakeable)
+                await self._sleep(delay, wake_on)
+
+
+# --- wiring (the app's lifespan) ----------------------------------------------------------------------
+
+#: The relayed websocket whose frames :class:`~slotkeeper.gateway.events_in.SlotCopyFilter` sees.
+EVENTS_IN = "/api/events/in"
+
+
+@dataclass
+class Delivery:
+    """Gateway mode's events in one process: the outbox's deliverer (its task) and the filter of
+    ``/api/events/in`` that feeds it run contexts."""
+
+    deliverer: Deliverer
+    copies: SlotCopyFilter
+    endpoint: EventsEndpoint
+    task: asyncio.Task[None]
+    unsubscribe: Callable[[], None]
+
+    async def stop(self) -> None:
+        """Stop delivering (the lease is freed for another process), unregister the filter."""
+        if FRAME_FILTERS.get(EVENTS_IN) is self.copies:
+            del FRAME_FILTERS[EVENTS_IN]
+        self.unsubscribe()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.endpoint.close()
+
+
+def start_delivery(storage: Storage, settings: Settings) -> Delivery:
+    """Queue this process's events in the outbox from now on, filter ``/api/events/in``, and
+    start delivering to ``settings.upstream_url`` (on the running loop)."""
+    if not settings.upstream_url:
+        raise ValueError("the outbox delivers to an upstream: SLOTKEEPER_UPSTREAM_URL is not set")
+    clock = storage.clock  # the clock of the events' ``occurred``: ages and matching agree with it
+    contexts = RunContexts(
+        size=settings.outbox_context_entries, wait=settings.outbox_context_wait_seconds, clock=clock
+    )
+    copies = SlotCopyFilter(contexts, clock=clock)
+    outbox = storage.outbox_store()
+    outbox.enable()
+    endpoint = EventsEndpoint(
+        settings.upstream_url,
+        timeout=settings.upstream_timeout_seconds,
+        auth_string=settings.upstream_auth_string,
+    )
+    deliverer = Deliverer(
+        outbox,
+        endpoint,
+        contexts,
+        batch=settings.outbox_batch_size,
+        lease_seconds=settings.outbox_lease_seconds,
+        max_backoff=settings.outbox_max_backoff_seconds,
+        clock=clock,
+    )
+    unsubscribe = storage.subscribe_events(deliverer.committed)
+    FRAME_FILTERS[EVENTS_IN] = copies
+    task = asyncio.create_task(deliverer.run(), name="slotkeeper-outbox")
+    return Delivery(deliverer, copies, endpoint, task, unsubscribe)
