@@ -188,8 +188,7 @@ class Deliverer:
         if wake_on is None:
             await asyncio.sleep(seconds)
             return
-        wake = self._wakes[wake_on]
-        wake.clear()
+        wake = self._wakes[wake_on]  # cleared by the pass, before it read anything
         try:
             await asyncio.wait_for(wake.wait(), seconds)
         except TimeoutError:
@@ -205,6 +204,8 @@ class Deliverer:
 
         Raises :class:`DeliveryFailed` or :class:`DatabaseUnavailable` (nothing was deleted).
         """
+        for wake in self._wakes.values():  # what happens from now on ends the next wait early
+            wake.clear()
         now = self.clock()
         if not self.stats.delivering or now >= self._renew_at:
             self.stats.delivering = await self.store.claim(self.owner, self.lease_seconds)
