@@ -31,6 +31,8 @@ from typing import Any, Self
 
 import httpx
 import pytest
+from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from tests.compat.conftest import (  # fixtures: importing them here makes them this module's
     PREFECT_VENV,
@@ -268,7 +270,38 @@ def test_slot_events_reach_the_upstream_once_with_their_ids_and_run_context(
     )
     assert page.status_code == 200
     assert page.json()["next_page"].startswith(f"http://127.0.0.1:{gateway.port}/api/events/filter/next")
+    # count-by, answered by the upstream: the same through the gateway as directly.
+    count = {"filter": {"any_resource": {"id": [f"prefect.flow-run.{flow_run}"]}}}
+    counted = gateway.http.post("/events/count-by/event", json=count)
+    assert counted.status_code == 200, counted.text
+    by_name = {c["value"]: c["count"] for c in counted.json()}
+    direct_counts = upstream.http.post("/events/count-by/event", json=count).json()
+    assert by_name == {c["value"]: c["count"] for c in direct_counts}
+    assert by_name["prefect.concurrency-limit.acquired"] == 4
+    # A subscription through the gateway (/api/events/out, with backfill): each slot event once.
+    subscribed = subscribe(
+        gateway,
+        {"related": {"id": [f"prefect.flow-run.{flow_run}"]}, "event": {"prefix": [SLOT_PREFIX]}},
+        len(slot_events),
+    )
+    assert sorted(e["id"] for e in subscribed) == sorted(e["id"] for e in slot_events)
     assert wait_for(lambda: waiting_in_outbox(gateway) == 0, timeout=ARRIVAL_SECONDS)
+
+
+def subscribe(gateway: Server, event_filter: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` events of a subscription to ``/api/events/out`` through the gateway
+    (Prefect's protocol: auth, then the filter; the backfill comes first)."""
+    url = "ws" + gateway.url.removeprefix("http") + "/events/out"
+    events: list[dict[str, Any]] = []
+    with connect(url, subprotocols=[Subprotocol("prefect")], open_timeout=10) as socket:
+        socket.send(json.dumps({"type": "auth", "token": None}))
+        assert json.loads(socket.recv(timeout=10)) == {"type": "auth_success"}
+        socket.send(json.dumps({"type": "filter", "filter": event_filter, "backfill": True}))
+        while len(events) < count:
+            message = json.loads(socket.recv(timeout=ARRIVAL_SECONDS))
+            assert message["type"] == "event", message
+            events.append(message["event"])
+    return events
 
 
 def test_an_upstream_down_delays_slot_events_and_loses_none(server: Server, upstream: PrefectServer) -> None:
