@@ -103,3 +103,20 @@ class OutboxStore:
             return Backlog(int(row[0]), row[1]) if row is not None else Backlog(0, None)
 
         return await transactions.read(self.backend, read)
+
+    # --- client copies shared between processes (PostgreSQL) -----------------------------------
+
+    async def share_copies(self, owner: str, copies: Sequence[str]) -> None:
+        """Hand client copies (JSON) received by ``owner`` to whichever process delivers."""
+        rows = [{"owner": owner, "copy": c} for c in copies]
+        if rows:
+            await transactions.run(self.backend, lambda tx: tx.write_many(q.INSERT_OUTBOX_COPY, rows))
+
+    async def take_copies(self, owner: str, batch: int = 5000) -> list[str]:
+        """The copies other processes shared, oldest first, deleted as they are taken."""
+
+        def take(tx: Tx) -> list[str]:
+            rows = tx.all(q.TAKE_OUTBOX_COPIES, {"owner": owner, "batch": batch})
+            return [copy for _, copy in sorted(rows)]
+
+        return await transactions.run(self.backend, take)

@@ -602,3 +602,13 @@ RETURNING owner
 
 #: Give the lease up (a process that stops): another process may take it at once.
 FREE_OUTBOX_LEASE = "UPDATE outbox_lease SET expires = 0 WHERE name = 'delivery' AND owner = :owner"
+
+INSERT_OUTBOX_COPY = "INSERT INTO outbox_copies (owner, copy) VALUES (:owner, :copy)"
+
+#: The copies other processes shared, taken (deleted) by the delivering process, oldest first.
+TAKE_OUTBOX_COPIES = """
+DELETE FROM outbox_copies WHERE seq IN (
+    SELECT seq FROM outbox_copies WHERE owner <> :owner ORDER BY seq LIMIT :batch
+)
+RETURNING seq, copy
+"""
