@@ -39,7 +39,17 @@ from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
 
 POSTGRES_URL = os.environ.get("SLOTKEEPER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-_TABLES = ("waiter_limits", "waiters", "event_resources", "events", "grants", "leases", "limits")
+_TABLES = (
+    "waiter_limits",
+    "waiters",
+    "event_resources",
+    "events",
+    "grants",
+    "leases",
+    "limits",
+    "outbox",
+    "outbox_lease",
+)
 
 
 def _postgres_reason() -> str | None:

@@ -23,6 +23,7 @@ from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
 from slotkeeper.events.models import EventRecord
 from slotkeeper.gateway import Gateway, GatewayState
+from slotkeeper.gateway.outbox import start_delivery
 from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import log_expired, run_reaper
 from slotkeeper.settings import Settings
@@ -139,6 +140,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         gateway: GatewayState | None = app.state.gateway
         if gateway is not None:
             await gateway.open()
+        # Gateway mode: events also go to the upstream, from the outbox (docs/gateway.md).
+        delivery = start_delivery(store, settings) if gateway is not None else None
         if owned:
             freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size)
@@ -164,6 +167,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         unobserve = [store.observe(log_expired)]
         if metrics is not None:
             unobserve.append(metrics.attach(store, broker))
+            if delivery is not None:
+                unobserve.append(metrics.attach_outbox(delivery.deliverer, delivery.copies))
         jobs = [
             asyncio.create_task(
                 run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
@@ -189,6 +194,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             unsubscribe()
             for undo in unobserve:
                 undo()
+            if delivery is not None:
+                await delivery.stop()
             if gateway is not None:
                 await gateway.close()
             if owned:

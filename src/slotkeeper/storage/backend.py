@@ -30,6 +30,9 @@ class Backend(Protocol):
     #: locked or damaged file), as opposed to a bug: :func:`run` raises them as
     #: :class:`~slotkeeper.errors.DatabaseUnavailable`.
     unavailable: tuple[type[Exception], ...]
+    #: Gateway mode: every server event is also queued in the outbox, in its transaction
+    #: (``Tx.outbox``); set by :meth:`~slotkeeper.storage.core.Storage.outbox_store`.
+    outbox: bool
 
     async def run(self, script: Script[T]) -> T: ...
 

@@ -83,6 +83,8 @@ class PostgresBackend:
         self._in_flight = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Gateway mode: server events also go into the outbox (``Tx.outbox``).
+        self.outbox = False
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -99,7 +101,7 @@ class PostgresBackend:
         for attempt in range(_ATTEMPTS):
             conn = self._connection()
             try:
-                result, commit = _attempt(conn, op)
+                result, commit = _attempt(conn, op, outbox=self.outbox)
                 if commit is not None:
                     run_handoffs(commit.handoffs)  # in this process only, and only once committed
                     for observer in self._observers:
@@ -196,7 +198,9 @@ class PostgresBackend:
             self._connections.clear()
 
 
-def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, Commit | None]:
+def _attempt(
+    conn: psycopg.Connection[Any], op: Callable[[Tx], T], *, outbox: bool = False
+) -> tuple[T, Commit | None]:
     """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
     the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
     ``Tx.all``, ``Tx.run``). BEGIN goes out with the first statement, and the writes after the
@@ -209,7 +213,7 @@ def _attempt(conn: psycopg.Connection[Any], op: Callable[[Tx], T]) -> tuple[T, C
     """
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
-        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, outbox=outbox)
         try:
             result = op(tx)
         except psycopg.Error:
