@@ -24,9 +24,9 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -38,7 +38,7 @@ from slotkeeper.events.models import (
     EventRecord,
     EventResourceFilter,
 )
-from slotkeeper.storage import open_storage
+from slotkeeper.storage import Storage, open_storage
 from tests.compat.conftest import (  # the runners are fixtures: importing them here shares them
     PREFECT_VENV,
     Server,
@@ -55,6 +55,7 @@ from tests.conftest import ServerProcess, clean_env
 __all__ = ["prefect_home", "prefect_python", "run_prefect", "start_prefect"]
 
 PREFECT = str(PREFECT_VENV / "bin" / "prefect")
+T = TypeVar("T")
 #: Bound on the upstream's start (its first start migrates its database): for a slow machine.
 UPSTREAM_STARTUP_SECONDS = 120.0
 ACQUIRED = "prefect.concurrency-limit.acquired"
@@ -157,29 +158,45 @@ def server(gateway: Server) -> Server:
     return gateway
 
 
+def _read_storage(gateway: Server, read: Callable[[Storage], Awaitable[T]]) -> T:
+    """``read`` over the gateway's own database (its SQLite file, or the PostgreSQL database its
+    settings name), opened beside the running server."""
+
+    async def run() -> T:
+        url = gateway.env.get("SLOTKEEPER_DATABASE_URL") or f"sqlite:///{gateway.home / 'slotkeeper.db'}"
+        storage = open_storage(url)
+        try:
+            return await read(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
 def own_slot_events(gateway: Server, resource_id: str) -> list[EventRecord]:
     """The slot events slotkeeper stored itself for one limit (``prefect.concurrency-limit.<id>``),
     oldest first: read from its database, since the gateway forwards events queries to Prefect's
     server."""
+    event_filter = EventFilter(
+        event=EventNameFilter(name=[ACQUIRED, RELEASED]),
+        resource=EventResourceFilter(id=[resource_id]),
+        order=EventOrder.ASC,
+    )
 
-    async def read() -> list[EventRecord]:
-        url = gateway.env.get("SLOTKEEPER_DATABASE_URL") or f"sqlite:///{gateway.home / 'slotkeeper.db'}"
-        storage = open_storage(url)
-        try:
-            found, _ = await storage.event_store().query(
-                EventFilter(
-                    event=EventNameFilter(name=[ACQUIRED, RELEASED]),
-                    resource=EventResourceFilter(id=[resource_id]),
-                    order=EventOrder.ASC,
-                ),
-                limit=10_000,
-                with_total=False,
-            )
-        finally:
-            await storage.close()
+    async def read(storage: Storage) -> list[EventRecord]:
+        found, _ = await storage.event_store().query(event_filter, limit=10_000, with_total=False)
         return found
 
-    return asyncio.run(read())
+    return _read_storage(gateway, read)
+
+
+def outbox_backlog(gateway: Server) -> int:
+    """How many events wait in the gateway's outbox for the upstream."""
+
+    async def read(storage: Storage) -> int:
+        return (await storage.outbox_store().backlog()).events
+
+    return _read_storage(gateway, read)
 
 
 def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
@@ -208,3 +225,5 @@ def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
         timeout=60,
         interval=0.25,
     )
+    # And the outbox lets go of what it delivered (a row goes once the upstream took its batch).
+    wait_for(lambda: outbox_backlog(gateway) == 0, timeout=60, interval=0.25)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.compat.conftest import RunPrefect, Server, results, value, wait_for
-from tests.gateway.conftest import ACQUIRED, RELEASED, PrefectServer, own_slot_events
+from tests.gateway.conftest import ACQUIRED, RELEASED, PrefectServer, outbox_drained, own_slot_events
 
 pytestmark = pytest.mark.slow
 
@@ -209,3 +209,26 @@ def test_next_page_links_point_at_the_gateway(flows: dict[str, Any], gateway: Se
     assert answer.status_code == 200, answer.text
     next_page = answer.json()["next_page"]
     assert next_page and next_page.startswith(gateway.url + "/"), next_page
+
+
+@pytest.mark.parametrize("limit", [f"tag:{TAG}", API])
+def test_prefect_stores_each_slot_event_once_with_the_run_context(
+    flows: dict[str, Any], gateway: Server, upstream: PrefectServer, limit: str
+) -> None:
+    run, resource = _limit(flows, gateway, limit)
+    own = own_slot_events(gateway, resource)
+    # Prefect's store: exactly slotkeeper's events (same ids, each once; the client's own copies,
+    # with other ids, were dropped at the gateway), with the flow run (and the task run) related.
+    outbox_drained(gateway, upstream)
+    stored = upstream.events({"event": {"name": [ACQUIRED, RELEASED]}, "resource": {"id": [resource]}})
+    assert Counter(e["id"] for e in stored) == Counter(e.id for e in own)
+    flow_run = f"prefect.flow-run.{run['flow_run']}"
+    task_runs = set()
+    for acquired, released in _pairs(stored):
+        for event in (acquired, released):
+            assert related_ids(event, "flow-run") == [flow_run], event
+        if limit.startswith("tag:"):
+            assert related_ids(acquired, "task-run") == related_ids(released, "task-run")
+            task_runs.update(related_ids(acquired, "task-run"))
+    if limit.startswith("tag:"):
+        assert task_runs == {f"prefect.task-run.{t}" for t in run["task_runs"]}
