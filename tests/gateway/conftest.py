@@ -199,15 +199,8 @@ def outbox_backlog(gateway: Server) -> int:
     return _read_storage(gateway, read)
 
 
-def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
-    """Wait until every slot event ``gateway`` committed so far is in ``upstream``'s store.
-
-    Takes and gives back a slot of a limit of its own through the gateway, then waits until
-    Prefect's store has that released event: the outbox delivers in order, so the events
-    committed before it have been delivered too (and Prefect stores what it receives in order).
-    """
-    name = f"sentinel-{uuid.uuid4().hex[:8]}"
-    assert gateway.http.post("/v2/concurrency_limits/", json={"name": name, "limit": 1}).status_code == 201
+def take_and_give_back(gateway: Server, name: str) -> None:
+    """One slot of ``name`` taken under a lease and given back, with plain HTTP."""
     lease = gateway.http.post(
         "/v2/concurrency_limits/increment-with-lease",
         json={"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": 60},
@@ -217,6 +210,18 @@ def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
         "/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease.json()["lease_id"]}
     )
     assert released.status_code == 204, released.text
+
+
+def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
+    """Wait until every slot event ``gateway`` committed so far is in ``upstream``'s store.
+
+    Takes and gives back a slot of a limit of its own through the gateway, then waits until
+    Prefect's store has that released event: the outbox delivers in order, so the events
+    committed before it have been delivered too (and Prefect stores what it receives in order).
+    """
+    name = f"sentinel-{uuid.uuid4().hex[:8]}"
+    assert gateway.http.post("/v2/concurrency_limits/", json={"name": name, "limit": 1}).status_code == 201
+    take_and_give_back(gateway, name)
     limit_id = gateway.http.get(f"/v2/concurrency_limits/{name}").json()["id"]
     wait_for(
         lambda: upstream.events(

@@ -24,6 +24,7 @@ from tests.gateway.conftest import (
     outbox_drained,
     own_slot_events,
     running_gateway,
+    take_and_give_back,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -96,15 +97,7 @@ def test_concurrency_outlives_the_upstream_and_its_events_reach_it_once_it_is_ba
             script.send()  # releases with the upstream down, then takes BLOCKS more
             script.expect("down", timeout=120)
 
-            lease = gateway.http.post(
-                "/v2/concurrency_limits/increment-with-lease",
-                json={"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": 60},
-            )
-            assert lease.status_code == 200, lease.text
-            released = gateway.http.post(
-                "/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease.json()["lease_id"]}
-            )
-            assert released.status_code == 204, released.text
+            take_and_give_back(gateway, name)  # plain lease calls too
 
             log_before = len(gateway.log_text())
             forwarded = gateway.http.post("/flows/filter", json={})
