@@ -14,9 +14,10 @@ Two measurements, each on SQLite and on PostgreSQL:
 2. **Cost of writing events** (``overhead``): slotkeeper has no switch to turn events off, so the
    same in-process storage is measured with its event code replaced, in alternating rounds of
    the same run: ``events`` (as shipped), ``outbox`` (in process only: as shipped in gateway
-   mode, each event also queued in the outbox for the upstream, never delivered here), ``no-write`` (``write_events`` is a no-op: the events
-   are built but neither inserted nor published) and ``no-events`` (the builders return one
-   constant record as well: no event work at all). Each round runs ``--clients`` concurrent
+   mode, each event also queued in the outbox for the upstream, never delivered here),
+   ``no-write`` (``write_events`` is a no-op: the events are built but neither inserted nor
+   published) and ``no-events`` (the builders return one constant record as well: no event work
+   at all). Each round runs ``--clients`` concurrent
    loops of acquire-with-lease + release on their own limits for ``--seconds``; the mode order
    rotates every round. The figure is the per-round ratio of pairs/s with events to pairs/s
    without, median and range across rounds.

@@ -8,6 +8,8 @@ It records every request it gets and answers:
 - ``GET /api/hang``: never answers (until the connection is dropped);
 - ``GET /api/cut``: starts a streamed answer, then drops the connection;
 - ``GET /api/csrf-token``: 422 "CSRF protection is disabled." or a token (``csrf_enabled``);
+- ``POST /api/v2/concurrency_limits/leases/{id}/renew``: 204 for an id in ``leases``, else 410;
+- ``OPTIONS /api/flows/``: a CORS preflight's answer, allowing the request's origin;
 - ``POST /api/events/filter``: a page with a ``next_page`` link built from the request (as
   Prefect's server: ``request.base_url``, i.e. the Host header and scheme);
 - websocket ``/api/events/in`` and ``/api/ws/echo``: echoes text frames as ``echo:<text>`` and
@@ -34,6 +36,8 @@ class FakeUpstream:
     url: str = ""  # http://127.0.0.1:PORT/api
     port: int = 0
     csrf_enabled: bool = False
+    #: Lease ids the fake holds (a deployment's, taken by the server itself).
+    leases: set[str] = field(default_factory=set)
     requests: list[dict[str, Any]] = field(default_factory=list)
     sockets_open: int = 0
     runner: web.AppRunner | None = None
@@ -48,6 +52,8 @@ class FakeUpstream:
         app.router.add_post("/api/events/filter", self.events_page)
         app.router.add_get("/api/events/in", self.websocket)
         app.router.add_get("/api/ws/echo", self.websocket)
+        app.router.add_route("OPTIONS", "/api/flows/", self.preflight)
+        app.router.add_post("/api/v2/concurrency_limits/leases/{lease}/renew", self.renew)
         return app
 
     def _record(self, request: web.Request, body: bytes) -> dict[str, Any]:
@@ -117,6 +123,22 @@ class FakeUpstream:
         base = f"{proto}://{request.headers['Host']}/"
         return web.json_response(
             {"events": [], "total": 0, "next_page": f"{base}api/events/filter/next?page-token=abc"}
+        )
+
+    async def renew(self, request: web.Request) -> web.Response:
+        self._record(request, await request.read())
+        if request.match_info["lease"] in self.leases:
+            return web.Response(status=204)
+        return web.json_response({"detail": "Lease not found - upstream"}, status=410)
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        return web.Response(
+            headers={
+                "Access-Control-Allow-Origin": request.headers.get("Origin", ""),
+                "Access-Control-Allow-Methods": "POST",
+                "X-Upstream": "yes",
+            }
         )
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:

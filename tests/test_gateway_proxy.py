@@ -16,6 +16,7 @@ import gc
 import hashlib
 import io
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,3 +291,75 @@ async def test_many_failed_forwards_leave_no_connection_task_or_response_behind(
         connector = gw.state.upstream.session.connector
         assert connector is not None
         assert len(connector._acquired) == 0  # type: ignore[attr-defined]
+
+
+PREFLIGHT = {"Origin": "http://ui.example:4200", "Access-Control-Request-Method": "POST"}
+
+
+async def test_browsers_cross_origin_calls_get_the_upstreams_cors_or_prefects_default(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Prefect's UI calls the gateway from the upstream's origin: preflights of forwarded paths are
+    the upstream's (before auth, as on Prefect's server), slotkeeper's routes get CORS headers."""
+    async with (
+        fake_upstream() as upstream,
+        gateway_on(storage, tmp_path, upstream.url, upstream, api_auth_string="u:p") as gw,
+    ):
+        status, _, response = await gw.call("OPTIONS", "/flows/", headers=PREFLIGHT)
+        assert (status, response.headers["X-Upstream"]) == (200, "yes")
+        assert response.headers["Access-Control-Allow-Origin"] == "http://ui.example:4200"
+
+        status, _, response = await gw.call("OPTIONS", "/v2/concurrency_limits/filter", headers=PREFLIGHT)
+        assert status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in response.headers["Access-Control-Allow-Methods"]
+        assert len(upstream.requests) == 1  # slotkeeper's own preflight stayed here
+
+        auth = {"Origin": "http://ui.example:4200", "Authorization": "Basic dTpw"}
+        status, _, response = await gw.call("POST", "/v2/concurrency_limits/filter", json={}, headers=auth)
+        assert (status, response.headers["Access-Control-Allow-Origin"]) == (200, "*")
+        status, _, response = await gw.call(
+            "POST", "/v2/concurrency_limits/filter", json={}, headers=PREFLIGHT
+        )
+        assert (status, response.headers["Access-Control-Allow-Origin"]) == (401, "*")  # readable refusal
+        # A forwarded answer carries the upstream's CORS headers only (the fake sets none here).
+        status, _, response = await gw.call("GET", "/echo/x", headers=auth)
+        assert status == 200 and "Access-Control-Allow-Origin" not in response.headers
+        # Forwarded requests are still checked against the gateway's auth string.
+        assert (await gw.call("GET", "/echo/x"))[0] == 401
+
+
+async def test_a_lease_slotkeeper_does_not_hold_is_renewed_on_the_upstream(gateway: Gateway) -> None:
+    """Deployment concurrency: the upstream takes the lease itself, the flow run renews it through
+    the gateway (and stops if that fails)."""
+    deployments = "7f7c3e1a-3d6b-4f1e-9a51-0c2a3b4d5e6f"
+    gateway.upstream.leases.add(deployments)
+    renew = "/v2/concurrency_limits/leases/{}/renew"
+    body = {"lease_duration": 300}
+    assert (await gateway.call("POST", renew.format(deployments), json=body))[0] == 204
+    assert gateway.upstream.requests[-1]["size"] == len(b'{"lease_duration": 300}')
+
+    # slotkeeper's own leases are renewed here, and the upstream never hears of them.
+    await gateway.call("POST", "/v2/concurrency_limits/", json={"name": "db", "limit": 1})
+    status, lease, _ = await gateway.call(
+        "POST", "/v2/concurrency_limits/increment-with-lease", json={"names": ["db"], "slots": 1}
+    )
+    asked = len(gateway.upstream.requests)
+    assert (await gateway.call("POST", renew.format(lease["lease_id"]), json=body))[0] == 204
+    assert len(gateway.upstream.requests) == asked
+
+    # Nobody's lease: the upstream's 410 (it was asked).
+    status, answer, _ = await gateway.call("POST", renew.format(uuid.uuid4()), json=body)
+    assert (status, answer["detail"]) == (410, "Lease not found - upstream")
+    assert len(gateway.upstream.requests) == asked + 1
+
+
+async def test_renewing_an_upstream_lease_while_the_upstream_is_down_says_so(
+    storage: Storage, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    async with gateway_on(storage, tmp_path, dead, FakeUpstream()) as gw:
+        status, answer, _ = await gw.call(
+            "POST", f"/v2/concurrency_limits/leases/{uuid.uuid4()}/renew", json={"lease_duration": 300}
+        )
+        assert (status, answer["code"]) == (502, "upstream_unavailable")  # retried by Prefect's client

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -372,3 +373,28 @@ async def test_metrics_report_the_backlog_and_the_delivery(storage: Storage, clo
     assert "slotkeeper_outbox_delivered_events_total 1.0" in text
     assert "slotkeeper_outbox_delivering 1.0" in text
     assert "slotkeeper_gateway_slot_copies_dropped_total 0.0" in text
+
+
+async def test_an_event_the_upstream_refuses_for_good_is_isolated_and_dropped(
+    storage: Storage, clock: FakeClock
+) -> None:
+    storage.outbox_store().enable()
+    await storage.create_limit(LimitSpec(name="db", limit=10))
+    for _ in range(4):
+        await take(storage)
+    poison = (await storage.outbox_store().oldest(10))[2].event.id
+
+    class Refusing(FakeUpstream):
+        async def send(self, events: Sequence[EventRecord]) -> None:
+            if any(e.id == poison for e in events):
+                raise DeliveryFailed("422 for one event", 422)
+            await super().send(events)
+
+    upstream = Refusing()
+    d = deliverer(storage, upstream, clock, batch=4)
+    async with asyncio.timeout(DEADLINE):
+        while (await storage.outbox_store().backlog()).events:
+            with contextlib.suppress(DeliveryFailed):
+                await d.deliver()
+    assert upstream.sent == [i for i in await stored_ids(storage) if i != poison]  # in order, once
+    assert d.stats.refused == 1

@@ -453,6 +453,11 @@ class Metrics:
                 stats.restarts,
             ),
             (
+                "slotkeeper_outbox_refused_events",
+                "Events the upstream refused for good (alone: 400, 413, 422), dropped from the outbox.",
+                stats.refused,
+            ),
+            (
                 "slotkeeper_gateway_slot_copies_dropped",
                 "Client copies of slot events dropped on /api/events/in by this process.",
                 copies.dropped,

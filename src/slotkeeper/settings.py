@@ -145,6 +145,11 @@ class Settings(BaseSettings):
         description="Gateway: open connections to the upstream at most (HTTP pool; websockets "
         "have a connection each, outside it). A request waits for a free one within the timeouts.",
     )
+    cors_allowed_origins: str = Field(
+        default="*",
+        description="Gateway: the origins (comma-separated) whose browsers may call slotkeeper's own "
+        "routes, as Prefect's PREFECT_SERVER_CORS_ALLOWED_ORIGINS (give both the same value).",
+    )
     upstream_auth_string: str | None = Field(
         default=None,
         description="Gateway: HTTP basic auth ('user:password') of slotkeeper's own requests to the "
@@ -186,6 +191,11 @@ class Settings(BaseSettings):
         if self.upstream_url is not None:
             self.upstream_url = _upstream_url(self.upstream_url)
         return self
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """``cors_allowed_origins`` as a list."""
+        return [origin.strip() for origin in self.cors_allowed_origins.split(",") if origin.strip()]
 
     @property
     def resolved_database_url(self) -> str:

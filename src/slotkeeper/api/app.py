@@ -22,7 +22,7 @@ from slotkeeper.api.middleware import BasicAuth, BodyLimit
 from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
 from slotkeeper.events.models import EventRecord
-from slotkeeper.gateway import Gateway, GatewayState
+from slotkeeper.gateway import Gateway, GatewayFront, GatewayState
 from slotkeeper.gateway.outbox import start_delivery
 from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import log_expired, run_reaper
@@ -111,6 +111,8 @@ class App(FastAPI):
         if settings.api_auth_string:
             opened = frozenset({metrics_route.PATH}) if settings.metrics_open else frozenset()
             app = BasicAuth(app, auth_string=settings.api_auth_string, open_paths=opened)
+        if gateway is not None:  # CORS as the upstream answers it (Prefect's UI calls from its origin)
+            app = GatewayFront(app, gateway, settings.cors_origins)
         metrics: Metrics | None = getattr(self.state, "metrics", None)
         return RequestLog(
             app, access_log=settings.access_log, observe=metrics.request if metrics is not None else None

@@ -10,7 +10,10 @@ the upstream and deletes what the upstream acknowledged:
   two PostgreSQL processes never send the same events side by side.
 * **At least once, with the same ids.** A batch is deleted only once the upstream answered it
   2xx; anything else (unreachable, timeout, 5xx) leaves it queued and it is sent again, under
-  the same ids, after a backoff (doubling up to ``max_backoff``). Prefect's server stores an
+  the same ids, after a backoff (doubling up to ``max_backoff``). A batch refused as such (400,
+  413, 422: its size or an event in it) is split in halves until the event refused is alone,
+  which is then dropped from the outbox with an error line (it stays in slotkeeper's store):
+  resending it could never succeed, and it would hold every event behind it. Prefect's server stores an
   event id once: its publisher drops an id it has seen in the last 5 minutes
   (``server/utilities/messaging/memory.py``, ``deduplicate_by="id"``), and its persister inserts
   with ``ON CONFLICT DO NOTHING`` on PostgreSQL and skips stored ids on SQLite
@@ -61,7 +64,19 @@ COMMIT, COPY = "commit", "copy"
 
 
 class DeliveryFailed(Exception):
-    """The upstream did not take a batch (unreachable, timed out, or answered other than 2xx)."""
+    """The upstream did not take a batch (unreachable, timed out, or answered other than 2xx).
+
+    ``status``: the upstream's answer, None if there was none.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: Answers that refuse the batch itself (its size, an event in it), not the moment: sending the
+#: same batch again cannot succeed, so it is split until the event refused is alone.
+REFUSED = frozenset({400, 413, 422})
 
 
 class Upstream(Protocol):
@@ -104,7 +119,7 @@ class EventsEndpoint:
             async with self._session.post(self.url, data=body, headers=self.headers) as answer:
                 if answer.status // 100 != 2:
                     text = (await answer.text())[:300]
-                    raise DeliveryFailed(f"{self.url} answered {answer.status}: {text}")
+                    raise DeliveryFailed(f"{self.url} answered {answer.status}: {text}", answer.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DeliveryFailed(f"{self.url} unreachable: {exc!r}") from exc
 
@@ -122,6 +137,8 @@ class DeliveryStats:
     batches: int = 0
     failures: int = 0
     restarts: int = 0
+    #: Events the upstream refused for good (400/413/422 for the event alone), dropped.
+    refused: int = 0
     #: Seconds from the last delivered event's commit to its acknowledgement.
     lag: float = 0.0
     #: Whether this process holds the delivery lease now.
@@ -151,6 +168,8 @@ class Deliverer:
         self.contexts = contexts
         self.owner = owner or str(uuid.uuid4())
         self.batch = batch
+        #: The batch of the next pass: smaller while a refused batch is being split.
+        self._batch = batch
         self.lease_seconds = lease_seconds
         self.idle_seconds = idle_seconds
         self.max_backoff = max_backoff
@@ -188,8 +207,7 @@ class Deliverer:
         if wake_on is None:
             await asyncio.sleep(seconds)
             return
-        wake = self._wakes[wake_on]
-        wake.clear()
+        wake = self._wakes[wake_on]  # cleared by the pass, before it read anything
         try:
             await asyncio.wait_for(wake.wait(), seconds)
         except TimeoutError:
@@ -205,13 +223,15 @@ class Deliverer:
 
         Raises :class:`DeliveryFailed` or :class:`DatabaseUnavailable` (nothing was deleted).
         """
+        for wake in self._wakes.values():  # what happens from now on ends the next wait early
+            wake.clear()
         now = self.clock()
         if not self.stats.delivering or now >= self._renew_at:
             self.stats.delivering = await self.store.claim(self.owner, self.lease_seconds)
             self._renew_at = now + self.lease_seconds / 3
         if not self.stats.delivering:
             return self.lease_seconds / 3, None  # another process delivers; stand by
-        queued = await self.store.oldest(self.batch)
+        queued = await self.store.oldest(self._batch)
         ready: list[EventRecord] = []
         for item in queued:
             event = self.contexts.resolve(item.event, now)
@@ -219,8 +239,28 @@ class Deliverer:
                 break
             ready.append(event)
         if ready:
-            await self.upstream.send(ready)
+            try:
+                await self.upstream.send(ready)
+            except DeliveryFailed as exc:
+                if exc.status not in REFUSED:
+                    raise
+                if len(ready) > 1:  # split: the next pass sends the first half alone
+                    self._batch = max(len(ready) // 2, 1)
+                    raise
+                # One event the upstream refuses, whatever its moment: it stays in slotkeeper's own
+                # store, but delivering it would hold every event behind it forever.
+                log.error(
+                    "the upstream refused event %s (%s) for good; dropped from the outbox: %s",
+                    ready[0].id,
+                    ready[0].event,
+                    exc,
+                )
+                self.stats.refused += 1
+                await self.store.delivered([queued[0].seq])
+                self._batch = self.batch
+                return 0.0, None
             await self.store.delivered([item.seq for item in queued[: len(ready)]])
+            self._batch = min(self._batch * 2, self.batch)
             done = self.clock()
             self.stats.delivered += len(ready)
             self.stats.batches += 1
@@ -228,7 +268,7 @@ class Deliverer:
         if len(ready) < len(queued):  # the next one waits for its context, until its deadline
             head = queued[len(ready)].event
             return max(head.occurred + self.contexts.wait - self.clock(), 0.01), COPY
-        if queued and len(queued) == self.batch:
+        if queued and len(queued) == self._batch:
             return 0.0, None  # more behind: at once
         return self.idle_seconds, COMMIT
 

@@ -209,7 +209,7 @@ async def send_error(send: Send, status: int, code: str, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
@@ -236,7 +236,7 @@ async def _body(scope: Scope, receive: Receive, headers: CIMultiDict[str]) -> An
     """What aiohttp sends as the body: nothing, bytes read at once, or a stream (sent chunked)."""
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) <= BUFFERED_BODY_BYTES:
-        return await _read_body(receive) if int(length) else b""
+        return await read_body(receive) if int(length) else b""
     chunked = any(name.lower() == b"transfer-encoding" for name, _ in scope["headers"])
     if length is None and not chunked:
         return None  # no body announced (a GET, a DELETE)
