@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from slotkeeper.events.models import (
     EventFilter,
@@ -60,8 +63,8 @@ T = TypeVar("T")
 UPSTREAM_STARTUP_SECONDS = 120.0
 ACQUIRED = "prefect.concurrency-limit.acquired"
 RELEASED = "prefect.concurrency-limit.released"
-#: Bound on its stop before it is killed.
-UPSTREAM_STOP_SECONDS = 15.0
+#: Bound on its stop before it is killed (its state is on disk: a kill loses nothing we read).
+UPSTREAM_STOP_SECONDS = 5.0
 
 
 class PrefectServer(ServerProcess):
@@ -232,3 +235,20 @@ def outbox_drained(gateway: Server, upstream: PrefectServer) -> None:
     )
     # And the outbox lets go of what it delivered (a row goes once the upstream took its batch).
     wait_for(lambda: outbox_backlog(gateway) == 0, timeout=60, interval=0.25)
+
+
+def subscribe(gateway: Server, event_filter: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` events of a subscription to ``/api/events/out`` through the gateway,
+    as Prefect's events subscriber makes it (auth, then the filter with backfill: the stored
+    events come first)."""
+    url = "ws" + gateway.url.removeprefix("http") + "/events/out"
+    events: list[dict[str, Any]] = []
+    with connect(url, subprotocols=[Subprotocol("prefect")], open_timeout=10) as socket:
+        socket.send(json.dumps({"type": "auth", "token": None}))
+        assert json.loads(socket.recv(timeout=10)) == {"type": "auth_success"}
+        socket.send(json.dumps({"type": "filter", "filter": event_filter, "backfill": True}))
+        while len(events) < count:
+            message = json.loads(socket.recv(timeout=60))
+            assert message["type"] == "event", message
+            events.append(message["event"])
+    return events

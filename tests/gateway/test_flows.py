@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from tests.compat.conftest import RunPrefect, Server, results, value, wait_for
-from tests.gateway.conftest import ACQUIRED, RELEASED, PrefectServer, outbox_drained, own_slot_events
+from tests.gateway.conftest import (
+    ACQUIRED,
+    RELEASED,
+    PrefectServer,
+    outbox_drained,
+    own_slot_events,
+    subscribe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -232,3 +239,20 @@ def test_prefect_stores_each_slot_event_once_with_the_run_context(
             task_runs.update(related_ids(acquired, "task-run"))
     if limit.startswith("tag:"):
         assert task_runs == {f"prefect.task-run.{t}" for t in run["task_runs"]}
+
+
+def test_counts_and_a_subscription_through_the_gateway_see_each_slot_event_once(
+    flows: dict[str, Any], gateway: Server, upstream: PrefectServer
+) -> None:
+    _, resource = _limit(flows, gateway, f"tag:{TAG}")
+    own = own_slot_events(gateway, resource)
+    outbox_drained(gateway, upstream)
+    # count-by is the upstream's answer, the same through the gateway as directly.
+    count = {"filter": {"resource": {"id": [resource]}, "event": {"name": [ACQUIRED, RELEASED]}}}
+    through = gateway.http.post("/events/count-by/event", json=count)
+    assert through.status_code == 200, through.text
+    assert through.json() == upstream.http.post("/events/count-by/event", json=count).json()
+    assert {c["value"]: c["count"] for c in through.json()} == {ACQUIRED: TASKS, RELEASED: TASKS}
+    # A subscription (/api/events/out, with backfill) through the gateway: each slot event once.
+    subscribed = subscribe(gateway, count["filter"], 2 * TASKS)
+    assert Counter(e["id"] for e in subscribed) == Counter(e.id for e in own)
