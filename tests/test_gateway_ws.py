@@ -111,3 +111,27 @@ async def test_slotkeepers_own_websockets_are_not_relayed(gateway: Gateway) -> N
     ) as socket:
         assert socket.protocol == "slotkeeper.session.v1"
     assert gateway.upstream.requests == []
+
+
+async def test_the_upstream_going_away_closes_the_client_and_leaves_no_task(gateway: Gateway) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    async with gateway.http.ws_connect(_ws(gateway.url) + "/ws/echo") as socket:
+        await socket.send_str("hello")
+        assert await socket.receive_str(timeout=BOUND) == "echo:hello"
+        await gateway.upstream.stop()  # closes its websockets (1001, going away)
+        message = await socket.receive(timeout=BOUND)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert message.data in (1001, ws.TRY_AGAIN_LATER)
+    await _until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+
+
+async def test_many_relays_opened_and_dropped_leave_no_upstream_socket_open(gateway: Gateway) -> None:
+    async def one(i: int) -> None:
+        socket = await gateway.http.ws_connect(_ws(gateway.url) + "/events/in")
+        await socket.send_str(f"frame {i}")
+        assert await socket.receive_str(timeout=BOUND) == f"echo:frame {i}"
+        await socket.close()
+
+    for _ in range(5):
+        await asyncio.gather(*(one(i) for i in range(20)))
+    await _until(lambda: gateway.upstream.sockets_open == 0)
