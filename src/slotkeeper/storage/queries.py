@@ -59,6 +59,12 @@ SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM grants WHER
 ORDER BY id FOR_UPDATE
 """
 
+#: The limits a waiter waits for, locked (what granting or refusing it locks first).
+SELECT_LIMITS_OF_WAITER = f"""
+SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM waiter_limits WHERE waiter_id = :id)
+ORDER BY id FOR_UPDATE
+"""
+
 SELECT_LIMIT_BY_ID = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE id = :key FOR_UPDATE"
 
 SELECT_LIMIT_BY_NAME = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE name = :key FOR_UPDATE"

@@ -1,5 +1,4 @@
-"""Gateway mode: the outbox of events waiting for the upstream Prefect server, its lease, and the
-client copies shared between processes for their run context.
+"""Gateway mode: the outbox of events waiting for the upstream Prefect server, and its lease.
 
 Revision ID: 0007
 Revises: 0006
@@ -39,18 +38,8 @@ def upgrade() -> None:
         sa.Column("expires", sa.Double, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_outbox_lease"),
     )
-    op.create_table(
-        "outbox_copies",
-        sa.Column(
-            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
-        sa.Column("owner", sa.String(36), nullable=False),
-        sa.Column("copy", sa.Text, nullable=False),
-        sa.PrimaryKeyConstraint("seq", name="pk_outbox_copies"),
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("outbox_copies")
     op.drop_table("outbox_lease")
     op.drop_table("outbox")
