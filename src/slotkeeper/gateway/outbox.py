@@ -162,6 +162,7 @@ class Deliverer:
         max_backoff: float = 30.0,
         restart_seconds: float = 1.0,
         coalesce: float = 0.02,
+        pace: float = 0.05,
         share_copies: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -180,6 +181,9 @@ class Deliverer:
         self.stats = DeliveryStats()
         self._renew_at = 0.0
         self.coalesce = coalesce
+        #: Shortest wait before the next pass while an event waits for its context (a copy
+        #: arriving ends it sooner).
+        self.pace = pace
         #: Several processes (PostgreSQL): copies received while another process delivers are
         #: handed to it through the database (``outbox_copies``).
         self.share_copies = share_copies
@@ -296,7 +300,9 @@ class Deliverer:
             self.stats.lag = max(done - ready[-1].occurred, 0.0)
         if len(ready) < len(queued):  # the next one waits for its context, until its deadline
             head = queued[len(ready)].event
-            return max(head.occurred + self.contexts.wait - self.clock(), 0.01), COPY
+            # Not sooner than ``pace``: the events behind it are held for their own contexts
+            # too, and a pass per event would read the whole batch each time.
+            return max(head.occurred + self.contexts.wait - self.clock(), self.pace), COPY
         if queued and len(queued) == self._batch:
             return 0.0, None  # more behind: at once
         return self.idle_seconds, COMMIT
