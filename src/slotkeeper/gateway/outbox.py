@@ -192,13 +192,20 @@ class Deliverer:
         self._wakes = {COMMIT: asyncio.Event(), COPY: asyncio.Event()}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_pending = False
+        #: Sleeping until new events are committed (the only time a commit needs to wake it).
+        self._idle = False
+        #: Commits seen (any thread), and at the start of the last pass.
+        self._commits = 0
+        self._commits_at_pass = 0
 
     # --- wake-ups -------------------------------------------------------------------------------
 
     def committed(self, _events: object = None) -> None:
         """Events were committed (any thread): an idle deliverer delivers soon. One wake-up
-        scheduled at a time."""
-        if self._wake_pending or self._loop is None:
+        scheduled at a time, and none while the deliverer is busy or waits for a context (it
+        reads the outbox again anyway): under load, commits cost nothing here."""
+        self._commits += 1  # no lock: a lost increment only means one more pass
+        if not self._idle or self._wake_pending or self._loop is None:
             return
         self._wake_pending = True
         with contextlib.suppress(RuntimeError):  # the loop is closing
@@ -219,10 +226,15 @@ class Deliverer:
             await asyncio.sleep(seconds)
             return
         wake = self._wakes[wake_on]  # cleared by the pass, before it read anything
+        if wake_on == COMMIT and self._commits != self._commits_at_pass:
+            return  # events committed while the pass ran: no sleep
+        self._idle = wake_on == COMMIT
         try:
             await asyncio.wait_for(wake.wait(), seconds)
         except TimeoutError:
             return
+        finally:
+            self._idle = False
         await asyncio.sleep(self.coalesce)
 
     # --- client copies for the delivering process ---------------------------------------------
@@ -255,6 +267,7 @@ class Deliverer:
         """
         for wake in self._wakes.values():  # what happens from now on ends the next wait early
             wake.clear()
+        self._commits_at_pass = self._commits
         now = self.clock()
         if not self.stats.delivering or now >= self._renew_at:
             self.stats.delivering = await self.store.claim(self.owner, self.lease_seconds)
