@@ -15,9 +15,10 @@ import threading
 import uuid
 from collections.abc import Callable
 
+import orjson
 import pytest
 
-from slotkeeper.events.broker import INTERRUPTED, OVERFLOWED, Broker
+from slotkeeper.events.broker import INTERRUPTED, OVERFLOWED, OVERFLOWED_BYTES, Broker, event_bytes
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import Storage
 from slotkeeper.storage.rows import write_events
@@ -75,6 +76,41 @@ async def test_a_full_queue_cuts_off_that_subscriber_only_and_is_counted() -> No
     broker.publish([later])
     assert await narrow.next() == later
     assert narrow.ended is None
+
+
+async def test_a_queue_is_bounded_by_bytes_too() -> None:
+    """A few large events fill a queue long before its count (issue 11, defect 5)."""
+    big = [record("big", payload={"blob": "x" * 10_000}) for _ in range(4)]
+    small = record("small")
+    room = 2 * event_bytes(big[0]) + event_bytes(small)
+    broker = Broker(queue_size=1000, queue_bytes=room)
+    slow = broker.subscribe(lambda e: True)
+    narrow = broker.subscribe(lambda e: e.event == "small")
+    broker.publish([big[0], small, big[1], big[2], big[3]])
+    assert [await slow.next() for _ in range(4)] == [big[0], small, big[1], None]
+    assert slow.ended == OVERFLOWED_BYTES
+    assert broker.overflows == 1
+    assert await narrow.next() == small  # cut off alone
+    assert broker.subscribers == 1
+
+
+async def test_reading_gives_the_bytes_back() -> None:
+    event = record(payload={"blob": "x" * 1000})
+    broker = Broker(queue_size=1000, queue_bytes=event_bytes(event))
+    subscription = broker.subscribe(lambda e: True)
+    for _ in range(20):  # one event fits at a time, so each must have been given back
+        broker.publish([event])
+        assert subscription.queued_bytes == event_bytes(event)
+        assert subscription.get_nowait() == event
+        assert subscription.queued_bytes == 0
+    assert subscription.ended is None
+
+
+def test_event_bytes_is_about_the_json_size() -> None:
+    for payload in ({}, {"blob": "x" * 100_000}, {"n": list(range(1000))}):
+        event = record(payload=payload)
+        size = len(orjson.dumps(event.wire()))
+        assert size <= event_bytes(event) <= size + 512
 
 
 async def test_a_subscriber_that_drains_its_queue_is_never_cut_off() -> None:

@@ -524,7 +524,7 @@ criterion = st.one_of(
         exclude_name=st.lists(st.sampled_from(NAMES), max_size=2),
     ),
     one_of_keys("resource", id=resource_ids, id_prefix=prefixes, labels=spec_labels),
-    st.builds(lambda r: {"related": r}, st.one_of(one_related, st.lists(one_related, max_size=2))),
+    st.builds(lambda r: {"related": r}, st.one_of(one_related, st.lists(one_related, max_size=3))),
     st.builds(lambda a: {"any_resource": a}, st.one_of(one_any, st.lists(one_any, max_size=2))),
     st.builds(lambda i: {"id": {"id": i}}, st.lists(st.sampled_from(POOL), max_size=3)),
     st.builds(lambda q: {"text": {"query": q}}, text_query),

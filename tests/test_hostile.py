@@ -441,3 +441,30 @@ async def test_the_basic_auth_scheme_is_case_insensitive(
             for header in (f"{scheme} {credentials}", f"{scheme} {credentials[:-2]}"):
                 response = await http.post(f"{V2}/filter", headers={"Authorization": header})
                 assert response.status_code == (200 if header.endswith(credentials) else 401)
+
+
+# --- smaller: the OpenAPI document says what the server answers ------------------------------------
+
+
+async def test_the_openapi_document_lists_the_real_errors(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    paths = document["paths"]
+
+    def statuses(method: str, path: str) -> set[str]:
+        return set(paths[f"/api{path}"][method]["responses"])
+
+    assert {"401", "413", "422", "503", "404"} <= statuses("get", f"{V2}/{{id_or_name}}")
+    assert {"404", "409"} <= statuses("patch", f"{V2}/{{id_or_name}}")
+    assert "409" in statuses("post", f"{V2}/")
+    assert "423" in statuses("post", f"{V2}/increment-with-lease")
+    assert "410" in statuses("post", f"{V2}/leases/{{lease_id}}/renew")
+    assert "403" in statuses("get", "/events/filter/next")
+    increment = paths[f"/api{V2}/increment"]["post"]["responses"]
+    assert "Retry-After" in increment["423"]["headers"]
+    invalid = increment["422"]["content"]["application/json"]["schema"]["anyOf"]
+    assert {"$ref": "#/components/schemas/InvalidRequest"} in invalid
+    # What the server sends is that shape.
+    answer = (await client.post(f"{V2}/increment", json={})).json()
+    required = document["components"]["schemas"]["InvalidRequest"]["required"]
+    assert set(required) <= set(answer)

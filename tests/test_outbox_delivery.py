@@ -18,9 +18,18 @@ from aiohttp import web
 from slotkeeper.events import builders
 from slotkeeper.events.models import EventRecord
 from slotkeeper.gateway.context import RunContexts, client_copy
-from slotkeeper.gateway.outbox import COMMIT, COPY, Deliverer, DeliveryFailed, EventsEndpoint, wire
+from slotkeeper.gateway.outbox import (
+    COMMIT,
+    COPY,
+    OUTBOX_LOOP,
+    Deliverer,
+    DeliveryFailed,
+    EventsEndpoint,
+    wire,
+)
 from slotkeeper.models import Holder, LimitSpec
 from slotkeeper.storage import Storage
+from slotkeeper.supervisor import Supervisor
 from tests.conftest import FakeClock, free_port, take
 from tests.test_gateway_events import LIMIT
 
@@ -208,12 +217,14 @@ async def test_the_task_restarts_after_a_bug_and_frees_its_lease_when_cancelled(
             await super().send(events)
 
     upstream = Once()
-    d = deliverer(storage, upstream, clock, owner="a", restart_seconds=0.01)
+    supervisor = Supervisor(max_failures=1, first_delay=0.01)
+    d = deliverer(storage, upstream, clock, owner="a", supervisor=supervisor)
     task = asyncio.create_task(d.run())
     async with asyncio.timeout(DEADLINE):
         while not upstream.sent:
             await asyncio.sleep(0.01)
     assert d.stats.restarts == 1
+    assert OUTBOX_LOOP in supervisor.problems()  # reported where /api/ready looks
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

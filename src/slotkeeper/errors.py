@@ -10,6 +10,7 @@
     ├── StorageClosed               the server is shutting down (503)
     ├── ShuttingDown                503 to a waiting request at shutdown: retry (its place is kept)
     ├── DatabaseUnavailable         the database cannot serve the request now (503)
+    ├── QueryTimeout                an events query ran past its time and was stopped (504)
     └── ClientError                 raised by clients of the API (CLI, SDK)
         ├── ServerUnreachable       the server could not be reached at all
         └── ApiError                the server answered with an error status
@@ -40,6 +41,11 @@ CODES: dict[str, tuple[int, str]] = {
         "or a limit deleted while the request waited",
     ),
     "csrf_disabled": (422, "`GET /api/csrf-token`: CSRF protection is off (as a default Prefect server)"),
+    "filter_too_large": (
+        422,
+        "an events filter beyond `SLOTKEEPER_EVENTS_FILTER_*` (too many values or entries, or too "
+        "long a value); `detail` names the field",
+    ),
     "limit_not_found": (404, "no limit (or tag limit) with this id, name or tag"),
     "route_not_found": (404, "no such path: is the API URL's `/api` prefix there?"),
     "method_not_allowed": (405, "the path exists, not with this method"),
@@ -59,6 +65,15 @@ CODES: dict[str, tuple[int, str]] = {
     "session_busy": (429, "a session runs 4096 requests already; `Retry-After` says when to try again"),
     "database_unavailable": (503, "the database cannot be reached now; `Retry-After` says when to try again"),
     "shutting_down": (503, "the server is stopping; `Retry-After` says when to try again (elsewhere)"),
+    "not_ready": (
+        503,
+        "`GET /api/ready`: a background loop keeps failing (`failing` names them); see the log",
+    ),
+    "query_timeout": (
+        504,
+        "an events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS` and was stopped: "
+        "narrow the filter (its `occurred` range first)",
+    ),
     "upstream_unavailable": (502, "gateway: the upstream Prefect server could not be reached or broke off"),
     "upstream_timeout": (504, "gateway: the upstream Prefect server did not answer in time"),
     "internal_error": (500, "a bug in the server; its log has the traceback"),
@@ -147,6 +162,19 @@ class DatabaseUnavailable(SlotkeeperError):
     from the driver's error (``raise ... from``), so nothing above storage knows the drivers."""
 
     code = "database_unavailable"
+
+
+class QueryTimeout(SlotkeeperError):
+    """An events query ran longer than ``SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS`` and the
+    database stopped it (504): retrying the same query would only fail the same way."""
+
+    code = "query_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The events query ran longer than {seconds:g} s and was stopped; "
+            "narrow the filter (its occurred range first)"
+        )
 
 
 class ClientError(SlotkeeperError):

@@ -17,9 +17,18 @@ from slotkeeper.storage.tx import Commit
 log = logging.getLogger("slotkeeper.reaper")
 
 
+#: The reaper's name among the supervised loops (``storage.supervisor``).
+REAPER = "reaper"
+
+
 async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
     """Reap forever: a full batch goes again at once, otherwise the next pass starts
-    ``interval`` after this one started (not after it ended), so lateness stays near the interval."""
+    ``interval`` after this one started (not after it ended), so lateness stays near the interval.
+
+    A failed pass is reported to ``storage.supervisor`` (logged, counted for readiness) and the
+    next one waits the supervisor's backoff: a database that keeps failing is not retried four
+    times a second, each with its traceback.
+    """
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
@@ -28,9 +37,9 @@ async def run_reaper(storage: Storage, interval: float, batch: int) -> None:
             await storage.sweep_waiters()
         except asyncio.CancelledError:
             raise
-        except Exception:  # a database hiccup must not stop the reaper
-            log.exception("reaper pass failed; retrying")
-            ended = 0
+        except Exception as exc:  # a database hiccup must not stop the reaper
+            await asyncio.sleep(storage.supervisor.failure(REAPER, exc))
+            continue
         if ended:
             log.debug("reaped %d expired lease(s)", ended)
         if ended < batch:

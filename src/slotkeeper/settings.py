@@ -5,18 +5,25 @@ Every knob of the server is a field here; nothing else reads the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 
 def _upstream_url(url: str) -> str:
     """``url`` checked as an upstream's API URL (http or https, with a host), without its last ``/``."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises on a port out of range)
+        host = URL(parts.geturl()).host if parts.scheme in ("http", "https") else None
+    except ValueError as exc:
+        raise ValueError(f"upstream_url is not a URL ({exc}): {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host or not re.fullmatch(r"[^\s/<>\"{}|\\^`]+", host):
         raise ValueError(f"upstream_url must be an http:// or https:// URL with a host, not {url!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"upstream_url must not have a query or fragment: {url!r}")
@@ -124,6 +131,70 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Most limit names (or tags) one acquire or release may name; more is a 422.",
     )
+
+    websocket_auth_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How long an events websocket may take to send its handshake messages (auth, "
+        "then filter) before it is closed with 1008.",
+    )
+
+    events_subscriber_queue_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of events (about their JSON size) a live subscriber may lag before it "
+        "is cut off, whichever of this and events_subscriber_queue_size comes first.",
+    )
+
+    events_filter_max_values: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Values in one list of an events filter (ids, prefixes, names, roles, pairs, "
+        "event ids, one label's patterns) and labels in one labels object; more is a 422.",
+    )
+    events_filter_max_resource_filters: int = Field(
+        default=16,
+        ge=1,
+        le=100,
+        description="Entries in an events filter's related list, and in its any_resource list.",
+    )
+    events_filter_max_string_length: int = Field(
+        default=1024,
+        ge=16,
+        le=1_000_000,
+        description="Characters in one value, label name or label pattern of an events filter.",
+    )
+
+    events_pool_size: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Connections (and threads) of the pool that runs event queries, apart from "
+        "the pool of acquisitions: slow event queries can never hold up an acquire.",
+    )
+    events_query_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long one event query may run before the database stops it (504 query_timeout).",
+    )
+
+    background_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failures of one background loop (reaper, retention, event listener, "
+        "checkpointer) within the window that make GET /api/ready answer 503.",
+    )
+    background_failure_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="The window in which background_max_failures are counted.",
+    )
+
     upstream_url: str | None = Field(
         default=None,
         description="Gateway mode: the API URL of the Prefect server behind slotkeeper "

@@ -9,6 +9,7 @@ from slotkeeper.api.responses import json_response
 from slotkeeper.gateway import GatewayState
 from slotkeeper.gateway.proxy import forwarding_headers
 from slotkeeper.settings import Settings
+from slotkeeper.storage import Storage
 
 #: The Prefect API version slotkeeper speaks. Prefect's clients refuse another major version.
 PREFECT_API_VERSION = "3.8.8"
@@ -28,7 +29,15 @@ def hot_router(settings: Settings) -> APIRouter:
 
 
 @router.get("/ready", summary="Readiness")
-async def ready() -> Response:
+async def ready(request: Request) -> Response:
+    """OK, or 503 ``not_ready`` while a background loop keeps failing (``slotkeeper.supervisor``):
+    the loops that fail and how often, in the detail."""
+    storage: Storage | None = getattr(request.app.state, "storage", None)
+    problems = storage.supervisor.problems() if storage is not None else {}
+    if problems:
+        failing = ", ".join(f"{name} ({count} failures)" for name, count in sorted(problems.items()))
+        detail = f"Background loops keep failing: {failing}; see the server's log."
+        return json_response({"detail": detail, "code": "not_ready", "failing": problems}, 503)
     return json_response({"message": "OK"})
 
 

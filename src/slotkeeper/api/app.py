@@ -40,10 +40,10 @@ from slotkeeper.events.models import EventRecord
 from slotkeeper.gateway import Gateway, GatewayFront, GatewayState
 from slotkeeper.gateway.outbox import start_delivery
 from slotkeeper.metrics import Metrics
-from slotkeeper.reaper import log_expired, run_reaper
+from slotkeeper.reaper import REAPER, log_expired, run_reaper
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
-from slotkeeper.storage.events import run_retention
+from slotkeeper.storage.events import RETENTION, run_retention
 
 API_PREFIX = "/api"
 
@@ -163,7 +163,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             url = settings.resolved_database_url
             await asyncio.to_thread(migrate, url)
             app.state.storage = await asyncio.to_thread(
-                open_storage, url, pool_size=settings.pool_size, retry_policy=retry_policy(settings)
+                open_storage,
+                url,
+                pool_size=settings.pool_size,
+                retry_policy=retry_policy(settings),
+                events_pool_size=settings.events_pool_size,
+                events_query_timeout=settings.events_query_timeout_seconds,
             )
         else:
             app.state.storage = storage
@@ -175,7 +180,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         delivery = start_delivery(store, settings) if gateway is not None else None
         if owned:
             freeze_startup_objects()
-        broker = Broker(settings.events_subscriber_queue_size)
+        broker = Broker(settings.events_subscriber_queue_size, settings.events_subscriber_queue_bytes)
         app.state.broker = broker
         app.state.events = store.event_store()
         loop = asyncio.get_running_loop()
@@ -200,16 +205,27 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             unobserve.append(metrics.attach(store, broker))
             if delivery is not None:
                 unobserve.append(metrics.attach_outbox(delivery.deliverer, delivery.copies))
+        # Every background loop runs under the storage's supervisor: restarted if it dies,
+        # its failures logged and counted, and /api/ready fails while one keeps failing.
+        supervisor = store.supervisor
+        supervisor.max_failures = settings.background_max_failures
+        supervisor.window = settings.background_failure_window_seconds
         jobs = [
             asyncio.create_task(
-                run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
+                supervisor.keep(
+                    REAPER,
+                    lambda: run_reaper(store, settings.reaper_interval_seconds, settings.reaper_batch_size),
+                ),
                 name="slotkeeper-reaper",
             ),
             asyncio.create_task(
-                run_retention(
-                    app.state.events,
-                    settings.events_retention_seconds,
-                    settings.events_retention_interval_seconds,
+                supervisor.keep(
+                    RETENTION,
+                    lambda: run_retention(
+                        app.state.events,
+                        settings.events_retention_seconds,
+                        settings.events_retention_interval_seconds,
+                    ),
                 ),
                 name="slotkeeper-retention",
             ),

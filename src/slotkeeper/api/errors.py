@@ -25,6 +25,7 @@ from slotkeeper.api.responses import json_response
 from slotkeeper.errors import (
     DatabaseUnavailable,
     DomainError,
+    QueryTimeout,
     ShuttingDown,
     SlotkeeperError,
     SlotsUnavailable,
@@ -117,6 +118,11 @@ async def _database(request: Request, exc: Exception) -> Response:
     return json_response(body, 503, {"Retry-After": "1"})
 
 
+async def _query_timeout(request: Request, exc: Exception) -> Response:
+    log.warning("events query stopped on %s %s: %s", request.method, request.url.path, exc)
+    return json_response({"detail": str(exc), "code": "query_timeout"}, 504)
+
+
 async def _shutting_down(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ShuttingDown)
     body: dict[str, Any] = {"detail": exc.detail, "code": exc.code}
@@ -150,6 +156,7 @@ def _table() -> dict[type[Exception], Handler]:
         # drivers' errors), and while it closes.
         DatabaseUnavailable: _database,
         StorageClosed: _database,
+        QueryTimeout: _query_timeout,
         ClientDisconnect: _disconnected,
     }
     table[Exception] = _bug

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from slotkeeper.api.responses import json_response
 from slotkeeper.events import filters
 from slotkeeper.events.models import MAX_EVENT_SIZE_BYTES, Event, EventFilter, EventRecord
+from slotkeeper.settings import Settings
 from slotkeeper.storage.events import (
     Countable,
     EventStore,
@@ -65,6 +66,21 @@ class CountRequest(BaseModel):
 
 class InvalidPageToken(Exception):
     """A page token that does not hold a valid query (403)."""
+
+
+def filter_bounds(settings: Settings) -> filters.FilterBounds:
+    """The bounds of an events filter these settings set (``SLOTKEEPER_EVENTS_FILTER_*``)."""
+    return filters.FilterBounds(
+        max_values=settings.events_filter_max_values,
+        max_resource_filters=settings.events_filter_max_resource_filters,
+        max_string_length=settings.events_filter_max_string_length,
+    )
+
+
+def _checked(request: Request, event_filter: EventFilter) -> EventFilter:
+    """``event_filter``, or :class:`~slotkeeper.events.filters.FilterTooLarge` (422)."""
+    filters.check_bounds(event_filter, filter_bounds(request.app.state.settings))
+    return event_filter
 
 
 def _store(request: Request) -> EventStore:
@@ -157,7 +173,7 @@ async def create_events(request: Request, events: list[Event]) -> Response:
 async def read_events(request: Request, body: FilterRequest | None = None) -> Response:
     body = body or FilterRequest()
     store = _store(request)
-    event_filter = filters.with_defaults(body.filter or EventFilter(), store.clock())
+    event_filter = filters.with_defaults(_checked(request, body.filter or EventFilter()), store.clock())
     events, total = await store.query(event_filter, body.limit, 0)
     return _page(request, events, total, page_token(event_filter, total, body.limit, body.limit))
 
@@ -166,7 +182,9 @@ async def read_events(request: Request, body: FilterRequest | None = None) -> Re
 async def read_events_next_page(request: Request, token: str = Query(alias="page-token")) -> Response:
     try:
         event_filter, count, size, offset = read_page_token(token)
-    except InvalidPageToken:
+        # Tokens are not signed: one this server issued held a filter within the bounds.
+        filters.check_bounds(event_filter, filter_bounds(request.app.state.settings))
+    except (InvalidPageToken, filters.FilterTooLarge):
         return json_response({"detail": "Forbidden", "code": "invalid_page_token"}, 403)
     events, _ = await _store(request).query(event_filter, size, offset, with_total=False)
     return _page(request, events, count, page_token(event_filter, count, size, offset + size))
@@ -175,7 +193,7 @@ async def read_events_next_page(request: Request, token: str = Query(alias="page
 @router.post("/count-by/{countable}", summary="Count events by day, time, name or resource")
 async def count_events(request: Request, countable: Countable, body: CountRequest) -> Response:
     store = _store(request)
-    event_filter = filters.with_defaults(body.filter, store.clock())
+    event_filter = filters.with_defaults(_checked(request, body.filter), store.clock())
     try:
         counts = await store.count_by(countable, event_filter, body.time_unit, body.time_interval)
     except InvalidCountRequest as exc:

@@ -58,6 +58,17 @@ UNAUTHORIZED = {
     "required": ["exception_message", "code"],
 }
 
+#: One event of a ``text/event-stream`` answer (docs/api.md, "Live views").
+SERVER_SENT_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "description": "JSON"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}
 }
@@ -78,6 +89,7 @@ def _answer(description: str, schema: str | list[str], headers: bool = False) ->
 
 #: The answer of each error status.
 ANSWERS: dict[str, dict[str, Any]] = {
+    "400": _answer("The body could not be read as JSON (FastAPI's routes)", "Error"),
     "401": _answer("Missing or wrong basic auth (`SLOTKEEPER_API_AUTH_STRING`)", "Unauthorized"),
     "403": _answer("A page token this server did not issue", "Error"),
     "404": _answer("No such limit (or tag limit)", "Error"),
@@ -87,6 +99,7 @@ ANSWERS: dict[str, dict[str, Any]] = {
     "422": _answer("The request is invalid: Prefect's shape, or a `detail`", ["InvalidRequest", "Error"]),
     "423": _answer("The slots are taken now", "Error", headers=True),
     "503": _answer("The database is unavailable, or the server is stopping", "Error", headers=True),
+    "504": _answer("An events query ran longer than `SLOTKEEPER_EVENTS_QUERY_TIMEOUT_SECONDS`", "Error"),
 }
 
 #: Every operation can be refused by auth, the body cap and validation, and the database.
@@ -115,7 +128,9 @@ STATUSES: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", f"{_V1}/tag/{{tag}}/reset"): ("404",),
     ("post", f"{_V1}/increment"): ("423",),
     ("get", "/api/live/limits/{id_or_name}"): ("404",),
-    ("get", "/api/events/filter/next"): ("403",),
+    ("post", "/api/events/filter"): ("504",),
+    ("get", "/api/events/filter/next"): ("403", "504"),
+    ("post", "/api/events/count-by/{countable}"): ("504",),
 }
 #: Successes FastAPI cannot see (a route that answers one of two statuses).
 SUCCESSES: dict[tuple[str, str], tuple[str, str]] = {
@@ -138,11 +153,13 @@ def document_errors(document: dict[str, Any]) -> dict[str, Any]:
             key = (method, path)
             responses: dict[str, Any] = operation.setdefault("responses", {})
             statuses = ("401", "503") if key in _OPEN else COMMON
-            for status in (*statuses, *STATUSES.get(key, ())):
+            # FastAPI's own routes answer 400 to a body they cannot decode (the hot routes 422).
+            unreadable = ("400",) if "requestBody" in operation else ()
+            for status in (*statuses, *unreadable, *STATUSES.get(key, ())):
                 responses[status] = ANSWERS[status]
             if key in SUCCESSES:
                 status, description = SUCCESSES[key]
                 responses[status] = {**responses.get("200", {}), "description": description}
             if key in STREAMS:
-                responses["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+                responses["200"]["content"] = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
     return document

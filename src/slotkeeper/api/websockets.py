@@ -7,8 +7,13 @@ subprotocol it is accepted in legacy mode only when no auth is configured.
 ``/out`` subscribes to the live stream *before* it backfills from the store, then skips live
 events it already sent, so nothing falls in between and nothing is sent twice. Unlike Prefect,
 the whole filter (``related`` included) applies to the live stream. A subscriber that falls
-``events_subscriber_queue_size`` events behind is disconnected with close code 1013 and a
-reason, and counted; it never slows the server down.
+``events_subscriber_queue_size`` events (or ``events_subscriber_queue_bytes`` bytes) behind is
+disconnected with close code 1013 and a reason, and counted; it never slows the server down.
+
+Bounds on what a client may make the server hold (docs/configuration.md#resource-bounds): the
+handshake messages (``auth``, then ``/out``'s ``filter``) must arrive within
+``websocket_auth_timeout_seconds`` of the upgrade (else close 1008), so unauthenticated sockets
+cannot pile up; a binary frame, which neither endpoint speaks, closes with 1003.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from slotkeeper.api.events import filter_bounds
+from slotkeeper.errors import QueryTimeout
 from slotkeeper.events import filters
-from slotkeeper.events.broker import OVERFLOWED, Broker, Subscription
+from slotkeeper.events.broker import OVERFLOWED, OVERFLOWED_BYTES, Broker, Subscription
 from slotkeeper.events.models import Event, EventFilter, EventOrder, EventRecord, check_size
 from slotkeeper.settings import Settings
 from slotkeeper.storage.events import EventStore, unstorable
@@ -40,6 +47,7 @@ POLICY_VIOLATION = 1008
 PROTOCOL_ERROR = 1002
 INVALID_DATA = 1007
 TRY_AGAIN_LATER = 1013
+UNSUPPORTED_DATA = 1003
 BACKFILL_PAGE_SIZE = 250
 
 
@@ -54,8 +62,19 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         await websocket.close(code, reason=_reason(reason))
 
 
+class BinaryFrame(Exception):
+    """The client sent a binary frame where these endpoints take JSON text (close 1003)."""
+
+
+class HandshakeTimeout(Exception):
+    """The handshake messages did not arrive within ``websocket_auth_timeout_seconds`` (1008)."""
+
+
 async def accept(websocket: WebSocket, settings: Settings) -> bool:
-    """Prefect's handshake; True when the socket is open and authenticated."""
+    """Prefect's handshake; True when the socket is open and authenticated.
+
+    :class:`HandshakeTimeout` when the auth message is not there within the setting's deadline
+    (the caller closes the socket: see :func:`_refuse`)."""
     offered = [
         part.strip()
         for header in websocket.headers.getlist("sec-websocket-protocol")
@@ -69,7 +88,7 @@ async def accept(websocket: WebSocket, settings: Settings) -> bool:
         await websocket.accept()  # legacy clients: no handshake messages
         return True
     await websocket.accept(subprotocol="prefect")
-    message = await _receive_json(websocket)
+    message = await _handshake_message(websocket, settings)
     if not isinstance(message, dict) or message.get("type") != "auth":
         await _close(websocket, POLICY_VIOLATION, "Expected 'auth' message")
         return False
@@ -85,12 +104,40 @@ async def accept(websocket: WebSocket, settings: Settings) -> bool:
     return True
 
 
+async def _receive_text(websocket: WebSocket) -> str:
+    """The next text frame: :class:`BinaryFrame` for a binary one (Starlette's
+    ``receive_text`` would raise ``KeyError``), ``WebSocketDisconnect`` when the client left."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if text is None:
+        raise BinaryFrame
+    return str(text)
+
+
 async def _receive_json(websocket: WebSocket) -> Any:
-    text = await websocket.receive_text()
     try:
-        return orjson.loads(text)
+        return orjson.loads(await _receive_text(websocket))
     except orjson.JSONDecodeError:
         return None
+
+
+async def _handshake_message(websocket: WebSocket, settings: Settings) -> Any:
+    """A handshake message (``auth``, ``filter``), read within the handshake's deadline."""
+    try:
+        async with asyncio.timeout(settings.websocket_auth_timeout_seconds):
+            return await _receive_json(websocket)
+    except TimeoutError:
+        raise HandshakeTimeout from None
+
+
+async def _refuse(websocket: WebSocket, exc: BinaryFrame | HandshakeTimeout, settings: Settings) -> None:
+    if isinstance(exc, BinaryFrame):
+        await _close(websocket, UNSUPPORTED_DATA, "Binary frames are not supported: send JSON text")
+    else:
+        seconds = settings.websocket_auth_timeout_seconds
+        await _close(websocket, POLICY_VIOLATION, f"Handshake not completed within {seconds:g} s")
 
 
 @router.websocket("/events/in")
@@ -102,7 +149,7 @@ async def events_in(websocket: WebSocket) -> None:
         if not await accept(websocket, settings):
             return
         while True:
-            text = await websocket.receive_text()
+            text = await _receive_text(websocket)
             try:
                 event = Event.model_validate_json(text)
                 check_size(event)
@@ -115,6 +162,8 @@ async def events_in(websocket: WebSocket) -> None:
                 await _close(websocket, INVALID_DATA, f"Invalid event: {problem}")
                 return
             await store.ingest([record])
+    except (BinaryFrame, HandshakeTimeout) as exc:
+        await _refuse(websocket, exc, settings)
     except WebSocketDisconnect:
         return
 
@@ -136,7 +185,7 @@ async def events_out(websocket: WebSocket) -> None:
     try:
         if not await accept(websocket, settings):
             return
-        message = await _receive_json(websocket)
+        message = await _handshake_message(websocket, settings)
         if not isinstance(message, dict) or message.get("type") != "filter":
             await _close(websocket, PROTOCOL_ERROR, "Expected 'filter' message")
             return
@@ -144,6 +193,11 @@ async def events_out(websocket: WebSocket) -> None:
             event_filter = EventFilter.model_validate(message.get("filter") or {})
         except ValidationError as exc:
             await _close(websocket, PROTOCOL_ERROR, f"Invalid filter: {_first_error(exc)}")
+            return
+        try:
+            filters.check_bounds(event_filter, filter_bounds(settings))
+        except filters.FilterTooLarge as exc:
+            await _close(websocket, POLICY_VIOLATION, f"Filter too large: {exc.detail}")
             return
         if "until" not in ((message.get("filter") or {}).get("occurred") or {}):
             # An unbounded subscription: Prefect's default ``until`` (now) would end the live
@@ -153,7 +207,7 @@ async def events_out(websocket: WebSocket) -> None:
         event_filter.occurred.since = max(event_filter.occurred.since, earliest)
         event_filter.order = EventOrder.ASC
 
-        subscription = broker.subscribe(lambda record: filters.matches(event_filter, record))
+        subscription = broker.subscribe(filters.matcher(event_filter))
         try:
             sent: set[str] = set()
             if message.get("backfill", True):
@@ -171,6 +225,10 @@ async def events_out(websocket: WebSocket) -> None:
             await _stream(websocket, broker, subscription, sent)
         finally:
             broker.unsubscribe(subscription)
+    except (BinaryFrame, HandshakeTimeout) as exc:
+        await _refuse(websocket, exc, settings)
+    except QueryTimeout as exc:  # the backfill's query ran past its deadline
+        await _close(websocket, POLICY_VIOLATION, str(exc))
     except WebSocketDisconnect:
         return
 
@@ -203,6 +261,8 @@ async def _stream(websocket: WebSocket, broker: Broker, subscription: Subscripti
             if record is None:
                 if subscription.ended == OVERFLOWED:
                     reason = f"Subscriber too slow: more than {broker.queue_size} events queued"
+                elif subscription.ended == OVERFLOWED_BYTES:
+                    reason = f"Subscriber too slow: more than {broker.queue_bytes} bytes queued"
                 else:
                     reason = "Event stream interrupted; subscribe again to backfill"
                 await _close(websocket, TRY_AGAIN_LATER, reason)

@@ -1,7 +1,11 @@
 """One :class:`~slotkeeper.events.models.EventFilter`, two evaluators that agree.
 
-* :func:`matches` decides in Python whether one event passes: the live websocket stream uses it.
-  Unlike Prefect, whose live stream ignores ``related``, every criterion applies.
+* :func:`matcher` compiles the filter once into a :class:`Matcher` that decides in Python
+  whether one event passes (:func:`matches` for one event): the live websocket stream uses it, on
+  the event loop, for every event. Unlike Prefect, whose live stream ignores ``related``, every
+  criterion applies. Its cost per event is bounded: id lists are sets, label patterns are matched
+  in one pass (:class:`Glob`), and :func:`check_bounds` refuses filters beyond
+  :class:`FilterBounds` before either evaluator sees them.
 * :func:`compile` turns the filter into a SQL condition over ``events e`` (with subqueries on
   ``event_resources r``) for SQLite or PostgreSQL: the store uses it.
 
@@ -35,6 +39,7 @@ on both backends (SQLite ``GLOB``, PostgreSQL ``LIKE``), as in Python.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,10 +47,10 @@ from typing import Any, TypeVar
 
 import orjson
 
+from slotkeeper.errors import InvalidRequest
 from slotkeeper.events.models import (
     EventAnyResourceFilter,
     EventFilter,
-    EventNameFilter,
     EventOccurredFilter,
     EventRecord,
     EventRelatedFilter,
@@ -54,9 +59,15 @@ from slotkeeper.events.models import (
 )
 
 __all__ = [
+    "FilterBounds",
+    "FilterTooLarge",
+    "Glob",
+    "Matcher",
     "TextQuery",
+    "check_bounds",
     "compile",
     "glob_matches",
+    "matcher",
     "matches",
     "parse_text_query",
     "search_text",
@@ -176,45 +187,93 @@ def parse_text_query(query: str) -> TextQuery:
     return TextQuery(tuple(include), tuple(exclude), tuple(required))
 
 
-def _text_matches(query: TextQuery, text: str) -> bool:
-    if query.include and not any(term.lower() in text for term in query.include):
-        return False
-    if any(term.lower() in text for term in query.exclude):
-        return False
-    return all(term.lower() in text for term in query.required)
+class _Segment:
+    """A run of a glob pattern between two ``*``: literal characters and ``?``, of fixed length.
+
+    A literal segment is found with ``str.find``/``str.startswith`` (linear: CPython's two-way
+    search for long needles); one with ``?`` with a compiled regular expression of literals and
+    ``.`` only, which never backtracks past the segment's own length.
+    """
+
+    __slots__ = ("length", "literal", "regex")
+
+    def __init__(self, text: str) -> None:
+        self.length = len(text)
+        self.literal: str | None = text if "?" not in text else None
+        self.regex = (
+            None
+            if self.literal is not None
+            else re.compile("".join("." if c == "?" else re.escape(c) for c in text), re.DOTALL)
+        )
+
+    def at(self, value: str, position: int) -> bool:
+        """Does the segment match ``value`` at ``position`` exactly?"""
+        if self.literal is not None:
+            return value.startswith(self.literal, position)
+        assert self.regex is not None
+        return self.regex.match(value, position) is not None
+
+    def find(self, value: str, start: int, end: int) -> int:
+        """The leftmost position in ``value[start:end]`` where the segment matches, or -1."""
+        if self.literal is not None:
+            return value.find(self.literal, start, end)
+        assert self.regex is not None
+        found = self.regex.search(value, start, end)
+        return -1 if found is None else found.start()
 
 
-def _wildcard(pattern: str, value: str) -> bool:
-    """``*``/``?`` matching in O(len(pattern) x len(value)) at worst: no regex backtracking."""
-    if "*" not in pattern and "?" not in pattern:
-        return pattern == value
-    p = v = 0
-    star, mark = -1, 0
-    while v < len(value):
-        if p < len(pattern) and (pattern[p] == "?" or (pattern[p] != "*" and pattern[p] == value[v])):
-            p += 1
-            v += 1
-        elif p < len(pattern) and pattern[p] == "*":
-            star, mark = p, v
-            p += 1
-        elif star >= 0:
-            p = star + 1
-            mark += 1
-            v = mark
-        else:
+class Glob:
+    """One label pattern compiled: ``*`` any run of characters, ``?`` exactly one, a leading
+    ``!`` negates; a missing value never matches.
+
+    Matching is one pass over the value: the first segment is anchored at its start, the last at
+    its end, and each one between is found leftmost after the previous one (which is enough: a
+    later match of a middle segment only leaves less room for the next). So a 3 KB pattern
+    against a 30 KB label costs a few string searches, not the 15 s of a backtracking matcher.
+    """
+
+    __slots__ = ("exact", "first", "last", "middle", "minimum", "negated")
+
+    def __init__(self, pattern: str) -> None:
+        self.negated = pattern.startswith("!")
+        body = pattern[1:] if self.negated else pattern
+        self.exact: str | None = body if "*" not in body and "?" not in body else None
+        parts = body.split("*")
+        self.first = _Segment(parts[0])
+        self.last = _Segment(parts[-1]) if len(parts) > 1 else None
+        self.middle = [_Segment(p) for p in parts[1:-1] if p]
+        self.minimum = sum(len(p) for p in parts)
+
+    def _matches(self, value: str) -> bool:
+        if self.exact is not None:
+            return value == self.exact
+        if self.last is None:  # no star: ``?`` only, so the length is fixed
+            return len(value) == self.first.length and self.first.at(value, 0)
+        end = len(value) - self.last.length
+        if len(value) < self.minimum or not self.first.at(value, 0) or not self.last.at(value, end):
             return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
+        position = self.first.length
+        for segment in self.middle:
+            found = segment.find(value, position, end)
+            if found < 0:
+                return False
+            position = found + segment.length
+        return True
+
+    def __call__(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        return self._matches(value) is not self.negated
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> Glob:
+    return Glob(pattern)
 
 
 def glob_matches(pattern: str, value: str | None) -> bool:
     """Does ``value`` match one label pattern? ``!`` negates; a missing value never matches."""
-    if value is None:
-        return False
-    if pattern.startswith("!"):
-        return not _wildcard(pattern[1:], value)
-    return _wildcard(pattern, value)
+    return _glob(pattern)(value)
 
 
 def _values(spec: str | list[str]) -> list[str]:
@@ -227,81 +286,251 @@ def _listed(value: T | list[T] | None) -> list[T]:
     return value if isinstance(value, list) else [value]
 
 
+# --- bounds -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FilterBounds:
+    """How large a filter may be (``SLOTKEEPER_EVENTS_FILTER_*``): what one filter may cost the
+    live stream (every event, on the event loop) and the store (its SQL) is bounded by these.
+
+    * ``max_values``: values in one list (ids, prefixes, names, roles, ``resources_in_roles``
+      pairs, event ids, one label's patterns) and labels in one ``labels`` object;
+    * ``max_resource_filters``: entries in ``related``, and in ``any_resource``;
+    * ``max_string_length``: characters in any one value, label name or pattern;
+    * ``max_wildcard_run``: characters in a run of a label pattern that holds a ``?`` between two
+      ``*`` (or an end). Literal runs are found in linear time; a run with ``?`` costs up to its
+      length per character of the label (:class:`_Segment`), so it is kept short: 64 allows a
+      UUID written with ``?`` and keeps the worst case near 0.1 s for a 1.5 MB label.
+    """
+
+    max_values: int = 1000
+    max_resource_filters: int = 16
+    max_string_length: int = 1024
+    max_wildcard_run: int = 64
+
+
+class FilterTooLarge(InvalidRequest):
+    """A filter beyond :class:`FilterBounds` (422, code ``filter_too_large``)."""
+
+    code = "filter_too_large"
+
+
+def check_bounds(event_filter: EventFilter, bounds: FilterBounds) -> None:
+    """Refuse a filter beyond ``bounds`` with :class:`FilterTooLarge`, naming the field."""
+
+    def count(where: str, values: Sequence[object]) -> None:
+        if len(values) > bounds.max_values:
+            raise FilterTooLarge(f"{where} has {len(values)} values; the limit is {bounds.max_values}")
+
+    def strings(where: str, values: Sequence[str] | None) -> None:
+        if values is None:
+            return
+        count(where, values)
+        for value in values:
+            if len(value) > bounds.max_string_length:
+                raise FilterTooLarge(
+                    f"{where} has a value of {len(value)} characters; the limit is {bounds.max_string_length}"
+                )
+
+    def labels(where: str, spec: LabelSpec | None) -> None:
+        if spec is None:
+            return
+        strings(f"{where}.labels", list(spec))
+        for patterns in spec.values():
+            strings(f"{where}.labels", _values(patterns))
+            for pattern in _values(patterns):
+                run = max((len(part) for part in pattern.split("*") if "?" in part), default=0)
+                if run > bounds.max_wildcard_run:
+                    raise FilterTooLarge(
+                        f"{where}.labels has a pattern with a run of {run} characters holding '?' "
+                        f"between '*'; the limit is {bounds.max_wildcard_run}"
+                    )
+
+    def entries(where: str, value: T | list[T] | None) -> list[T]:
+        listed = _listed(value)
+        if len(listed) > bounds.max_resource_filters:
+            raise FilterTooLarge(
+                f"{where} has {len(listed)} filters; the limit is {bounds.max_resource_filters}"
+            )
+        return listed
+
+    name = event_filter.event
+    if name is not None:
+        for field_name in ("prefix", "exclude_prefix", "name", "exclude_name"):
+            strings(f"event.{field_name}", getattr(name, field_name))
+    if event_filter.resource is not None:
+        strings("resource.id", event_filter.resource.id)
+        strings("resource.id_prefix", event_filter.resource.id_prefix)
+        labels("resource", event_filter.resource.labels)
+    for related in entries("related", event_filter.related):
+        strings("related.id", related.id)
+        strings("related.role", related.role)
+        pairs = related.resources_in_roles or []
+        count("related.resources_in_roles", pairs)
+        for pair in pairs:
+            strings("related.resources_in_roles", pair)
+        labels("related", related.labels)
+    for anyone in entries("any_resource", event_filter.any_resource):
+        strings("any_resource.id", anyone.id)
+        strings("any_resource.id_prefix", anyone.id_prefix)
+        labels("any_resource", anyone.labels)
+    count("id.id", event_filter.id.id or [])
+
+
 # --- Python evaluator -----------------------------------------------------------------------------
 
-
-def _labels_match(labels: LabelSpec, resource: Mapping[str, str]) -> bool:
-    return all(
-        any(glob_matches(pattern, resource.get(label)) for pattern in _values(spec))
-        for label, spec in labels.items()
-    )
+Labels = tuple[tuple[str, tuple[Glob, ...]], ...]
+Resource = Mapping[str, str]
 
 
-def _name_matches(criteria: EventNameFilter, name: str) -> bool:
-    if criteria.prefix and not any(name.startswith(p) for p in criteria.prefix):
-        return False
-    if criteria.exclude_prefix and any(name.startswith(p) for p in criteria.exclude_prefix):
-        return False
-    if criteria.name and name not in criteria.name:
-        return False
-    return not (criteria.exclude_name and name in criteria.exclude_name)
+def _compiled_labels(labels: LabelSpec | None) -> Labels:
+    return tuple((label, tuple(_glob(p) for p in _values(spec))) for label, spec in (labels or {}).items())
 
 
-def _resource_matches(
-    criteria: EventResourceFilter | EventAnyResourceFilter, resource: Mapping[str, str]
-) -> bool:
-    resource_id = resource.get(RESOURCE_ID, "")
-    if criteria.id and resource_id not in criteria.id:
-        return False
-    if criteria.id_prefix and not any(resource_id.startswith(p) for p in criteria.id_prefix):
-        return False
-    return not (criteria.labels and not _labels_match(criteria.labels, resource))
+def _labels_match(labels: Labels, resource: Resource) -> bool:
+    return all(any(glob(resource.get(label)) for glob in globs) for label, globs in labels)
 
 
-def _related_matches(criteria: EventRelatedFilter, resource: Mapping[str, str]) -> bool:
-    resource_id = resource.get(RESOURCE_ID)
-    role = resource.get(RESOURCE_ROLE)
-    if criteria.id and resource_id not in criteria.id:
-        return False
-    if criteria.role and role not in criteria.role:
-        return False
-    if criteria.resources_in_roles and (resource_id, role) not in criteria.resources_in_roles:
-        return False
-    return not (criteria.labels and not _labels_match(criteria.labels, resource))
+@dataclass(frozen=True, slots=True)
+class _ResourceTest:
+    """``resource`` or one ``any_resource`` entry, compiled: sets and tuples, no lists to scan."""
+
+    ids: frozenset[str] | None
+    prefixes: tuple[str, ...] | None
+    labels: Labels
+
+    @classmethod
+    def of(cls, criteria: EventResourceFilter | EventAnyResourceFilter) -> _ResourceTest:
+        return cls(
+            frozenset(criteria.id) if criteria.id else None,
+            tuple(criteria.id_prefix) if criteria.id_prefix else None,
+            _compiled_labels(criteria.labels),
+        )
+
+    @property
+    def constrains(self) -> bool:
+        return bool(self.ids is not None or self.prefixes is not None or self.labels)
+
+    def __call__(self, resource: Resource) -> bool:
+        resource_id = resource.get(RESOURCE_ID, "")
+        if self.ids is not None and resource_id not in self.ids:
+            return False
+        if self.prefixes is not None and not resource_id.startswith(self.prefixes):
+            return False
+        return not self.labels or _labels_match(self.labels, resource)
 
 
-def _related_constrains(criteria: EventRelatedFilter) -> bool:
-    return bool(criteria.id or criteria.role or criteria.resources_in_roles or criteria.labels)
+@dataclass(frozen=True, slots=True)
+class _RelatedTest:
+    """One ``related`` entry, compiled."""
+
+    ids: frozenset[str] | None
+    roles: frozenset[str] | None
+    pairs: frozenset[tuple[str, str]] | None
+    labels: Labels
+
+    @classmethod
+    def of(cls, criteria: EventRelatedFilter) -> _RelatedTest:
+        pairs = criteria.resources_in_roles
+        return cls(
+            frozenset(criteria.id) if criteria.id else None,
+            frozenset(criteria.role) if criteria.role else None,
+            frozenset((i, r) for i, r in pairs) if pairs else None,
+            _compiled_labels(criteria.labels),
+        )
+
+    @property
+    def constrains(self) -> bool:
+        return bool(self.ids is not None or self.roles is not None or self.pairs is not None or self.labels)
+
+    def __call__(self, resource: Resource) -> bool:
+        resource_id = resource.get(RESOURCE_ID)
+        role = resource.get(RESOURCE_ROLE)
+        if self.ids is not None and resource_id not in self.ids:
+            return False
+        if self.roles is not None and role not in self.roles:
+            return False
+        if self.pairs is not None and (resource_id, role) not in self.pairs:
+            return False
+        return not self.labels or _labels_match(self.labels, resource)
 
 
-def _any_constrains(criteria: EventAnyResourceFilter) -> bool:
-    return bool(criteria.id or criteria.id_prefix or criteria.labels)
+class Matcher:
+    """A filter compiled for the live stream: ``matcher(record)`` says whether it passes.
+
+    Built once per subscription (:func:`matcher`): lists become sets and tuples, label patterns
+    :class:`Glob` objects, the text query its parsed, lower-cased terms. Every criterion but
+    ``resource.distinct`` applies.
+    """
+
+    def __init__(self, event_filter: EventFilter) -> None:
+        self.since = event_filter.occurred.since.timestamp()
+        self.until = event_filter.occurred.until.timestamp()
+        name = event_filter.event
+        self.prefix = tuple(name.prefix) if name is not None and name.prefix else None
+        self.exclude_prefix = tuple(name.exclude_prefix) if name is not None and name.exclude_prefix else None
+        self.names = frozenset(name.name) if name is not None and name.name else None
+        self.exclude_names = frozenset(name.exclude_name) if name is not None and name.exclude_name else None
+        resource = event_filter.resource
+        self.resource = _ResourceTest.of(resource) if resource is not None else None
+        self.related = [t for t in map(_RelatedTest.of, _listed(event_filter.related)) if t.constrains]
+        self.any_resource = [
+            t for t in map(_ResourceTest.of, _listed(event_filter.any_resource)) if t.constrains
+        ]
+        ids = event_filter.id.id
+        self.ids = frozenset(str(i) for i in ids) if ids else None
+        query = parse_text_query(event_filter.text.query) if event_filter.text is not None else TextQuery()
+        self.text = None if query.empty else query
+        self.include = tuple(t.lower() for t in query.include)
+        self.exclude = tuple(t.lower() for t in query.exclude)
+        self.required = tuple(t.lower() for t in query.required)
+
+    def _name(self, name: str) -> bool:
+        if self.prefix is not None and not name.startswith(self.prefix):
+            return False
+        if self.exclude_prefix is not None and name.startswith(self.exclude_prefix):
+            return False
+        if self.names is not None and name not in self.names:
+            return False
+        return self.exclude_names is None or name not in self.exclude_names
+
+    def _text(self, text: str) -> bool:
+        if self.include and not any(term in text for term in self.include):
+            return False
+        if any(term in text for term in self.exclude):
+            return False
+        return all(term in text for term in self.required)
+
+    def __call__(self, record: EventRecord) -> bool:
+        if not self.since <= record.occurred <= self.until:
+            return False
+        if not self._name(record.event):
+            return False
+        if self.resource is not None and not self.resource(record.resource):
+            return False
+        for related in self.related:
+            if not any(related(r) for r in record.related):
+                return False
+        for anyone in self.any_resource:
+            if not anyone(record.resource) and not any(anyone(r) for r in record.related):
+                return False
+        if self.ids is not None and record.id not in self.ids:
+            return False
+        return self.text is None or self._text(search_text(record))
+
+
+def matcher(event_filter: EventFilter) -> Matcher:
+    """``event_filter`` compiled for the live stream (see :class:`Matcher`)."""
+    return Matcher(event_filter)
 
 
 def matches(event_filter: EventFilter, record: EventRecord) -> bool:
-    """Does ``record`` pass ``event_filter``? Every criterion but ``resource.distinct`` applies."""
-    occurred = event_filter.occurred
-    if not occurred.since.timestamp() <= record.occurred <= occurred.until.timestamp():
-        return False
-    if event_filter.event is not None and not _name_matches(event_filter.event, record.event):
-        return False
-    if event_filter.resource is not None and not _resource_matches(event_filter.resource, record.resource):
-        return False
-    for related in _listed(event_filter.related):
-        if _related_constrains(related) and not any(_related_matches(related, r) for r in record.related):
-            return False
-    for anyone in _listed(event_filter.any_resource):
-        if _any_constrains(anyone) and not any(
-            _resource_matches(anyone, r) for r in (record.resource, *record.related)
-        ):
-            return False
-    if event_filter.id.id and record.id not in {str(i) for i in event_filter.id.id}:
-        return False
-    if event_filter.text is not None:
-        query = parse_text_query(event_filter.text.query)
-        if not query.empty and not _text_matches(query, search_text(record)):
-            return False
-    return True
+    """Does ``record`` pass ``event_filter``? Every criterion but ``resource.distinct`` applies.
+
+    Compiles the filter each time: to judge many events, build one :func:`matcher`.
+    """
+    return Matcher(event_filter)(record)
 
 
 # --- SQL compiler ---------------------------------------------------------------------------------
@@ -463,6 +692,7 @@ def compile(event_filter: EventFilter, dialect: str) -> tuple[str, dict[str, Any
     if event_filter.resource is not None:
         conditions.extend(_resource_conditions(c, event_filter.resource, related=False))
 
+    entries = []  # each related filter: one condition on a related row
     for related in _listed(event_filter.related):
         inner = []
         if related.id:
@@ -474,7 +704,20 @@ def compile(event_filter: EventFilter, dialect: str) -> tuple[str, dict[str, Any
         if related.labels:
             inner.extend(c.labels(related.labels, _RELATED_COLUMNS, "r.labels"))
         if inner:
-            conditions.append(related_rows(inner))
+            entries.append(" AND ".join(inner))
+    if len(entries) == 1:
+        conditions.append(related_rows(entries))
+    elif entries:
+        # Several filters, each held by some related row: one pass over the related rows, grouped
+        # by event. (A semi-join per filter made PostgreSQL's planner search every join order:
+        # 80 filters took 0.33 s to plan, 160 took 5.3 s, 320 took 83 s.)
+        held = "bool_or" if not c.sqlite else "max"
+        conditions.append(
+            "e.id IN (SELECT r.event_id FROM event_resources r "
+            f"WHERE r.occurred >= {since} AND r.occurred <= {until} "
+            f"AND ({' OR '.join(f'({entry})' for entry in entries)}) "
+            f"GROUP BY r.event_id HAVING {' AND '.join(f'{held}({entry})' for entry in entries)})"
+        )
 
     for anyone in _listed(event_filter.any_resource):
         primary = _resource_conditions(c, anyone, related=False)

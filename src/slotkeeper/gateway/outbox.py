@@ -53,12 +53,16 @@ from slotkeeper.gateway.events_in import SlotCopyFilter
 from slotkeeper.gateway.ws import FRAME_FILTERS
 from slotkeeper.settings import Settings
 from slotkeeper.storage.outbox import OutboxStore
+from slotkeeper.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from slotkeeper.storage.core import Storage
 
 log = logging.getLogger("slotkeeper.gateway.outbox")
 
+
+#: The delivery loop's name for the storage's supervisor (slotkeeper.supervisor).
+OUTBOX_LOOP = "outbox"
 
 #: What may end a deliverer's wait early: new events committed, a client copy seen.
 COMMIT, COPY = "commit", "copy"
@@ -164,6 +168,7 @@ class Deliverer:
         coalesce: float = 0.02,
         pace: float = 0.05,
         share_copies: bool = False,
+        supervisor: Supervisor | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -187,6 +192,9 @@ class Deliverer:
         #: Several processes (PostgreSQL): copies received while another process delivers are
         #: handed to it through the database (``outbox_copies``).
         self.share_copies = share_copies
+        #: The storage's supervisor of background loops: a bug that stops delivery is reported
+        #: there (``/api/ready``); an upstream that is down is not a bug and is not.
+        self.supervisor = supervisor
         self._shared: list[str] = []
         self._sharing: asyncio.Task[None] | None = None
         self._wakes = {COMMIT: asyncio.Event(), COPY: asyncio.Event()}
@@ -332,13 +340,14 @@ class Deliverer:
                     await self._deliver_forever()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
                     self.stats.restarts += 1
-                    log.exception(
-                        "outbox delivery stopped on an unexpected error; restarting it in %.1f s",
-                        self.restart_seconds,
-                    )
-                    await asyncio.sleep(self.restart_seconds)
+                    if self.supervisor is not None:  # logged, counted, and seen by /api/ready
+                        delay = self.supervisor.failure(OUTBOX_LOOP, exc)
+                    else:
+                        log.exception("outbox delivery stopped on an unexpected error; restarting it")
+                        delay = self.restart_seconds
+                    await asyncio.sleep(delay)
         finally:
             if self._sharing is not None:
                 self._sharing.cancel()
@@ -429,6 +438,7 @@ def start_delivery(storage: Storage, settings: Settings) -> Delivery:
         lease_seconds=settings.outbox_lease_seconds,
         max_backoff=settings.outbox_max_backoff_seconds,
         share_copies=storage.backend.name != "sqlite",  # SQLite: one process, it delivers
+        supervisor=storage.supervisor,
         clock=clock,
     )
     copies = SlotCopyFilter(contexts, clock=clock, share=deliverer.received)

@@ -71,16 +71,26 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str | None]:
     return before, after
 
 
-def open_storage(url: str, *, pool_size: int = 8, retry_policy: RetryPolicy | None = None) -> Storage:
-    """Open the storage at ``url`` (already migrated)."""
+def open_storage(
+    url: str,
+    *,
+    pool_size: int = 8,
+    retry_policy: RetryPolicy | None = None,
+    events_pool_size: int = 2,
+    events_query_timeout: float = 30.0,
+) -> Storage:
+    """Open the storage at ``url`` (already migrated). Event queries run on ``events_pool_size``
+    connections of their own, each stopped after ``events_query_timeout`` seconds."""
     kind, target = parse_url(url)
     backend: Backend
     if kind == "sqlite":
         from slotkeeper.storage.sqlite import SQLiteBackend
 
-        backend = SQLiteBackend(target)
+        backend = SQLiteBackend(target, events_pool_size=events_pool_size, query_timeout=events_query_timeout)
     else:
         from slotkeeper.storage.postgres import PostgresBackend
 
-        backend = PostgresBackend(target, pool_size=pool_size)
+        backend = PostgresBackend(
+            target, pool_size=pool_size, events_pool_size=events_pool_size, query_timeout=events_query_timeout
+        )
     return Storage(backend, retry_policy=retry_policy)

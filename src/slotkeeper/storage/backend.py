@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 
 from slotkeeper.errors import DatabaseUnavailable
 from slotkeeper.storage.tx import Commit, Tx
+from slotkeeper.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -33,11 +34,22 @@ class Backend(Protocol):
     #: Gateway mode: every server event is also queued in the outbox, in its transaction
     #: (``Tx.outbox``); set by :meth:`~slotkeeper.storage.core.Storage.outbox_store`.
     outbox: bool
+    #: Keeps the backend's own background threads running (and the storage's loops: the reaper,
+    #: retention); what ``/api/ready`` asks (see ``slotkeeper.supervisor``).
+    supervisor: Supervisor
 
     async def run(self, script: Script[T]) -> T: ...
 
     async def read(self, script: Script[T]) -> T:
-        """Run a read-only script, possibly beside the writes (queries that may scan)."""
+        """Run a read-only script, possibly beside the writes (views, statistics)."""
+        ...
+
+    async def scan(self, script: Script[T]) -> T:
+        """Run a read-only script that may scan a large table (event queries): on connections
+        and threads of its own (``events_pool_size``), so that no such query can delay a write
+        or a view, and stopped after ``query_timeout`` seconds
+        (:class:`~slotkeeper.errors.QueryTimeout`) or when the backend closes
+        (:class:`~slotkeeper.errors.StorageClosed`)."""
         ...
 
     async def close(self) -> None: ...
@@ -72,6 +84,11 @@ def run(backend: Backend, script: Script[T]) -> Awaitable[T]:
 def read(backend: Backend, script: Script[T]) -> Awaitable[T]:
     """:func:`run` for a read-only script (:meth:`Backend.read`)."""
     return _translated(backend.read(script), backend.unavailable)
+
+
+def scan(backend: Backend, script: Script[T]) -> Awaitable[T]:
+    """:func:`run` for a read-only script that may scan (:meth:`Backend.scan`)."""
+    return _translated(backend.scan(script), backend.unavailable)
 
 
 async def _translated(outcome: Awaitable[T], unavailable: tuple[type[Exception], ...]) -> T:

@@ -28,6 +28,7 @@ from slotkeeper.storage.scripts import Scripts
 from slotkeeper.storage.tx import Commit
 from slotkeeper.storage.views import ViewStore
 from slotkeeper.storage.waiting import SHUTDOWN_RETRY_AFTER, Acquisitions, Observer, Waiters
+from slotkeeper.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -92,6 +93,12 @@ class Storage:
 
     def _run(self, script: Script[T]) -> Awaitable[T]:
         return transactions.run(self.backend, script)
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """Keeps the background loops over this storage running (its backend's threads, the
+        reaper, retention) and knows which fail: what readiness asks."""
+        return self.backend.supervisor
 
     async def close(self) -> None:
         """Finish pending work and close every connection."""

@@ -314,7 +314,7 @@ class EventStore:
                 total = int(row[0]) if row else 0
             return [EventRecord.from_row(r) for r in tx.all(page_sql, page_params)], total
 
-        return await transactions.read(self.backend, op)
+        return await transactions.scan(self.backend, op)
 
     async def count_by(
         self,
@@ -338,12 +338,12 @@ class EventStore:
                 sql = q.COUNT_EVENTS_BY_NAME.format(where=where)
             else:
                 sql = q.COUNT_EVENTS_BY_RESOURCE[self.backend.name].format(where=where)
-            rows = await transactions.read(self.backend, lambda tx: tx.all(sql, params))
+            rows = await transactions.scan(self.backend, lambda tx: tx.all(sql, params))
             return labelled_counts((r[0], r[1], r[2], r[3], r[4]) for r in rows)
         width = bucket_width(time_unit, time_interval)
         bucket_params = {**params, "pivot": PIVOT.timestamp(), "width": width.total_seconds()}
         sql = q.COUNT_EVENTS_BY_BUCKET.format(where=where)
-        rows = await transactions.read(self.backend, lambda tx: tx.all(sql, bucket_params))
+        rows = await transactions.scan(self.backend, lambda tx: tx.all(sql, bucket_params))
         now = datetime.fromtimestamp(self.clock(), UTC)
         return time_counts(since, until, time_unit, time_interval, now, {int(r[0]): int(r[1]) for r in rows})
 
@@ -364,15 +364,21 @@ class EventStore:
                 return total
 
 
+#: The retention job's name among the supervised loops (``backend.supervisor``).
+RETENTION = "event retention"
+
+
 async def run_retention(store: EventStore, retention_seconds: float, interval_seconds: float) -> None:
-    """Delete events older than ``retention_seconds`` (by ``occurred``) every ``interval_seconds``."""
+    """Delete events older than ``retention_seconds`` (by ``occurred``) every ``interval_seconds``.
+
+    A failed pass is reported to the backend's supervisor (logged, counted for readiness)."""
     while True:
         try:
             deleted = await store.delete_older_than(store.clock() - retention_seconds)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a database hiccup must not stop retention
-            log.exception("event retention pass failed; retrying")
+        except Exception as exc:  # a database hiccup must not stop retention
+            store.backend.supervisor.failure(RETENTION, exc)
         else:
             if deleted:
                 log.info("deleted %d event(s) past retention", deleted)

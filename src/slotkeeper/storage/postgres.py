@@ -22,6 +22,7 @@ from a fresh ``Tx``, so a rolled-back attempt delivers nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -34,14 +35,18 @@ import orjson
 import psycopg
 from psycopg import errors as pg_errors
 
+from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
+from slotkeeper.supervisor import Supervisor
 
 log = logging.getLogger("slotkeeper.storage.postgres")
 
 CHANNEL = "slotkeeper_events"
+#: The supervised loop that listens on CHANNEL.
+LISTENER = "event listener"
 #: NOTIFY payloads must stay under 8000 bytes; larger batches travel as event ids.
 _MAX_PAYLOAD = 7000
 
@@ -68,7 +73,9 @@ class PostgresBackend:
     #: A lost or refused connection: "the database cannot serve this now", not a bug.
     unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
-    def __init__(self, conninfo: str, pool_size: int = 8) -> None:
+    def __init__(
+        self, conninfo: str, pool_size: int = 8, *, events_pool_size: int = 2, query_timeout: float = 30.0
+    ) -> None:
         self.conninfo = conninfo
         # Fail at start-up, not at the first request, when the database is unreachable.
         psycopg.connect(conninfo).close()
@@ -85,6 +92,18 @@ class PostgresBackend:
         self._stop = threading.Event()
         #: Gateway mode: server events also go into the outbox (``Tx.outbox``).
         self.outbox = False
+        #: Keeps the listener thread running (restarts it after an unexpected error).
+        self.supervisor = Supervisor()
+        self._listened = False  # the listener was connected once: a reconnection may miss events
+        # Event queries (``scan``): threads and connections of their own, so that however many
+        # run and however long, the pool above stays free for acquisitions (issue 11: eight slow
+        # event queries held the whole pool and an acquire waited 20.9 s).
+        self.events_pool_size = events_pool_size
+        #: Seconds an event query may run (``statement_timeout``, set per transaction).
+        self.query_timeout = query_timeout
+        self._scanners = ThreadPoolExecutor(events_pool_size, thread_name_prefix="slotkeeper-pg-events")
+        self._scan_local = threading.local()
+        self._scan_connections: list[psycopg.Connection[Any]] = []
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -129,6 +148,37 @@ class PostgresBackend:
         finally:
             self._in_flight -= 1
 
+    async def scan(self, op: Callable[[Tx], T]) -> T:
+        """Run a read-only ``op`` that may scan on the events pool, under a statement timeout
+        (:class:`QueryTimeout`); a close cancels what runs (:class:`StorageClosed`)."""
+        if self._stop.is_set():
+            raise StorageClosed("storage is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._scanners, self._scan, op)
+
+    def _scan(self, op: Callable[[Tx], T]) -> T:
+        if self._stop.is_set():
+            raise StorageClosed("storage is closed")
+        conn: psycopg.Connection[Any] | None = getattr(self._scan_local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._scan_local.conn = psycopg.connect(self.conninfo, autocommit=True)
+            with self._lock:
+                self._scan_connections.append(conn)
+        try:
+            result, _ = _attempt(conn, op, timeout_ms=max(1, round(self.query_timeout * 1000)))
+            return result
+        except pg_errors.QueryCanceled as exc:  # the statement timeout, or close() cancelled it
+            _rollback(conn)
+            if self._stop.is_set():
+                raise StorageClosed("storage is closed") from exc
+            raise QueryTimeout(self.query_timeout) from exc
+        except psycopg.OperationalError:
+            conn.close()
+            raise
+        except BaseException:
+            if not conn.closed:
+                _rollback(conn)
+            raise
+
     def pool_stats(self) -> PoolStats:
         """The pool now: its size, connections open, operations running and queued for a thread."""
         busy = min(self._in_flight, self.pool_size)
@@ -146,7 +196,10 @@ class PostgresBackend:
         if self._listener is None:
             ready = threading.Event()
             self._listener = threading.Thread(
-                target=self._listen, args=(ready,), name="slotkeeper-pg-listen", daemon=True
+                target=self.supervisor.keep_thread,
+                args=(LISTENER, lambda: self._listen(ready), self._stop),
+                name="slotkeeper-pg-listen",
+                daemon=True,
             )
             self._listener.start()
             ready.wait(10)
@@ -157,15 +210,19 @@ class PostgresBackend:
             callback(commit)
 
     def _listen(self, ready: threading.Event) -> None:
+        """Deliver every notification until stopped; reconnect when the connection is lost.
+
+        Runs under :attr:`supervisor`: any other error ends this call, is logged, and the
+        supervisor calls it again (which tells subscribers that events may have been missed).
+        """
         delay = 0.1
-        first = True
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    if not first:
-                        self._deliver(None)  # events may have been missed while disconnected
-                    first = False
+                    if self._listened:
+                        self._deliver(None)  # events may have been missed meanwhile
+                    self._listened = True
                     ready.set()
                     delay = 0.1
                     while not self._stop.is_set():
@@ -173,7 +230,9 @@ class PostgresBackend:
                         # table, which cannot happen on a connection inside notifies().
                         payloads = [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
                         for payload in payloads:
-                            self._deliver(_decode(conn, payload))
+                            commit = _decode_or_skip(conn, payload)
+                            if commit is not None:
+                                self._deliver(commit)
             except psycopg.Error as exc:
                 ready.set()
                 if self._stop.is_set():
@@ -187,19 +246,32 @@ class PostgresBackend:
         return await self.run(op)
 
     async def close(self) -> None:
-        """Wait for running operations, then close every connection."""
+        """Wait for running operations, cancel running event queries, then close every
+        connection."""
         self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        with self._lock:
+            scanning = list(self._scan_connections)
+        for conn in scanning:  # a query in flight ends at once (QueryCanceled -> StorageClosed)
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=5)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self._scanners.shutdown(cancel_futures=True))
+        await loop.run_in_executor(None, self._executor.shutdown)
         if self._listener is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5)
         with self._lock:
-            for conn in self._connections:
+            for conn in [*self._connections, *self._scan_connections]:
                 conn.close()
             self._connections.clear()
+            self._scan_connections.clear()
 
 
 def _attempt(
-    conn: psycopg.Connection[Any], op: Callable[[Tx], T], *, outbox: bool = False
+    conn: psycopg.Connection[Any],
+    op: Callable[[Tx], T],
+    timeout_ms: int | None = None,
+    *,
+    outbox: bool = False,
 ) -> tuple[T, Commit | None]:
     """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
     the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
@@ -210,9 +282,14 @@ def _attempt(
     with a snapshot taken when it starts: a read sent after the limit locks sees every change
     committed before they were granted. An error aborts the rest of the pipeline and is raised
     where the op next reads, or here at the commit; the caller rolls back.
+
+    ``timeout_ms`` bounds every statement of the transaction (``SET LOCAL statement_timeout``,
+    sent with BEGIN: no round trip of its own).
     """
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
+        if timeout_ms is not None:
+            cursor.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}".encode(), prepare=False)
         tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, outbox=outbox)
         try:
             result = op(tx)
@@ -250,6 +327,19 @@ def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:
             cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(part).decode()))
         return
     cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
+
+
+def _decode_or_skip(conn: psycopg.Connection[Any], payload: str) -> Commit | None:
+    """The commit a notification carries, or None (logged) if it cannot be read: one bad
+    payload (another version's format, an event this process cannot parse) must not stop the
+    listener, which carries every other live event and cross-process wake-up."""
+    try:
+        return _decode(conn, payload)
+    except psycopg.Error:
+        raise  # the connection's trouble: the listener reconnects
+    except Exception:
+        log.exception("skipped a notification on %s that could not be read: %.300r", CHANNEL, payload)
+        return None
 
 
 def _decode(conn: psycopg.Connection[Any], payload: str) -> Commit:

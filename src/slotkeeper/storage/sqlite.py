@@ -25,14 +25,16 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from slotkeeper.errors import StorageClosed
+from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.storage.dialect import SQLITE
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
+from slotkeeper.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -42,8 +44,12 @@ log = logging.getLogger("slotkeeper.storage.sqlite")
 MAX_GROUP = 256
 #: How often the WAL is checkpointed into the database file.
 CHECKPOINT_SECONDS = 1.0
-#: Reader threads for read-only queries.
+#: The supervised loop that checkpoints the WAL.
+CHECKPOINTER = "checkpointer"
+#: Reader threads for read-only queries (views, statistics).
 READERS = 2
+#: SQLite virtual-machine steps between two looks at an event query's deadline (a few ms).
+PROGRESS_STEPS = 10_000
 
 
 def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -74,7 +80,7 @@ class SQLiteBackend:
     #: cannot serve this now", not a bug in the request.
     unavailable: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, events_pool_size: int = 2, query_timeout: float = 30.0) -> None:
         self.path = str(path)
         self.shared = self.path != ":memory:"
         if self.shared:
@@ -93,11 +99,23 @@ class SQLiteBackend:
         self.on_group: Callable[[int], None] | None = None
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="slotkeeper-sqlite-read")
+        # Event queries (``scan``) on threads of their own, each stopped at its deadline or at
+        # close by a progress handler: a scan never holds the writer (WAL readers do not block
+        # it), the views' readers, nor a shutdown (1M prefixes once kept a reader 8 minutes).
+        self.events_pool_size = events_pool_size
+        #: Seconds an event query may run.
+        self.query_timeout = query_timeout
+        self._scanners = ThreadPoolExecutor(events_pool_size, thread_name_prefix="slotkeeper-sqlite-events")
         self._stop = threading.Event()
+        #: Keeps the checkpointer thread running (restarts it after an unexpected error).
+        self.supervisor = Supervisor()
         self._checkpointer: threading.Thread | None = None
         if self.shared:
             self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, name="slotkeeper-sqlite-checkpoint", daemon=True
+                target=self.supervisor.keep_thread,
+                args=(CHECKPOINTER, self._checkpoint_loop, self._stop),
+                name="slotkeeper-sqlite-checkpoint",
+                daemon=True,
             )
             self._checkpointer.start()
 
@@ -121,10 +139,43 @@ class SQLiteBackend:
             return await self.run(op)
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, op)
 
-    def _read(self, op: Callable[[Tx], T]) -> T:
+    async def scan(self, op: Callable[[Tx], T]) -> T:
+        """Run a read-only ``op`` that may scan on an events thread, stopped after
+        ``query_timeout`` seconds (:class:`QueryTimeout`) or at close (:class:`StorageClosed`)."""
+        if self._closed:
+            raise StorageClosed("storage is closed")
+        if not self.shared:  # an in-memory database has one connection only
+            return await self.run(op)
+        return await asyncio.get_running_loop().run_in_executor(self._scanners, self._scan, op)
+
+    def _scan(self, op: Callable[[Tx], T]) -> T:
+        conn = self._reader()
+        deadline = time.monotonic() + self.query_timeout
+
+        def stop() -> bool:  # SQLite interrupts the statement when this returns true
+            return self._stop.is_set() or time.monotonic() > deadline
+
+        conn.set_progress_handler(stop, PROGRESS_STEPS)
+        try:
+            return self._read(op)
+        except sqlite3.OperationalError as exc:
+            if "interrupted" not in str(exc):
+                raise
+            if self._stop.is_set():
+                raise StorageClosed("storage is closed") from exc
+            raise QueryTimeout(self.query_timeout) from exc
+        finally:
+            conn.set_progress_handler(None, 0)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = _connect(self.path, readonly=True)
+        return conn
+
+    def _read(self, op: Callable[[Tx], T]) -> T:
+        conn = self._reader()
         cursor = conn.cursor()
         cursor.execute("BEGIN")
         try:
@@ -155,6 +206,8 @@ class SQLiteBackend:
         if self._checkpointer is not None:
             await loop.run_in_executor(None, self._checkpointer.join)
         await loop.run_in_executor(None, self._readers.shutdown)
+        # A scan that runs is interrupted by its progress handler now that _stop is set.
+        await loop.run_in_executor(None, lambda: self._scanners.shutdown(cancel_futures=True))
         self._conn.close()
 
     def _flush(self) -> None:

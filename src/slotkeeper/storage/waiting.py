@@ -44,6 +44,8 @@ log = logging.getLogger("slotkeeper.storage")
 
 #: How often a process tells the database that its waiting requests are still there.
 WAITER_HEARTBEAT_SECONDS = 1.0
+#: The heartbeat's name among the supervised loops (``backend.supervisor``).
+HEARTBEAT = "waiter heartbeat"
 #: A waiter not heard of for this long (its process died) leaves the queue.
 WAITER_STALE_SECONDS = 5.0
 #: The ``owner`` of a waiter whose request was answered at a shutdown: nobody's, its place kept
@@ -421,8 +423,10 @@ class Acquisitions:
         """While this process has waiters, tell the database it still holds their requests."""
         while self.waiters:
             await asyncio.sleep(WAITER_HEARTBEAT_SECONDS)
-            with contextlib.suppress(Exception):  # the sweeper only acts after several misses
+            try:
                 await transactions.run(self.backend, self.scripts.queue.touch)
+            except Exception as exc:  # the sweeper only acts after several misses: go on
+                self.backend.supervisor.failure(HEARTBEAT, exc)  # logged, counted for readiness
 
     async def sweep(self) -> int:
         """Drop waiters whose request is gone (no heartbeat, or far past its deadline), and admit
