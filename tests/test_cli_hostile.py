@@ -93,6 +93,17 @@ HOSTILE_TIMES = [
     "2026-01-01T25:00",
 ]
 HOSTILE_AUTH = ["admin:wrong", "", ":", "ü:ß", "a\nb"]
+HOSTILE_URLS = [
+    *HOSTILE_TEXT,
+    "prefect:4200/api",
+    "ftp://prefect/api",
+    "http://",
+    "http://[::1/api",
+    "http://prefect:99999/api",
+    "http://pre fect/api",
+    "http://prefect/api?x=1",
+    "http://127.0.0.1:1/api",  # valid, nothing listens: the server starts all the same
+]
 
 
 def _commands() -> Iterator[tuple[str, Any]]:
@@ -137,6 +148,7 @@ KINDS: dict[str, list[str]] = {
     "--event": HOSTILE_TEXT,
     "--since": HOSTILE_TIMES,
     "--until": HOSTILE_TIMES,
+    "--upstream": HOSTILE_URLS,
 }
 #: Where a parameter of that name takes other values in one command.
 OVERRIDES: dict[tuple[str, str], list[str]] = {

@@ -23,7 +23,15 @@ def test_the_upstream_url_is_checked_and_kept_without_its_last_slash() -> None:
         Settings(upstream_url=" https://p.example/prefect/api ").upstream_url
         == "https://p.example/prefect/api"
     )
-    for bad in ("prefect:4200/api", "ftp://prefect/api", "http:///api", "http://p/api?x=1"):
+    for bad in (
+        "prefect:4200/api",
+        "ftp://prefect/api",
+        "http:///api",
+        "http://p/api?x=1",
+        "http://p:99999/api",
+        "http://[::1/api",
+        "http://p q/api",
+    ):
         with pytest.raises(pydantic.ValidationError, match="upstream_url"):
             Settings(upstream_url=bad)
 

@@ -5,18 +5,25 @@ Every knob of the server is a field here; nothing else reads the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 
 def _upstream_url(url: str) -> str:
     """``url`` checked as an upstream's API URL (http or https, with a host), without its last ``/``."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises on a port out of range)
+        host = URL(parts.geturl()).host if parts.scheme in ("http", "https") else None
+    except ValueError as exc:
+        raise ValueError(f"upstream_url is not a URL ({exc}): {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host or not re.fullmatch(r"[^\s/<>\"{}|\\^`]+", host):
         raise ValueError(f"upstream_url must be an http:// or https:// URL with a host, not {url!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"upstream_url must not have a query or fragment: {url!r}")
