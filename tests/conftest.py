@@ -49,6 +49,7 @@ _TABLES = (
     "limits",
     "outbox",
     "outbox_lease",
+    "outbox_copies",
 )
 
 

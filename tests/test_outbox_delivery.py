@@ -398,3 +398,55 @@ async def test_an_event_the_upstream_refuses_for_good_is_isolated_and_dropped(
                 await d.deliver()
     assert upstream.sent == [i for i in await stored_ids(storage) if i != poison]  # in order, once
     assert d.stats.refused == 1
+
+
+async def test_a_copy_received_by_a_process_that_does_not_deliver_reaches_the_one_that_does(
+    storage: Storage, clock: FakeClock
+) -> None:
+    from slotkeeper.gateway.events_in import SlotCopyFilter
+
+    storage.outbox_store().enable()
+    lim = await storage.create_limit(LimitSpec(name="db", limit=2))
+    upstream = FakeUpstream()
+    a = deliverer(
+        storage,
+        upstream,
+        clock,
+        owner="a",
+        share_copies=True,
+        contexts=RunContexts(wait=1.5, clock=clock),
+        coalesce=0.0,
+    )
+    b = deliverer(
+        storage,
+        FakeUpstream(),
+        clock,
+        owner="b",
+        share_copies=True,
+        contexts=RunContexts(wait=1.5, clock=clock),
+        coalesce=0.0,
+    )
+    await a.deliver()  # a delivers (it holds the lease)
+    await b.deliver()  # b stands by
+    await take(storage, holder=Holder("task_run", "t1"))
+    await a.deliver()
+    assert len(upstream.sent) == 1  # the acquired event waits for its copy
+    on_b = SlotCopyFilter(b.contexts, clock=clock, share=b.received)
+    copy = acquired_copy(lim.limit.id, "t1", clock())
+    assert copy is not None
+    frame = {
+        "event": copy.event,
+        "resource": {
+            "prefect.resource.id": f"prefect.concurrency-limit.{lim.limit.id}",
+            "slots-acquired": "1",
+        },
+        "related": [dict(r) for r in copy.context],
+    }
+    assert await on_b(orjson.dumps(frame).decode()) is None  # the client's socket reached b
+    async with asyncio.timeout(DEADLINE):
+        while b._sharing is None or not b._sharing.done():
+            await asyncio.sleep(0.01)
+    await a.deliver()
+    assert "prefect.flow-run.fr" in {
+        r["prefect.resource.id"] for r in upstream.stored[upstream.sent[1]].related
+    }

@@ -59,7 +59,7 @@ async def test_a_rolled_back_script_queues_nothing(storage: Storage) -> None:
 
     with pytest.raises(Refused):
         await storage.backend.run(script)
-    assert await outbox.oldest(10) == before
+    assert [q.seq for q in await outbox.oldest(10)] == [q.seq for q in before]
 
 
 async def test_delivered_events_are_deleted_and_the_others_stay(storage: Storage) -> None:
@@ -104,3 +104,13 @@ async def test_a_freed_lease_is_taken_at_once(storage: Storage) -> None:
 async def test_backlog_of_an_empty_outbox(storage: Storage) -> None:
     backlog = await storage.outbox_store().backlog()
     assert (backlog.events, backlog.oldest) == (0, None)
+
+
+async def test_client_copies_go_to_the_other_processes_once(storage: Storage) -> None:
+    outbox = storage.outbox_store()
+    await outbox.share_copies("a", ['{"n": 1}', '{"n": 2}'])
+    await outbox.share_copies("b", ['{"n": 3}'])
+    assert await outbox.take_copies("a") == ['{"n": 3}']  # not its own
+    assert await outbox.take_copies("b", batch=1) == ['{"n": 1}']
+    assert await outbox.take_copies("b") == ['{"n": 2}']
+    assert await outbox.take_copies("b") == []

@@ -465,12 +465,19 @@ def test_an_interrupt_while_a_sync_block_waits_leaves_nothing_behind(server: Ser
         until(lambda: server.queued() == 1, "the waiter queued")
         signal.pthread_kill(main, signal.SIGINT)
 
-    with concurrency(name, client=server.client()) as holding:
-        threading.Thread(target=interrupt).start()
-        with pytest.raises(KeyboardInterrupt), concurrency(name, client=server.client()):
-            pytest.fail("the body must not run")
-        until(lambda: server.queued() == 0, "the wait withdrawn")
-        assert [x["lease_id"] for x in server.leases(name)] == [holding.lease_id]
+    # A process started in the background by a shell (`cmd &`) ignores SIGINT from birth: the
+    # interrupt would never come and the block would wait forever. Python's own handler is what
+    # a user's Ctrl-C meets, so the test installs it for its duration.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with concurrency(name, client=server.client()) as holding:
+            threading.Thread(target=interrupt).start()
+            with pytest.raises(KeyboardInterrupt), concurrency(name, client=server.client()):
+                pytest.fail("the body must not run")
+            until(lambda: server.queued() == 0, "the wait withdrawn")
+            assert [x["lease_id"] for x in server.leases(name)] == [holding.lease_id]
+    finally:
+        signal.signal(signal.SIGINT, previous)
     until(lambda: server.leases(name) == [], "nothing held")
 
 

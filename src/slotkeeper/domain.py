@@ -41,6 +41,11 @@ TAG_PREFIX = "tag:"
 DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS = 2.0
 #: Lower bound of one occupancy sample, per slot (Prefect's value).
 MIN_OCCUPANCY_SAMPLE_SECONDS = 0.1
+#: Upper bound of one occupancy sample per slot, and so of the average (about 31.7 years): a
+#: ``/decrement`` that reports more is refused (422), a longer hold counts as this much. The
+#: average moves by convex steps between bounded samples, so it stays finite: a sample near the
+#: largest float once made it overflow to Inf, then NaN, and broke its limit for good.
+MAX_OCCUPANCY_SECONDS = 1e9
 #: The moving average spans about ``limit * OCCUPANCY_SAMPLE_MULTIPLIER`` samples.
 OCCUPANCY_SAMPLE_MULTIPLIER = 2
 #: Jitter on Retry-After: a value drawn in [0.7518, 1.3] times the average (Prefect's bounds).
@@ -322,9 +327,21 @@ def next_avg_occupancy(avg: float, occupancy_seconds: float, slots: int, limit: 
     Unlike Prefect, a limit of 0 counts as 1 sample window instead of dividing by zero, so a
     release after the limit was set to 0 succeeds.
     """
-    per_slot = max(occupancy_seconds / max(slots, 1), MIN_OCCUPANCY_SAMPLE_SECONDS)
+    avg = occupancy_average(avg)
+    per_slot = occupancy_seconds / max(slots, 1)
+    if not per_slot >= MIN_OCCUPANCY_SAMPLE_SECONDS:  # NaN too
+        per_slot = MIN_OCCUPANCY_SAMPLE_SECONDS
+    per_slot = min(per_slot, MAX_OCCUPANCY_SECONDS)
     window = max(limit * OCCUPANCY_SAMPLE_MULTIPLIER, 1)
-    return avg + per_slot / window - avg / window
+    return avg + (per_slot - avg) / window
+
+
+def occupancy_average(avg: float) -> float:
+    """A stored average as the rules use it: within the bounds of a sample; one that is not a
+    number (written before the bound existed) starts again from the default."""
+    if not math.isfinite(avg):
+        return DEFAULT_AVG_SLOT_OCCUPANCY_SECONDS
+    return min(max(avg, MIN_OCCUPANCY_SAMPLE_SECONDS), MAX_OCCUPANCY_SECONDS)
 
 
 def check_active_slots(active_slots: int, limit: int) -> None:
@@ -399,7 +416,7 @@ class RetryPolicy:
                 # the run took 8.7 s with the whole average and 5.0 s with half, for the same
                 # client CPU; a quarter was no quicker (the client's own CPU bounds it).
                 share = (slots + ahead + lim.denied_slots) / max(lim.limit, 1)
-                wait = lim.avg_slot_occupancy_seconds * RESIDUAL_HOLD_SHARE * share
+                wait = occupancy_average(lim.avg_slot_occupancy_seconds) * RESIDUAL_HOLD_SHARE * share
             if min(wait, cap) >= best:
                 best, best_cap = min(wait, cap), cap
         # The cap holds after the jitter (which may scale up to 1.3 times), and so does the floor

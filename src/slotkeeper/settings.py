@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         le=86400,
         description="How long a waiter answered 503 at shutdown keeps its place in the queue.",
     )
+    max_names: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Most limit names (or tags) one acquire or release may name; more is a 422.",
+    )
     upstream_url: str | None = Field(
         default=None,
         description="Gateway mode: the API URL of the Prefect server behind slotkeeper "

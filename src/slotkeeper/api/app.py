@@ -5,14 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp
 
 from slotkeeper import __version__
-from slotkeeper.api import admin, dashboard, errors, events, limits, live, stats, tags, views, websockets
+from slotkeeper.api import (
+    admin,
+    dashboard,
+    errors,
+    events,
+    limits,
+    live,
+    openapi,
+    stats,
+    tags,
+    views,
+    websockets,
+)
 from slotkeeper.api import metrics as metrics_route
 from slotkeeper.api import session as sessions
 from slotkeeper.api.access import RequestLog
@@ -71,6 +86,9 @@ class App(FastAPI):
         self.state.settings = settings
         #: (full path, route) of every FastRoute, filled in by :func:`create_app`.
         self.hot_routes: list[tuple[str, FastRoute]] = []
+        #: Each route's full path pattern, methods, and whether its path has parameters, as
+        #: included: what a 405's ``Allow`` lists (see ``errors._allowed``).
+        self.route_methods: list[tuple[re.Pattern[str], set[str], bool]] = []
 
     def _hot_path(self) -> bool:
         settings: Settings = self.state.settings
@@ -94,6 +112,17 @@ class App(FastAPI):
                 "check the request in the endpoint, or serve it with an ordinary route"
             )
         super().include_router(router, *args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for route in router.routes:
+            if isinstance(route, APIRoute | Route) and route.methods:
+                pattern, _, params = compile_path(prefix + route.path)
+                self.route_methods.append((pattern, set(route.methods), bool(params)))
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, with the errors the server really answers (api/openapi.py)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = openapi.document_errors(super().openapi())
+        return self.openapi_schema
 
     def build_middleware_stack(self) -> ASGIApp:
         settings: Settings = self.state.settings

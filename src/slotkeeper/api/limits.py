@@ -12,11 +12,10 @@ from typing import Any, cast
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
-from starlette.types import Message
 
 from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import hot_route_class
-from slotkeeper.api.responses import json_response
+from slotkeeper.api.responses import CLIENT_LEFT, LeaseAnswer, json_response, lost_already
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
 from slotkeeper.settings import Settings
@@ -37,7 +36,8 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
 
     The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
     storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
-    that completed in the same loop step as the disconnect is released here.
+    that completed in the same loop step as the disconnect is released here (and one whose
+    client leaves after this, before it is written, by :class:`LeaseAnswer`).
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -48,10 +48,8 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
         gone.cancel()
     if not left:
         # The connection may have been lost in the loop steps that completed the grant, before
-        # ``gone`` ran: the server would then drop the answer (uvicorn does, silently). Nothing
-        # yields between this check and the answer being written, so a grant is either sent or
-        # released here.
-        left = _lost_already(request)
+        # ``gone`` ran (a session's CANCEL, too): the request is answered as withdrawn (499).
+        left = lost_already(request.receive)
     if not left:
         return task.result()
     if not task.done():
@@ -63,22 +61,6 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
         if granted.lease_id is not None:  # nobody is there to hold it
             await _storage(request).release_lease(granted.lease_id)
     return None
-
-
-def _lost_already(request: Request) -> bool:
-    """Whether the server already knows the connection is lost, found without yielding to the
-    loop (Starlette's ``is_disconnected`` yields, and the connection could be lost meanwhile).
-
-    The body has been read, so ``receive`` either returns the disconnect at once (the server
-    knows) or would wait for one: its first step tells which, and a wait is abandoned.
-    """
-    receiving = cast(Coroutine[Any, Any, Message], request.receive())
-    try:
-        receiving.send(None)
-    except StopIteration as answered:
-        return bool(answered.value["type"] == "http.disconnect")
-    receiving.close()
-    return False
 
 
 async def _disconnected(request: Request) -> None:
@@ -93,6 +75,9 @@ def routers(settings: Settings) -> list[APIRouter]:
     IncrementWithLease, RenewLease = schemas.lease_models(
         settings.lease_min_seconds, settings.lease_max_seconds, settings.max_wait_seconds
     )
+    IncrementWithLease = schemas.names_capped(IncrementWithLease, settings.max_names)
+    Increment = schemas.names_capped(schemas.Increment, settings.max_names)
+    Decrement = schemas.names_capped(schemas.Decrement, settings.max_names)
     page_max = settings.api_default_limit
     hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=hot_route_class(settings))
 
@@ -128,8 +113,9 @@ def routers(settings: Settings) -> list[APIRouter]:
         return Response(status_code=204)
 
     @hot.post("/increment", summary="Take slots without a lease")
-    async def increment(request: Request, body: schemas.Increment) -> Response:
-        granted = await _storage(request).acquire(AcquireRequest(body.names, body.slots, body.mode))
+    async def increment(request: Request, body: Increment) -> Response:  # type: ignore[valid-type]
+        wanted = cast(schemas.Increment, body)
+        granted = await _storage(request).acquire(AcquireRequest(wanted.names, wanted.slots, wanted.mode))
         return json_response([schemas.minimal_json(lim, fencing=True) for lim in granted.limits])
 
     @hot.post("/increment-with-lease", summary="Take slots under a lease")
@@ -146,17 +132,20 @@ def routers(settings: Settings) -> list[APIRouter]:
         else:
             granted = await _wait(request, _storage(request).acquire(wanted))
         if granted is None:  # the client left while waiting; the wait was withdrawn
-            return Response(status_code=499)
-        return json_response(
-            {
-                "lease_id": granted.lease_id,
-                "limits": [schemas.minimal_json(lim, fencing=True) for lim in granted.limits],
-            }
-        )
+            return Response(status_code=CLIENT_LEFT)
+        content = {
+            "lease_id": granted.lease_id,
+            "limits": [schemas.minimal_json(lim, fencing=True) for lim in granted.limits],
+        }
+        if granted.lease_id is None:  # nothing exists to hold (Prefect's answer for missing names)
+            return json_response(content)
+        # Released instead of written if the client is gone by then (see LeaseAnswer).
+        return LeaseAnswer(content, granted.lease_id, _storage(request).release_lease)
 
     @hot.post("/decrement", summary="Free slots taken without a lease")
-    async def decrement(request: Request, body: schemas.Decrement) -> Response:
-        found = await _storage(request).release_slots(body.names, body.slots, body.occupancy_seconds)
+    async def decrement(request: Request, body: Decrement) -> Response:  # type: ignore[valid-type]
+        freed = cast(schemas.Decrement, body)
+        found = await _storage(request).release_slots(freed.names, freed.slots, freed.occupancy_seconds)
         return json_response([schemas.minimal_json(lim) for lim in found])
 
     @hot.post("/decrement-with-lease", status_code=204, summary="Release a lease and its slots")

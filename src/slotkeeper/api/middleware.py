@@ -44,6 +44,21 @@ def _too_large(max_bytes: int) -> dict[str, str]:
     return {"detail": f"Request body is larger than {max_bytes} bytes.", "code": "body_too_large"}
 
 
+def basic_credentials(auth_string: str) -> bytes:
+    """What ``Authorization: Basic <credentials>`` must carry for ``auth_string``."""
+    return base64.b64encode(auth_string.encode())
+
+
+def authorized(header: bytes, credentials: bytes) -> bool:
+    """Whether an ``Authorization`` header value is basic auth with ``credentials``.
+
+    The scheme is case-insensitive (RFC 9110: ``basic`` and ``BASIC`` are ``Basic``), and any
+    run of spaces may follow it; the credentials are compared in constant time.
+    """
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"basic" and hmac.compare_digest(given.lstrip(b" "), credentials)
+
+
 class BasicAuth:
     """Every HTTP request but GET health needs ``Authorization: Basic base64(auth_string)``.
 
@@ -54,7 +69,7 @@ class BasicAuth:
 
     def __init__(self, app: ASGIApp, auth_string: str, open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self.expected = b"Basic " + base64.b64encode(auth_string.encode())
+        self.credentials = basic_credentials(auth_string)
         self.open_paths = OPEN_PATHS | open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,7 +77,7 @@ class BasicAuth:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        if not authorized(given, self.credentials):
             challenge = (CHALLENGE,) if is_page(scope["path"]) else ()
             await _send_json(
                 send, 401, {"exception_message": "Unauthorized", "code": "unauthorized"}, challenge

@@ -9,16 +9,25 @@ with orjson: FastAPI's response-model path costs more than the whole storage rou
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+import functools
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, Mode
 from slotkeeper.errors import InvalidRequest
+from slotkeeper.events.models import iso as iso  # the one way times are written
 from slotkeeper.models import LeaseInfo, LimitView
 
 #: Integers are stored as 32-bit on PostgreSQL; larger values are refused at the edge.
@@ -141,7 +150,7 @@ class Decrement(Strict):
 
     names: list[NameRef]
     slots: int = Field(gt=0, le=MAX_INT)
-    occupancy_seconds: float | None = Field(default=None, gt=0)
+    occupancy_seconds: float | None = Field(default=None, gt=0, le=domain.MAX_OCCUPANCY_SECONDS)
     create_if_missing: bool | None = Field(default=None, description="Deprecated and ignored.")
 
 
@@ -153,6 +162,34 @@ class DecrementWithLease(Strict):
 
 #: Priority bounds of a waiting acquisition (higher is served first).
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _few(max_names: int, value: Any) -> Any:
+    if isinstance(value, list) and len(value) > max_names:
+        raise PydanticCustomError(
+            "too_long",
+            "List should have at most {max_length} items, not {actual_length} (SLOTKEEPER_MAX_NAMES)",
+            {"field_type": "List", "max_length": max_names, "actual_length": len(value)},
+        )
+    return value
+
+
+def names_capped(model: type[M], max_names: int) -> type[M]:
+    """``model`` with at most ``max_names`` in its ``names`` list (``SLOTKEEPER_MAX_NAMES``).
+
+    The length is checked before the names are validated one by one, so a list of millions costs
+    only its parsing, and never reaches storage (it froze SQLite for seconds).
+    """
+    names: Any = Annotated[
+        list[NameRef], BeforeValidator(functools.partial(_few, max_names)), Field(max_length=max_names)
+    ]
+    capped: type[M] = create_model(
+        model.__name__, __base__=model, __doc__=model.__doc__, __module__=model.__module__, names=(names, ...)
+    )
+    return capped
 
 
 def lease_models(
@@ -180,11 +217,6 @@ def lease_models(
     )
     renew = create_model("RenewLease", __base__=Strict, lease_duration=duration)
     return with_lease, renew
-
-
-def iso(ts: float) -> str:
-    """Epoch seconds as Prefect writes times: ISO-8601 UTC, microseconds, ``Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def limit_json(view: LimitView) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from slotkeeper.api import live, session
+from slotkeeper.api.protocol import HttpToolsProtocol
 from slotkeeper.settings import Settings
 from slotkeeper.storage.waiting import SHUTDOWN_RETRY_AFTER
 
@@ -71,7 +72,8 @@ def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a lost connection seen at once: a grant is never answered into it.
+        http=HttpToolsProtocol,
         access_log=False,  # slotkeeper's own (SLOTKEEPER_ACCESS_LOG), with request ids
         lifespan="on",
         log_level=log_level,

@@ -32,9 +32,7 @@ no auth deadline is needed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hmac
 import logging
 from collections import deque
 from typing import Any
@@ -47,6 +45,7 @@ from slotkeeper import session as protocol
 from slotkeeper.api import errors
 from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.hotpath import ROUTE_TEMPLATE, HotPaths
+from slotkeeper.api.middleware import authorized, basic_credentials
 from slotkeeper.api.responses import json_response
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -140,6 +139,12 @@ class Session:
         ws = websocket.scope
         self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
         self.scope.update(type="http", query_string=b"")
+        # A record's body is JSON by the protocol: its handler reads it so, whatever the
+        # upgrade request's own Content-Type (see fastroute.declares_json).
+        self.scope["headers"] = [
+            *((k, v) for k, v in ws["headers"] if k != b"content-type"),
+            (b"content-type", b"application/json"),
+        ]
         self.running: dict[int, tuple[_Carried, asyncio.Task[None]]] = {}
         self.out: list[bytes] = []
         #: Lease grants of the current message (answer bodies), and of each message sent but not
@@ -362,9 +367,8 @@ def _authorized(websocket: WebSocket, settings: Settings) -> bool:
     secret = settings.api_auth_string
     if not secret:
         return True
-    expected = b"Basic " + base64.b64encode(secret.encode())
     given = websocket.headers.get("authorization", "").encode("latin-1", "replace")
-    return hmac.compare_digest(given, expected)
+    return authorized(given, basic_credentials(secret))
 
 
 async def _deny(websocket: WebSocket, response: Response, code: int) -> None:

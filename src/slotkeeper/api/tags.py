@@ -7,10 +7,8 @@ limits only, an invalid tag or a negative limit is 422, the decrement names tags
 does) the route says so; ``docs/tags.md`` lists every difference.
 """
 
-from __future__ import annotations
-
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
@@ -98,6 +96,8 @@ def routers(settings: Settings) -> list[APIRouter]:
     api = APIRouter(prefix=PREFIX, tags=TAGS)
     hot = APIRouter(prefix=PREFIX, tags=TAGS, route_class=hot_route_class(settings))
     page_max = settings.api_default_limit
+    Increment = schemas.names_capped(TagIncrement, settings.max_names)
+    Decrement = schemas.names_capped(TagDecrement, settings.max_names)
 
     def tags(request: Request) -> TagStore:
         return TagStore(request.app.state.storage, settings.v1_hold_ttl_seconds)
@@ -138,13 +138,15 @@ def routers(settings: Settings) -> list[APIRouter]:
         return json_response(None)
 
     @hot.post("/increment", summary="Take a slot on each tag for a task run")
-    async def increment(request: Request, body: TagIncrement) -> Response:
-        held = await tags(request).acquire(body.names, str(body.task_run_id))
+    async def increment(request: Request, body: Increment) -> Response:  # type: ignore[valid-type]
+        wanted = cast(TagIncrement, body)
+        held = await tags(request).acquire(wanted.names, str(wanted.task_run_id))
         return json_response([minimal_tag_json(lim) for lim in held])
 
     @hot.post("/decrement", summary="Release a task run's slots on these tags")
-    async def decrement(request: Request, body: TagDecrement) -> Response:
-        found = await tags(request).release(body.names, str(body.task_run_id))
+    async def decrement(request: Request, body: Decrement) -> Response:  # type: ignore[valid-type]
+        freed = cast(TagDecrement, body)
+        found = await tags(request).release(freed.names, str(freed.task_run_id))
         return json_response([minimal_tag_json(lim) for lim in found])
 
     return [api, hot]

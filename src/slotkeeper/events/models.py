@@ -67,7 +67,10 @@ class RelatedResource(RootModel[dict[str, str]]):
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in year 10000 in UTC
+        raise ValueError("the date is out of range once in UTC (years 1 to 9999)") from None
 
 
 class Event(BaseModel):
@@ -106,6 +109,28 @@ def check_size(event: Event) -> None:
 
 class _Filter(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Any:
+        # PostgreSQL text cannot hold NUL: a filter string with one made its driver raise (a
+        # 500, a websocket closed without a code) where SQLite answered 200. No stored string
+        # holds NUL (ingest refuses it), so it is refused on both backends, as invalid.
+        for name in type(self).model_fields:
+            if _holds_nul(getattr(self, name)):
+                raise ValueError(f"{name}: a filter string must not contain the NUL character")
+        return self
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string in ``value`` (a string, or lists, tuples and dicts of them) holds NUL;
+    nested filters check their own."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False
 
 
 def _default_since() -> datetime:
@@ -200,9 +225,19 @@ class EventFilter(_Filter):
     order: EventOrder = EventOrder.DESC
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def iso(ts: float) -> str:
-    """Epoch seconds as ISO-8601 UTC with microseconds and ``Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Epoch seconds as ISO 8601 UTC with microseconds and ``Z``: the one way slotkeeper writes a
+    time (events, limits, leases, counts).
+
+    The year always has four digits (``0999-06-15T...``): ``strftime("%Y")`` writes ``999``, which
+    is not ISO 8601, and which neither Prefect's client nor ``datetime.fromisoformat`` (the
+    PostgreSQL listener) can read back. (Adding to the epoch is also quicker than
+    ``fromtimestamp(ts, UTC)``, and rounds the same.)
+    """
+    return (_EPOCH + timedelta(seconds=ts)).isoformat(timespec="microseconds") + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
+
 from slotkeeper.events import builders
 from slotkeeper.events.models import MAX_RELATED_RESOURCES, EventRecord
 
@@ -83,6 +85,33 @@ class ClientCopy:
     task_run: str | None
     seen: float
     context: Context
+
+
+def copy_json(copy: ClientCopy) -> str:
+    """A copy as JSON, for another process (:func:`copy_from_json`)."""
+    return orjson.dumps(
+        {
+            "event": copy.event,
+            "limit_id": copy.limit_id,
+            "slots": copy.slots,
+            "task_run": copy.task_run,
+            "seen": copy.seen,
+            "context": copy.context,
+        }
+    ).decode()
+
+
+def copy_from_json(text: str) -> ClientCopy:
+    """The copy :func:`copy_json` wrote."""
+    data = orjson.loads(text)
+    return ClientCopy(
+        event=data["event"],
+        limit_id=data["limit_id"],
+        slots=data["slots"],
+        task_run=data["task_run"],
+        seen=data["seen"],
+        context=tuple(data["context"]),
+    )
 
 
 def client_copy(data: Mapping[str, Any], seen: float) -> ClientCopy | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import orjson
 
 from slotkeeper.events import builders
-from slotkeeper.gateway.context import RunContexts, client_copy
+from slotkeeper.gateway.context import ClientCopy, RunContexts, client_copy
 
 log = logging.getLogger("slotkeeper.gateway.events_in")
 
@@ -33,9 +33,16 @@ class SlotCopyFilter:
     """The ``/api/events/in`` frame filter: keeps the context of client copies of slot events
     and drops them; passes every other frame on as it came."""
 
-    def __init__(self, contexts: RunContexts, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        contexts: RunContexts,
+        clock: Callable[[], float] = time.time,
+        share: Callable[[ClientCopy], None] | None = None,
+    ) -> None:
         self.contexts = contexts
         self.clock = clock
+        #: Told of every copy kept (the deliverer: another process may be the one delivering).
+        self.share = share
         #: Client copies dropped since start.
         self.dropped = 0
 
@@ -53,6 +60,8 @@ class SlotCopyFilter:
             copy = client_copy(data, self.clock())
             if copy is not None:
                 self.contexts.add(copy)
+                if self.share is not None:
+                    self.share(copy)
         except Exception:  # a bug here must never cost the socket: drop the copy all the same
             log.exception("could not read the run context of a client's slot event")
         self.dropped += 1

@@ -23,7 +23,8 @@ the upstream and deletes what the upstream acknowledged:
   and a frame written to a socket that then breaks may or may not have been read, so a websocket
   sender could only guess what to send again.
 * **Run context.** A slot event waits up to ``RunContexts.wait`` after its grant for the client
-  copy that names its run (``context.py``), then goes with what is known. The stream stays in
+  copy that names its run (``context.py``), then goes with what is known. On PostgreSQL a copy
+  received by a process that does not deliver is handed over through ``outbox_copies``. The stream stays in
   commit order, so one waiting event holds those behind it for that long at most.
 * **Never in the way of an acquisition.** Delivery only reads and deletes outbox rows (no limit,
   lease or waiter), one short transaction each, from one task; it restarts itself (and says so
@@ -47,7 +48,7 @@ import orjson
 
 from slotkeeper.errors import DatabaseUnavailable
 from slotkeeper.events.models import EventRecord, iso
-from slotkeeper.gateway.context import RunContexts
+from slotkeeper.gateway.context import ClientCopy, RunContexts, copy_from_json, copy_json
 from slotkeeper.gateway.events_in import SlotCopyFilter
 from slotkeeper.gateway.ws import FRAME_FILTERS
 from slotkeeper.settings import Settings
@@ -161,6 +162,8 @@ class Deliverer:
         max_backoff: float = 30.0,
         restart_seconds: float = 1.0,
         coalesce: float = 0.02,
+        pace: float = 0.05,
+        share_copies: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -178,16 +181,31 @@ class Deliverer:
         self.stats = DeliveryStats()
         self._renew_at = 0.0
         self.coalesce = coalesce
+        #: Shortest wait before the next pass while an event waits for its context (a copy
+        #: arriving ends it sooner).
+        self.pace = pace
+        #: Several processes (PostgreSQL): copies received while another process delivers are
+        #: handed to it through the database (``outbox_copies``).
+        self.share_copies = share_copies
+        self._shared: list[str] = []
+        self._sharing: asyncio.Task[None] | None = None
         self._wakes = {COMMIT: asyncio.Event(), COPY: asyncio.Event()}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_pending = False
+        #: Sleeping until new events are committed (the only time a commit needs to wake it).
+        self._idle = False
+        #: Commits seen (any thread), and at the start of the last pass.
+        self._commits = 0
+        self._commits_at_pass = 0
 
     # --- wake-ups -------------------------------------------------------------------------------
 
     def committed(self, _events: object = None) -> None:
         """Events were committed (any thread): an idle deliverer delivers soon. One wake-up
-        scheduled at a time."""
-        if self._wake_pending or self._loop is None:
+        scheduled at a time, and none while the deliverer is busy or waits for a context (it
+        reads the outbox again anyway): under load, commits cost nothing here."""
+        self._commits += 1  # no lock: a lost increment only means one more pass
+        if not self._idle or self._wake_pending or self._loop is None:
             return
         self._wake_pending = True
         with contextlib.suppress(RuntimeError):  # the loop is closing
@@ -208,11 +226,35 @@ class Deliverer:
             await asyncio.sleep(seconds)
             return
         wake = self._wakes[wake_on]  # cleared by the pass, before it read anything
+        if wake_on == COMMIT and self._commits != self._commits_at_pass:
+            return  # events committed while the pass ran: no sleep
+        self._idle = wake_on == COMMIT
         try:
             await asyncio.wait_for(wake.wait(), seconds)
         except TimeoutError:
             return
+        finally:
+            self._idle = False
         await asyncio.sleep(self.coalesce)
+
+    # --- client copies for the delivering process ---------------------------------------------
+
+    def received(self, copy: ClientCopy) -> None:
+        """A client copy was kept here (on the loop): if another process delivers, hand it over
+        (batched: one insert per ``coalesce`` at most)."""
+        if not self.share_copies or self.stats.delivering:
+            return
+        self._shared.append(copy_json(copy))
+        if self._sharing is None or self._sharing.done():
+            self._sharing = asyncio.get_running_loop().create_task(self._share())
+
+    async def _share(self) -> None:
+        await asyncio.sleep(self.coalesce)
+        copies, self._shared = self._shared, []
+        try:
+            await self.store.share_copies(self.owner, copies)
+        except Exception as exc:  # their events go without context; delivery itself is unharmed
+            log.warning("could not hand %d client copies to the delivering process: %s", len(copies), exc)
 
     # --- one pass -------------------------------------------------------------------------------
 
@@ -225,12 +267,16 @@ class Deliverer:
         """
         for wake in self._wakes.values():  # what happens from now on ends the next wait early
             wake.clear()
+        self._commits_at_pass = self._commits
         now = self.clock()
         if not self.stats.delivering or now >= self._renew_at:
             self.stats.delivering = await self.store.claim(self.owner, self.lease_seconds)
             self._renew_at = now + self.lease_seconds / 3
         if not self.stats.delivering:
             return self.lease_seconds / 3, None  # another process delivers; stand by
+        if self.share_copies:  # the copies other processes received, before matching
+            for text in await self.store.take_copies(self.owner):
+                self.contexts.add(copy_from_json(text))
         queued = await self.store.oldest(self._batch)
         ready: list[EventRecord] = []
         for item in queued:
@@ -267,7 +313,9 @@ class Deliverer:
             self.stats.lag = max(done - ready[-1].occurred, 0.0)
         if len(ready) < len(queued):  # the next one waits for its context, until its deadline
             head = queued[len(ready)].event
-            return max(head.occurred + self.contexts.wait - self.clock(), 0.01), COPY
+            # Not sooner than ``pace``: the events behind it are held for their own contexts
+            # too, and a pass per event would read the whole batch each time.
+            return max(head.occurred + self.contexts.wait - self.clock(), self.pace), COPY
         if queued and len(queued) == self._batch:
             return 0.0, None  # more behind: at once
         return self.idle_seconds, COMMIT
@@ -292,6 +340,8 @@ class Deliverer:
                     )
                     await asyncio.sleep(self.restart_seconds)
         finally:
+            if self._sharing is not None:
+                self._sharing.cancel()
             if self.stats.delivering:
                 self.stats.delivering = False
                 with contextlib.suppress(Exception):
@@ -364,7 +414,6 @@ def start_delivery(storage: Storage, settings: Settings) -> Delivery:
     contexts = RunContexts(
         size=settings.outbox_context_entries, wait=settings.outbox_context_wait_seconds, clock=clock
     )
-    copies = SlotCopyFilter(contexts, clock=clock)
     outbox = storage.outbox_store()
     outbox.enable()
     endpoint = EventsEndpoint(
@@ -379,8 +428,10 @@ def start_delivery(storage: Storage, settings: Settings) -> Delivery:
         batch=settings.outbox_batch_size,
         lease_seconds=settings.outbox_lease_seconds,
         max_backoff=settings.outbox_max_backoff_seconds,
+        share_copies=storage.backend.name != "sqlite",  # SQLite: one process, it delivers
         clock=clock,
     )
+    copies = SlotCopyFilter(contexts, clock=clock, share=deliverer.received)
     unsubscribe = storage.subscribe_events(deliverer.committed)
     FRAME_FILTERS[EVENTS_IN] = copies
     task = asyncio.create_task(deliverer.run(), name="slotkeeper-outbox")

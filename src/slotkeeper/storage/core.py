@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,6 +30,8 @@ from slotkeeper.storage.views import ViewStore
 from slotkeeper.storage.waiting import SHUTDOWN_RETRY_AFTER, Acquisitions, Observer, Waiters
 
 T = TypeVar("T")
+
+log = logging.getLogger("slotkeeper.reaper")
 
 
 class Storage:
@@ -51,6 +54,8 @@ class Storage:
             self.waiters, clock=clock, retry_policy=retry_policy, one_writer=backend.name == "sqlite"
         )
         self._acquisitions = Acquisitions(backend, self.scripts, release=self.release_lease)
+        #: Expired leases the reaper's last pass could not end (see :meth:`reap_expired`).
+        self._failing_leases: set[str] = set()
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -195,10 +200,26 @@ class Storage:
         """
         slots = self.scripts.slots
         ids = await self._run(lambda tx: slots.expired_lease_ids(tx, batch))
-        ended = await asyncio.gather(
-            *(self._run(functools.partial(slots.end_expired, lease_id=i)) for i in ids)
+        outcomes = await asyncio.gather(
+            *(self._run(functools.partial(slots.end_expired, lease_id=i)) for i in ids),
+            return_exceptions=True,
         )
-        return sum(ended)
+        # One lease that cannot end (its limit broken somehow) must not stop the others, nor
+        # the sweep after them: it is logged (with its traceback the first pass it fails, then
+        # quietly, so a stuck lease does not flood the log) and tried again next pass.
+        ended, failing = 0, dict[str, Exception]()
+        for lease_id, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, Exception):
+                failing[lease_id] = outcome
+            elif outcome:
+                ended += 1
+        for lease_id, error in failing.items():
+            if lease_id not in self._failing_leases:
+                log.error("could not end expired lease %s; retrying", lease_id, exc_info=error)
+        self._failing_leases = set(failing)
+        return ended
 
     async def detach_waiters(self, retry_after: float = SHUTDOWN_RETRY_AFTER, hold: float = 60.0) -> int:
         """The server is shutting down: every request of this process waiting in the queue is

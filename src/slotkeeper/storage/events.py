@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from slotkeeper.events import builders, filters
-from slotkeeper.events.models import EventFilter, EventOrder, EventRecord
+from slotkeeper.events.models import EventFilter, EventOrder, EventRecord, iso
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.backend import Backend
@@ -90,7 +90,7 @@ class InvalidCountRequest(ValueError):
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso(moment.timestamp())
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,34 @@ from slotkeeper.storage.backend import Backend
 from slotkeeper.storage.tx import Tx
 
 
-@dataclass(frozen=True, slots=True)
 class Queued:
-    """One event of the outbox: its place in commit order and the event itself."""
+    """One event of the outbox: its place in commit order (``seq``) and the event itself, read
+    from its row when first asked for (a pass reads a batch, but may deliver only its first rows
+    while the next one waits for its run context)."""
 
-    seq: int
-    event: EventRecord
+    __slots__ = ("_event", "_row", "seq")
+
+    def __init__(self, row: q.OutboxRow) -> None:
+        self.seq = row.seq
+        self._row = row
+        self._event: EventRecord | None = None
+
+    @property
+    def event(self) -> EventRecord:
+        """The event (parsed once)."""
+        if self._event is None:
+            row = self._row
+            self._event = EventRecord(
+                id=row.event_id,
+                occurred=row.occurred,
+                event=row.event,
+                resource=orjson.loads(row.resource),
+                related=orjson.loads(row.related),
+                payload=orjson.loads(row.payload),
+                follows=row.follows,
+                received=row.occurred,
+            )
+        return self._event
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,22 +60,6 @@ class Backlog:
 
     events: int
     oldest: float | None
-
-
-def _queued(row: q.OutboxRow) -> Queued:
-    return Queued(
-        row.seq,
-        EventRecord(
-            id=row.event_id,
-            occurred=row.occurred,
-            event=row.event,
-            resource=orjson.loads(row.resource),
-            related=orjson.loads(row.related),
-            payload=orjson.loads(row.payload),
-            follows=row.follows,
-            received=row.occurred,
-        ),
-    )
 
 
 class OutboxStore:
@@ -86,7 +92,7 @@ class OutboxStore:
         """Up to ``batch`` waiting events, oldest first (commit order)."""
 
         def read(tx: Tx) -> list[Queued]:
-            return [_queued(q.OutboxRow._make(r)) for r in tx.all(q.SELECT_OUTBOX, {"batch": batch})]
+            return [Queued(q.OutboxRow._make(r)) for r in tx.all(q.SELECT_OUTBOX, {"batch": batch})]
 
         return await transactions.read(self.backend, read)
 
@@ -103,3 +109,20 @@ class OutboxStore:
             return Backlog(int(row[0]), row[1]) if row is not None else Backlog(0, None)
 
         return await transactions.read(self.backend, read)
+
+    # --- client copies shared between processes (PostgreSQL) -----------------------------------
+
+    async def share_copies(self, owner: str, copies: Sequence[str]) -> None:
+        """Hand client copies (JSON) received by ``owner`` to whichever process delivers."""
+        rows = [{"owner": owner, "copy": c} for c in copies]
+        if rows:
+            await transactions.run(self.backend, lambda tx: tx.write_many(q.INSERT_OUTBOX_COPY, rows))
+
+    async def take_copies(self, owner: str, batch: int = 5000) -> list[str]:
+        """The copies other processes shared, oldest first, deleted as they are taken."""
+
+        def take(tx: Tx) -> list[str]:
+            rows = tx.all(q.TAKE_OUTBOX_COPIES, {"owner": owner, "batch": batch})
+            return [copy for _, copy in sorted(rows)]
+
+        return await transactions.run(self.backend, take)

@@ -59,6 +59,12 @@ SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM grants WHER
 ORDER BY id FOR_UPDATE
 """
 
+#: The limits a waiter waits for, locked (what granting or refusing it locks first).
+SELECT_LIMITS_OF_WAITER = f"""
+SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM waiter_limits WHERE waiter_id = :id)
+ORDER BY id FOR_UPDATE
+"""
+
 SELECT_LIMIT_BY_ID = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE id = :key FOR_UPDATE"
 
 SELECT_LIMIT_BY_NAME = f"SELECT {LIMIT_COLUMNS} FROM limits WHERE name = :key FOR_UPDATE"
@@ -602,3 +608,13 @@ RETURNING owner
 
 #: Give the lease up (a process that stops): another process may take it at once.
 FREE_OUTBOX_LEASE = "UPDATE outbox_lease SET expires = 0 WHERE name = 'delivery' AND owner = :owner"
+
+INSERT_OUTBOX_COPY = "INSERT INTO outbox_copies (owner, copy) VALUES (:owner, :copy)"
+
+#: The copies other processes shared, taken (deleted) by the delivering process, oldest first.
+TAKE_OUTBOX_COPIES = """
+DELETE FROM outbox_copies WHERE seq IN (
+    SELECT seq FROM outbox_copies WHERE owner <> :owner ORDER BY seq LIMIT :batch
+)
+RETURNING seq, copy
+"""

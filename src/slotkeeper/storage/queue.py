@@ -193,7 +193,15 @@ class QueueScripts:
         self._end(tx, waiter_id, keep=False)
 
     def _end(self, tx: Tx, waiter_id: str, *, keep: bool) -> Outcome | None:
-        row = tx.one(q.SELECT_WAITER_LEASE, {"id": waiter_id})
+        # The waiter's limits are locked before its row is read, as admission locks every limit of
+        # a waiter before it grants or refuses it: the row read behind the locks is final. Read
+        # first, on PostgreSQL, a grant committed by another connection between that read and the
+        # row's deletion was lost with the row: the lease was left held by nobody.
+        locking = tx.all_later(q.SELECT_LIMITS_OF_WAITER, {"id": waiter_id})
+        reading = tx.all_later(q.SELECT_WAITER_LEASE, {"id": waiter_id})
+        limit_ids = [r.id for r in limit_rows(locking())]
+        found = reading()
+        row = found[0] if found else None
         if row is None:
             # The sweeper dropped it, or this process admitted or refused it: the outcome was
             # handed over in memory, or is released on arrival if the request left.
@@ -213,7 +221,6 @@ class QueueScripts:
             limits = [replace(by_id[i], fencing_token=tokens[i]) for i in order if i in by_id]
             admitted = next(iter(created()), (None,))[0]  # when the queue granted it
             return Granted(limits, lease_id, admitted)
-        limit_ids = [r[1] for r in tx.all(q.SELECT_WAITER_LIMITS, {"ids": [waiter_id]})]
         tx.write_now(q.DELETE_WAITER, {"id": waiter_id})
         if lease_id is not None:  # granted, but nobody is there to take it: release it
             self.s.slots.end_lease(tx, lease_id)

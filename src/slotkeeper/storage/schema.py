@@ -180,3 +180,16 @@ outbox_lease = sa.Table(
     sa.Column("owner", sa.String(36), nullable=False),
     sa.Column("expires", sa.Double, nullable=False),
 )
+
+#: Several processes (PostgreSQL): the client copies of slot events a process that does not
+#: deliver received on its ``/api/events/in`` (their run context, ``gateway/context.py``), for
+#: the delivering process, which takes (deletes) them. ``owner`` is the process that received it.
+outbox_copies = sa.Table(
+    "outbox_copies",
+    metadata,
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    sa.Column("owner", sa.String(36), nullable=False),
+    sa.Column("copy", sa.Text, nullable=False),
+)

@@ -431,8 +431,12 @@ class Acquisitions:
         queue = self.scripts.queue
         ids = await transactions.run(self.backend, queue.abandoned)
         for waiter_id in ids:
-            with contextlib.suppress(WaiterGone):
+            try:
                 await transactions.run(self.backend, functools.partial(queue.abandon, waiter_id=waiter_id))
+            except WaiterGone:
+                pass
+            except Exception:  # one waiter that cannot leave must not keep the others queued
+                log.exception("could not drop abandoned waiter %s; retrying", waiter_id)
         await transactions.run(self.backend, queue.admit_everywhere)
         return len(ids)
 
