@@ -13,8 +13,9 @@ slotkeeper (SQLite) with ``SLOTKEEPER_UPSTREAM_URL`` pointing at it, both on loo
    that the drift of a shared machine falls on both alike, ``requests`` of each in all after an
    unmeasured warm-up. Two requests: ``GET /api/admin/version`` (no database: what the
    forwarding itself adds) and ``POST /api/flow_runs/filter`` with ``limit: 1`` (a database
-   read). Reported: p50, p99 and mean of each, and the gateway's extra at p50 and p99 (issue 15's
-   targets: +1 ms and +3 ms).
+   read). Reported: p50, p99 and mean of each, the gateway's extra at p50 and p99 (issue 15's
+   targets: +1 ms and +3 ms), and the CPU each server process group spent per request it served
+   (``/proc``; steadier than latency on a loaded machine).
 2. **Prefect's flow.** ``benchmarks/prefect_flow.py`` in ``.venv-prefect``: one flow of ``tasks``
    tasks tagged with a fresh tag whose limit is ``limit``, each holding its slot ``hold`` s, with
    every task submitted at once. Run directly on Prefect's server then through the gateway,
@@ -115,9 +116,12 @@ def latency(
                 for _ in range(WARMUP):
                     _timed(conn, method, path, body)
             samples: dict[str, list[float]] = {k: [] for k in targets}
+            pids = {k: s.pids() for k, s in targets.items()}
+            cpu0 = {k: servers.cpu_seconds(p) for k, p in pids.items()}
             while len(samples["gateway"]) < requests:
                 for key, conn in conns.items():
                     samples[key].extend(_timed(conn, method, path, body) for _ in range(block))
+            cpu = {k: servers.cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
             direct, through = _summary(samples["direct"]), _summary(samples["gateway"])
             out.append(
                 {
@@ -126,6 +130,9 @@ def latency(
                     "gateway": through,
                     "extra_p50_ms": through["p50_ms"] - direct["p50_ms"],
                     "extra_p99_ms": through["p99_ms"] - direct["p99_ms"],
+                    # Prefect served every request (direct and forwarded); the gateway half of them.
+                    "prefect_cpu_ms_per_request": cpu["direct"] * 1000 / (2 * len(samples["gateway"])),
+                    "gateway_cpu_ms_per_request": cpu["gateway"] * 1000 / len(samples["gateway"]),
                 }
             )
     finally:
@@ -203,6 +210,10 @@ def print_latency(rows: list[dict[str, Any]], requests: int, block: int) -> None
         print(
             f"{'':<30} {'extra':<8} {row['extra_p50_ms']:>+8.2f} {row['extra_p99_ms']:>+8.2f}"
             "   (targets: +1 ms p50, +3 ms p99)"
+        )
+        print(
+            f"{'':<30} CPU per request: Prefect's server {row['prefect_cpu_ms_per_request']:.2f} ms, "
+            f"the gateway {row['gateway_cpu_ms_per_request']:.2f} ms"
         )
 
 

@@ -196,8 +196,8 @@ def test_run_events_are_read_through_the_gateway_exactly_once(
         task_runs = [f"prefect.task-run.{t}" for t in run["task_runs"]]
         through = gateway.events({"resource": {"id": [flow_run, *task_runs]}}, limit=10)
         direct = upstream.events({"resource": {"id": [flow_run, *task_runs]}})
-        # Through the gateway: Prefect's store, as it is (paged the same, nothing added or lost).
-        assert [e["id"] for e in through] == [e["id"] for e in direct]
+        # Through the gateway (ten a page): Prefect's store, as it is, nothing added or lost.
+        assert Counter(e["id"] for e in through) == Counter(e["id"] for e in direct)
         assert len({e["id"] for e in through}) == len(through)
         by_resource: dict[str, list[str]] = {}
         for event in through:
