@@ -21,9 +21,17 @@ for any server on this machine**: what loopback TCP, the scheduler of a small ma
 asyncio's timers allow (``asyncio.sleep`` overshoots its delay, so even this falls short of
 the nominal ideal). It is a reference line in the report, never a target.
 
+With ``--fsync FILE`` it is the *durable floor*: every change of the lock's holder (a grant,
+and the release it comes with) is appended to ``FILE`` and made durable with ``fdatasync`` before
+anyone is answered, as a database commit is before a durable server answers. One ``fdatasync``
+per hand-off, nothing else: what this machine's disk adds to the floor, the bound for any server
+that makes every grant durable before announcing it (slotkeeper on PostgreSQL with its default
+``synchronous_commit=on``; slotkeeper on SQLite is crash-safe with ``synchronous=NORMAL``, which
+does not sync each commit).
+
 Run it on its own::
 
-    python benchmarks/floor.py serve [--host 127.0.0.1] --port N
+    python benchmarks/floor.py serve [--host 127.0.0.1] --port N [--fsync FILE]
 
 It prints one line once it listens and serves until SIGTERM or SIGINT.
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections import deque
@@ -45,10 +54,12 @@ GRANTED, RELEASED, ERROR = b"g", b"k", b"e"
 class Lock:
     """The one lock: its holder and the FIFO queue of connections waiting for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_fd: int | None = None) -> None:
         self.holder: Connection | None = None
         self.queue: deque[Connection] = deque()
         self.grants = 0
+        #: ``--fsync``: the log every grant is made durable in before it is answered.
+        self.log_fd = log_fd
 
     def acquire(self, conn: Connection) -> None:
         if conn is self.holder or conn in self.queue:
@@ -81,6 +92,9 @@ class Lock:
     def _grant(self, conn: Connection) -> None:
         self.holder = conn
         self.grants += 1
+        if self.log_fd is not None:  # durable before anyone is told (the release rides along)
+            os.write(self.log_fd, GRANTED)
+            os.fdatasync(self.log_fd)
         conn.send(GRANTED)
 
 
@@ -113,17 +127,21 @@ class Connection(asyncio.Protocol):
             self.transport.write(answer)
 
 
-async def serve(host: str, port: int) -> None:
-    """Serve the lock on ``host:port`` until SIGTERM or SIGINT."""
+async def serve(host: str, port: int, fsync: str | None = None) -> None:
+    """Serve the lock on ``host:port`` until SIGTERM or SIGINT (``fsync``: the durable floor's log)."""
     loop = asyncio.get_running_loop()
-    lock = Lock()
+    log_fd = None if fsync is None else os.open(fsync, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    lock = Lock(log_fd)
     server = await loop.create_server(lambda: Connection(lock), host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"floor: in-memory lock listening on {host}:{port}", flush=True)
+    durable = f", every grant made durable in {fsync}" if fsync else ""
+    print(f"floor: in-memory lock listening on {host}:{port}{durable}", flush=True)
     async with server:
         await stop.wait()
+    if log_fd is not None:
+        os.close(log_fd)
     print(f"floor: stopped after {lock.grants} grants", flush=True)
 
 
@@ -134,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve the lock until SIGTERM or SIGINT")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, required=True)
+    s.add_argument("--fsync", metavar="FILE", help="the durable floor: fdatasync every grant to FILE first")
     args = p.parse_args(argv)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.fsync))
     else:
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.fsync))
     return 0
 
 

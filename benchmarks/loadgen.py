@@ -7,7 +7,8 @@ connection with one ``GET /api/health``, reports ready, and waits for the common
 Then every client loops over its operation until the window ends and the worker sends back raw
 numbers (:class:`WorkerResult`); the parent merges them (:func:`merge`). One kind speaks no HTTP:
 ``handoff-floor`` opens one plain TCP connection per client to ``benchmarks/floor.py`` instead
-(the hand-off's machine floor).
+(the hand-off's machine floor), and ``redis-pairs`` one redis-py connection per client to the
+Redis reference server (its counting semaphore, see ``servers.REDIS_ACQUIRE_LUA``).
 
 Timeline of one measurement (times are wall-clock, shared by all processes)::
 
@@ -39,7 +40,17 @@ from typing import Any, Literal
 
 import aiohttp
 
-Kind = Literal["pairs", "health", "handoff", "handoff-sdk", "handoff-floor", "rate", "random-pairs", "events"]
+Kind = Literal[
+    "pairs",
+    "redis-pairs",
+    "health",
+    "handoff",
+    "handoff-sdk",
+    "handoff-floor",
+    "rate",
+    "random-pairs",
+    "events",
+]
 
 ACQUIRE = "/api/v2/concurrency_limits/increment-with-lease"
 RELEASE = "/api/v2/concurrency_limits/decrement-with-lease"
@@ -216,6 +227,51 @@ async def _pairs_client(
                 tally.release_latencies.append(t2 - t1)
             else:
                 tally.errors[f"release:{status}"] += 1
+
+
+async def _redis_pairs_client(
+    redis: Any, base: str, client: int, job: Job, window: _Window, tally: _Tally
+) -> None:
+    """The pairs of :func:`_pairs_client` against the Redis reference: the semaphore's acquire
+    script on this client's own key ``bench-<client>`` (limit 1000, a lease of ``LEASE_SECONDS``),
+    then ``ZREM``; through redis-py's asyncio client on one connection of this client's own."""
+    from redis.exceptions import RedisError
+    from servers import REDIS_ACQUIRE_LUA
+
+    failures = (RedisError, OSError)
+    acquire = redis.register_script(REDIS_ACQUIRE_LUA)
+    key = f"bench-{client}"
+    clock = time.perf_counter
+    for n in range(job.max_ops):
+        t0 = clock()
+        if t0 >= window.end:
+            return
+        token = f"{os.getpid()}-{client}-{n}"
+        try:
+            granted = await acquire(keys=[key], args=[1000, LEASE_SECONDS, token])
+        except failures as exc:
+            if clock() in window:
+                tally.errors[f"acquire:{_failure_kind(exc)}"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        t1 = clock()
+        if granted != 1:
+            if t1 in window:
+                tally.errors["acquire:not granted"] += 1
+            continue
+        if t0 in window:
+            tally.latencies.append(t1 - t0)
+        try:
+            await redis.zrem(key, token)
+        except failures as exc:
+            if clock() in window:
+                tally.errors[f"release:{_failure_kind(exc)}"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        t2 = clock()
+        if t2 in window:
+            tally.completed += 1
+            tally.release_latencies.append(t2 - t1)
 
 
 async def _health_client(
@@ -618,6 +674,7 @@ async def _open_emitter(job: Job, tally: _Tally) -> aiohttp.ClientSession | None
 
 _CLIENTS: dict[Kind, Callable[..., Coroutine[Any, Any, None]]] = {
     "pairs": _pairs_client,
+    "redis-pairs": _redis_pairs_client,
     "health": _health_client,
     "handoff": _handoff_client,
     "handoff-sdk": _handoff_sdk_client,
@@ -667,11 +724,41 @@ async def _open_streams(job: Job) -> tuple[list[_Stream], list[str]]:
     return streams, sorted({o for o in opened if isinstance(o, str)})
 
 
+async def _open_redis(job: Job) -> tuple[list[Any], list[str]]:
+    """One redis-py client per client, each on one connection of its own, primed by ``PING``
+    (``redis-pairs``)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    url = urllib.parse.urlsplit(job.base_url)
+    clients = [
+        aioredis.Redis(
+            host=url.hostname or "127.0.0.1",
+            port=url.port or 6379,
+            single_connection_client=True,
+            socket_timeout=job.request_timeout,
+        )
+        for _ in job.clients
+    ]
+
+    async def prime(client: Any) -> str | None:
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            return f"priming failed: {exc!r}"
+        return None
+
+    notes = [n for n in await asyncio.gather(*(prime(c) for c in clients)) if n]
+    return clients, sorted(set(notes))
+
+
 async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerResult:
     """Run one job: open and prime, report ready, wait for the start time, load, collect."""
-    sessions: list[aiohttp.ClientSession] | list[_Stream]
+    sessions: list[aiohttp.ClientSession] | list[_Stream] | list[Any]
     if job.kind == "handoff-floor":
         sessions, notes = await _open_streams(job)
+    elif job.kind == "redis-pairs":
+        sessions, notes = await _open_redis(job)
     else:
         sessions, notes = await _open_sessions(job)
     tally = _Tally()
@@ -713,7 +800,7 @@ async def _run(job: Job, conn: multiprocessing.connection.Connection) -> WorkerR
             retry_afters=tally.retry_afters.tobytes(),
         )
     finally:
-        closing = [s.close() for s in sessions]
+        closing = [s.aclose() if hasattr(s, "aclose") else s.close() for s in sessions]
         if emitter is not None:
             closing.append(emitter.close())
         with contextlib.suppress(Exception):

@@ -4,8 +4,10 @@ One list of :class:`Step` drives a run (``run.py`` executes it in order); ``--pl
 with its estimate without starting anything, and every run prints the estimate first.
 
 Order: the scale scenario first (slotkeeper only, on servers of its own: it runs while Prefect's
-server boots, which is frozen during its measurements), then pairs, handoff, client, rate and
-events. Within each scenario, round after round, the servers take turns in an order that
+server boots, which is frozen during its measurements), then pairs, handoff, sdk, client, rate
+and events. A new scenario plugs in with a key in ``scenarios.SCENARIOS``, its steps here (and
+their duration in :func:`seconds`), its measurement in ``run.run_step`` and its section in
+``report_scenarios`` (``summarize``, ``render``, ``progress``). Within each scenario, round after round, the servers take turns in an order that
 rotates every round (A B C, then B C A, ...), so that no server is always measured first or
 right after a given other one. The hand-off's machine floor (``floor.py``, variant "floor")
 takes its turn in that rotation like a server.
@@ -17,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from scenarios import EXTRA, FLOOR, Extra
+from scenarios import EXTRA, FLOOR, FLOOR_DURABLE, FLOORS, Extra
+from servers import REFERENCE_KEYS
 
 PREFECT = "prefect-sqlite"
 
@@ -67,6 +70,8 @@ def smoke(mode: Mode) -> Mode:
             events_duration=0.5,
             scale_warmup=0.1,
             scale_duration=0.5,
+            procs_warmup=0.1,
+            procs_duration=0.5,
         ),
     )
 
@@ -78,7 +83,7 @@ class Step:
     scenario: str
     round: int
     target: str
-    #: handoff: "wait", "sdk", "poll" or "floor". A "floor" step measures ``floor.py``, which it
+    #: sdk: "session" or "redis". handoff: "wait", "sdk", "poll" or "floor". A "floor" step measures ``floor.py``, which it
     #: starts and stops itself: its ``target`` is only the running server the step is dispatched
     #: with (it is not used and stays frozen); its measurements are reported as target "floor".
     variant: str = ""
@@ -107,9 +112,19 @@ def handoff_targets(keys: Sequence[str], extra: Extra) -> list[tuple[str, str]]:
     }
     variants = ("wait", "sdk", "poll")
     out = [(k, v) for v in variants for k in keys if v in wanted.get(k, ())]
-    if extra.handoff_floor and keys:
-        out.append((keys[0], FLOOR))
+    served = [k for k in keys if k not in REFERENCE_KEYS]
+    if extra.handoff_floor and served:
+        out.append((served[0], FLOOR))
+    if extra.handoff_floor_durable and "slotkeeper-postgres" in served:
+        out.append((served[0], FLOOR_DURABLE))
     return out
+
+
+def sdk_targets(keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(server key, variant) measured in "sdk": slotkeeper's SDK over its session on each
+    backend, and the Redis semaphore."""
+    out = [(k, "session") for k in ("slotkeeper-sqlite", "slotkeeper-postgres") if k in keys]
+    return [*out, ("redis", "redis")] if "redis" in keys else out
 
 
 def build(keys: Sequence[str], chosen: Sequence[str], mode: Mode) -> list[Step]:
@@ -127,9 +142,18 @@ def build(keys: Sequence[str], chosen: Sequence[str], mode: Mode) -> list[Step]:
     if "handoff" in chosen:
         for rnd in range(1, mode.rounds + 1):
             steps += [Step("handoff", rnd, k, v) for k, v in rotated(handoff_targets(keys, x), rnd)]
+    if "sdk" in chosen:
+        turn = sdk_targets(keys)
+        for rnd in range(1, mode.rounds + 1):
+            steps += [Step("sdk", rnd, k, v) for k, v in rotated(turn, rnd)]
+    # The reference servers (Redis) take part in "pairs" and "sdk" only.
+    served = [k for k in keys if k not in REFERENCE_KEYS]
     for scenario, rounds in (("client", x.client_rounds), ("rate", x.rate_rounds), ("events", mode.rounds)):
         if scenario in chosen:
-            steps += [Step(scenario, r, k) for r in range(1, rounds + 1) for k in rotated(keys, r)]
+            steps += [Step(scenario, r, k) for r in range(1, rounds + 1) for k in rotated(served, r)]
+    if "procs" in chosen and "slotkeeper-postgres" in keys:
+        # Two servers of its own on one database, started and stopped within each step (procs.py).
+        steps += [Step("procs", r, "slotkeeper-postgres") for r in range(1, mode.rounds + 1)]
     return steps
 
 
@@ -146,6 +170,7 @@ REPORT = 2.0  # JSON, plots and docs (the servers stop meanwhile)
 STEP = 0.25  # every measurement: resume, health check, connections, settling, freezing
 PRIME = {True: 0.6, False: 0.15}  # teaching a fresh limit its hold time: on Prefect's server, on slotkeeper's
 FLOOR_START = 0.3  # floor.py's start (Python, uvloop), its probe and its stop
+SDK_START = 0.8  # the holders' process: Python, the SDK or redis-py, its first connection
 CLIENT_START = 1.0  # .venv-prefect's Python importing Prefect, its warm-up block
 EVENTS_SETUP = 0.2  # subscriber, probe event, waiting for the last deliveries
 SCALE_INSERT_PER_S = {"sqlite": 25_000, "postgres": 12_000}  # leases inserted per second
@@ -163,16 +188,22 @@ def seconds(step: Step, mode: Mode) -> float:
     x, prefect = mode.extra, step.target == PREFECT
     if step.scenario in ("pairs", "health"):
         return STEP + mode.warmup + mode.duration
-    if step.scenario == "handoff" and step.variant == FLOOR:
+    if step.scenario == "handoff" and step.variant in FLOORS:
         return STEP + FLOOR_START + x.handoff_warmup + x.handoff_duration
     if step.scenario == "handoff":
         return STEP + PRIME[prefect] + x.handoff_warmup + x.handoff_duration
+    if step.scenario == "sdk":
+        return STEP + SDK_START + x.sdk_warmup + x.sdk_duration
     if step.scenario == "client":
         return STEP + CLIENT_START + len(x.client_limits) * (PRIME[prefect] + x.client_timeout)
     if step.scenario == "rate":
         return STEP + x.rate_duration
     if step.scenario == "events":
         return STEP + EVENTS_SETUP + x.events_warmup + x.events_duration
+    if step.scenario == "procs":  # two servers start, 64 limits, two windows, stop
+        return (
+            2 * SLOTKEEPER_BOOT + CREATE_LIMITS[False] + 2 * (STEP + x.procs_warmup + x.procs_duration) + 1.0
+        )
     if step.scenario == "scale":
         reaper = x.scale_short_leases / SCALE_SHORT_PER_S + x.scale_short_duration + 0.5
         return _scale_setup(step, x) + x.scale_warmup + x.scale_duration + reaper
@@ -210,8 +241,8 @@ def describe(steps: Sequence[Step], mode: Mode) -> list[str]:
             tags = {s: s.variant or ("ceiling" if s.scenario == "health" else "") for s in mine}
             who = sorted(
                 {
-                    "machine floor (floor.py)"
-                    if s.variant == FLOOR
+                    f"machine floor (floor.py{' --fsync' if s.variant == FLOOR_DURABLE else ''})"
+                    if s.variant in FLOORS
                     else s.target + (f" ({tag})" if tag else "")
                     for s, tag in tags.items()
                 }

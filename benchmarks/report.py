@@ -30,6 +30,7 @@ LABELS = {
     "slotkeeper-sqlite": "slotkeeper (SQLite)",
     "slotkeeper-postgres": "slotkeeper (PostgreSQL)",
     "prefect-sqlite": "Prefect 3.8.8 (SQLite)",
+    "redis": "Redis counting semaphore (Lua, redis-py)",
     "floor": "machine floor (in-memory lock over raw TCP)",
 }
 
@@ -212,7 +213,7 @@ def _ratios(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
     }
     prefect = "prefect-sqlite"
     out = []
-    targets = sorted({t for t, _, _ in by_key if t != prefect})
+    targets = sorted({t for t, _, _ in by_key if t.startswith("slotkeeper-")})
     for target in targets:
         for clients in sorted({c for t, c, _ in by_key if t == target}):
             per_round: list[float | None] = []
@@ -392,7 +393,9 @@ def _render_pairs(
     lines: list[str] = []
     # --- throughput
     lines += ["### Pairs per second (acquire-with-lease + release, each client on its own limit)", ""]
-    ratio_targets = [t for t in pair_targets if t != "prefect-sqlite" and "prefect-sqlite" in pair_targets]
+    ratio_targets = [
+        t for t in pair_targets if t.startswith("slotkeeper-") and "prefect-sqlite" in pair_targets
+    ]
     header = [
         "clients",
         *(_label(t) for t in pair_targets),
@@ -621,6 +624,7 @@ def plot_pairs(results: dict[str, Any], path: Path) -> bool:
         "slotkeeper-sqlite": "tab:green",
         "slotkeeper-postgres": "tab:blue",
         "prefect-sqlite": "tab:red",
+        "redis": "tab:purple",
     }
     for target in [t for t in results["meta"]["targets"] if any(c["target"] == t for c in cells)]:
         mine = sorted((c for c in cells if c["target"] == target), key=lambda c: c["clients"])

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from loadgen import Job, Merged, WorkerPool
 
 #: Every scenario (the order of ``--scenarios`` and of the report; ``plan.py`` sets the run order).
-SCENARIOS = ("pairs", "handoff", "client", "rate", "events", "scale")
+SCENARIOS = ("pairs", "handoff", "sdk", "client", "rate", "events", "scale", "procs")
 
 ACQUIRED = "prefect.concurrency-limit.acquired"
 RELEASED = "prefect.concurrency-limit.released"
@@ -50,6 +50,10 @@ HOLDER_PREFIX = "prefect.task-run."
 #: The hand-off's machine floor: its variant, and the target its measurements are reported under
 #: (``benchmarks/floor.py``, an in-memory lock over raw TCP; no server of the comparison).
 FLOOR = "floor"
+#: The durable floor: ``floor.py --fsync``, every grant made durable (``fdatasync``) before it is
+#: answered; the bound for a server that syncs each commit (PostgreSQL's default).
+FLOOR_DURABLE = "floor-fsync"
+FLOORS = (FLOOR, FLOOR_DURABLE)
 FLOOR_SCRIPT = Path(__file__).with_name("floor.py")
 
 
@@ -70,6 +74,13 @@ class Extra:
     #: Also measure the machine's floor every round: the same load against ``floor.py``, a
     #: minimal in-memory lock over raw TCP (no HTTP, no database), in a process of its own.
     handoff_floor: bool = True
+    #: And the durable floor (``floor.py --fsync``) when PostgreSQL is measured.
+    handoff_floor_durable: bool = False
+    # slotkeeper's SDK against the Redis semaphore (benchmarks/sdk_vs_redis.py): blocks per second
+    # of one process with this many holders, each on a limit (or key) of its own
+    sdk_holders: int = 64
+    sdk_warmup: float = 0.5
+    sdk_duration: float = 2.0
     # Prefect's concurrency() client
     client_rounds: int = 1
     client_tasks: int = 16
@@ -97,6 +108,9 @@ class Extra:
     scale_clients: int = 16
     scale_warmup: float = 0.25
     scale_duration: float = 1.0
+    # procs: one and two slotkeeper processes on one PostgreSQL database (procs.py)
+    procs_warmup: float = 1.0
+    procs_duration: float = 2.0
 
 
 EXTRA = {
@@ -105,6 +119,9 @@ EXTRA = {
         handoff_warmup=2.0,
         handoff_duration=10.0,
         handoff_postgres=("wait", "sdk", "poll"),
+        handoff_floor_durable=True,
+        sdk_warmup=1.0,
+        sdk_duration=5.0,
         client_rounds=2,
         client_timeout=30.0,
         rate_rounds=3,
@@ -117,6 +134,8 @@ EXTRA = {
         scale_short_duration=3.0,
         scale_warmup=2.0,
         scale_duration=10.0,
+        procs_warmup=2.0,
+        procs_duration=10.0,
     ),
 }
 
@@ -497,8 +516,8 @@ def measure_handoff(ctx: Context, server: servers.Server, variant: str, rnd: int
     "floor" (the machine's floor, see :func:`measure_floor`: ``server`` is not used then, and
     stays frozen).
     """
-    if variant == FLOOR:
-        return measure_floor(ctx, rnd)
+    if variant in FLOORS:
+        return measure_floor(ctx, rnd, durable=variant == FLOOR_DURABLE)
     x = ctx.extra
     name = f"handoff-{variant}-r{rnd}-{uuid.uuid4().hex[:6]}"
     with active(ctx, server):
@@ -510,27 +529,31 @@ def measure_handoff(ctx: Context, server: servers.Server, variant: str, rnd: int
     return _handoff_result(server, variant, rnd, w, x)
 
 
-def measure_floor(ctx: Context, rnd: int) -> dict[str, Any]:
+def measure_floor(ctx: Context, rnd: int, durable: bool = False) -> dict[str, Any]:
     """The hand-off's machine floor: the same workers, hold and analysis against
     ``benchmarks/floor.py`` (one lock in memory, a one-byte protocol over raw TCP; no HTTP, no
     database), started for this measurement on a free port and stopped after it, while every
-    server of the comparison stays frozen. What no server can beat on this machine."""
+    server of the comparison stays frozen. What no server can beat on this machine.
+    ``durable``: the durable floor (``--fsync``: one ``fdatasync`` per grant), reported as
+    target and variant :data:`FLOOR_DURABLE`."""
     x = ctx.extra
-    floor = start_floor()
+    variant = FLOOR_DURABLE if durable else FLOOR
+    floor = start_floor(durable)
     try:
         problem = floor_ready(floor)
         if problem:
-            out = _base("handoff", floor, FLOOR, rnd)
+            out = _base("handoff", floor, variant, rnd)
             out["failed"] = f"the floor server {problem}"
             return out
         w = _run_handoff(ctx, floor, "handoff-floor", {"hold": x.handoff_hold})
     finally:
         servers.stop_all([floor], timeout=5.0)
-    return _handoff_result(floor, FLOOR, rnd, w, x)
+    return _handoff_result(floor, variant, rnd, w, x)
 
 
-def start_floor() -> servers.Server:
-    """Start ``benchmarks/floor.py serve`` on a free loopback port (readiness not awaited)."""
+def start_floor(durable: bool = False) -> servers.Server:
+    """Start ``benchmarks/floor.py serve`` on a free loopback port (readiness not awaited);
+    ``durable``: with ``--fsync`` to a log in its temporary home."""
     home = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     python = servers.SLOTKEEPER_VENV / "bin" / "python"
     command = [
@@ -542,7 +565,9 @@ def start_floor() -> servers.Server:
         "--port",
         str(servers.free_port()),
     ]
-    return servers._spawn(FLOOR, command, servers._clean_env(), home, {})
+    if durable:
+        command += ["--fsync", str(home / "grants.log")]
+    return servers._spawn(FLOOR_DURABLE if durable else FLOOR, command, servers._clean_env(), home, {})
 
 
 def floor_ready(floor: servers.Server, timeout: float = 10.0) -> str | None:
@@ -702,6 +727,31 @@ def analyze_handoff(
         "attempts_per_grant": statistics.fmean(attempts) if attempts else None,
         "abandoned": sum(1 for r in records if r[2] is None),
     }
+
+
+# --- the SDK against the Redis semaphore ----------------------------------------------------------
+
+
+def measure_sdk(ctx: Context, server: servers.Server, variant: str, rnd: int) -> dict[str, Any]:
+    """Acquire + release blocks per second from one fresh Python process with ``sdk_holders``
+    concurrent holders (``benchmarks/sdk_vs_redis.py``'s measurement): ``variant`` "session"
+    (slotkeeper's SDK, ``server`` a slotkeeper whose ``bench-*`` limits exist) or "redis" (the
+    Redis semaphore through redis-py, ``server`` the Redis reference)."""
+    import sdk_vs_redis
+
+    x = ctx.extra
+    target = f"{servers.LOOPBACK}:{server.port}" if server.key == "redis" else server.base_url + "/api"
+    with active(ctx, server):
+        got = sdk_vs_redis.measure(
+            variant, target, server, holders=x.sdk_holders, warmup=x.sdk_warmup, seconds=x.sdk_duration
+        )
+    out = _base("sdk", server, variant, rnd)
+    if "failed" in got:
+        out["failed"] = "; ".join(got["failed"])
+        return out
+    out.update({k: v for k, v in got.items() if k != "variant"})
+    out["holders"] = x.sdk_holders
+    return out
 
 
 # --- 2. Prefect's own concurrency() client -------------------------------------------------------

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -62,18 +61,8 @@ ALL_VARIANTS = (*VARIANTS, "nodb-http")
 LIMIT = 1000
 LEASE_SECONDS = 300
 
-#: The semaphore in Redis: a sorted set of holders scored by their lease's expiry (Redis's own
-#: clock). Drop the expired holders; take a place if fewer than the limit hold one.
-ACQUIRE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-  return 1
-end
-return 0
-"""
+#: The semaphore in Redis (see ``servers.REDIS_ACQUIRE_LUA``).
+ACQUIRE_LUA = servers.REDIS_ACQUIRE_LUA
 
 
 # --- the holders' process ---------------------------------------------------------------------
@@ -215,46 +204,21 @@ def start_nodb() -> servers.Server:
 
 
 def _redis_missing() -> str | None:
-    """Why the Redis variant cannot run here (redis-py not installed), or None."""
-    import importlib.util
-
-    if importlib.util.find_spec("redis") is None:
-        return "redis-py is not installed (pip install -e '.[bench]')"
-    return None
+    """Why the Redis variant cannot run here, or None (see ``servers.redis_missing``)."""
+    return servers.redis_missing()
 
 
 def start_redis() -> servers.Server | None:
     """Start ``redis-server`` (no persistence) on a free loopback port; None when not installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    home = Path(servers.tempfile.mkdtemp(prefix="bench-redis-"))
-    command = [
-        binary,
-        "--port",
-        str(servers.free_port()),
-        "--bind",
-        servers.LOOPBACK,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(home),
-    ]
-    return servers._spawn("redis", command, servers._clean_env(), home, {})
+    return None if shutil.which("redis-server") is None else servers.start_redis()
 
 
 def redis_ready(server: servers.Server, timeout: float = 10.0) -> bool:
     """Wait until the Redis server answers PING; False if it never does."""
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((servers.LOOPBACK, server.port), 1) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return True
+        if servers.redis_healthy(server, 1.0):
+            return True
         time.sleep(0.05)
     return False
 
@@ -333,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if redis is not None:
             started.append(redis)
         elif "redis" in variants:
-            notes.append(f"{missing or 'redis-server is not installed'}: the Redis variant is skipped")
+            notes.append(f"{missing}: the Redis variant is skipped")
             print(f"[sdk-vs-redis] {notes[-1]}", flush=True)
             variants.remove("redis")
         nodb = start_nodb() if any(v.startswith("nodb") for v in variants) else None

@@ -33,7 +33,23 @@ LOOPBACK = "127.0.0.1"
 #: The PostgreSQL server the slotkeeper-postgres variant uses (a database is created per run).
 POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
-SERVER_KEYS = ("slotkeeper-sqlite", "slotkeeper-postgres", "prefect-sqlite")
+SERVER_KEYS = ("slotkeeper-sqlite", "slotkeeper-postgres", "prefect-sqlite", "redis")
+#: The reference servers: measured in "pairs" only, with a client of their own (no HTTP).
+REFERENCE_KEYS = ("redis",)
+
+#: The Redis reference: a counting semaphore with leases (a sorted set per name, scored by each
+#: holder's expiry on Redis's own clock). The script drops the expired holders and adds this one
+#: if fewer than the limit hold a place; ``ZREM`` releases. What a user who picks Redis writes.
+REDIS_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 class ServerError(RuntimeError):
@@ -327,17 +343,66 @@ def start_prefect() -> Server:
     return _spawn("prefect-sqlite", command, _clean_env(**shown), home, shown)
 
 
+def redis_missing() -> str | None:
+    """Why the Redis reference cannot run here (no ``redis-server``, no redis-py), or None."""
+    import importlib.util
+
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    if importlib.util.find_spec("redis") is None:
+        return "redis-py is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def start_redis() -> Server:
+    """Start ``redis-server`` (no persistence) on a free loopback port (readiness not awaited;
+    :func:`redis_missing` tells beforehand whether it can run)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerError("redis-server is not installed")
+    home = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    command = [
+        binary,
+        "--port",
+        str(free_port()),
+        "--bind",
+        LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(home),
+    ]
+    return _spawn("redis", command, _clean_env(), home, {})
+
+
+def redis_healthy(server: Server, timeout: float = 2.0) -> bool:
+    """True if the Redis server answers ``PING`` now."""
+    try:
+        with socket.create_connection((LOOPBACK, server.port), timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def start(key: str) -> Server:
     """Start the server named ``key`` (one of :data:`SERVER_KEYS`); health is not awaited."""
     if key == "prefect-sqlite":
         return start_prefect()
+    if key == "redis":
+        return start_redis()
     if key in ("slotkeeper-sqlite", "slotkeeper-postgres"):
         return start_slotkeeper(key)
     raise ValueError(f"unknown server {key!r}; choose from {', '.join(SERVER_KEYS)}")
 
 
 def healthy(server: Server, timeout: float = 2.0) -> bool:
-    """True if ``GET /api/health`` answers 200 now."""
+    """True if ``GET /api/health`` answers 200 now (Redis: ``PING``)."""
+    if server.key == "redis":
+        return redis_healthy(server, timeout)
     try:
         with urllib.request.urlopen(server.base_url + "/api/health", timeout=timeout) as resp:
             return bool(resp.status == 200)

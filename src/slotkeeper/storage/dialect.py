@@ -32,6 +32,7 @@ class Dialect:
     #: The next place in the waiters' arrival order (see ``schema.waiters``).
     next_waiter_sequence: str
     _cache: dict[str, str] = field(default_factory=dict)
+    _reads: dict[str, bool] = field(default_factory=dict)
 
     def sql(self, query: str) -> str:
         """The statement as this backend's driver takes it (cached per statement)."""
@@ -41,6 +42,16 @@ class Dialect:
             if len(self._cache) < _CACHE_SIZE:  # statements built per filter shape are not kept
                 self._cache[query] = text
         return text
+
+    def reads(self, query: str) -> bool:
+        """Whether the statement only reads (a SELECT, row locks included): it changes nothing
+        a rollback would have to undo."""
+        known = self._reads.get(query)
+        if known is None:
+            known = query.lstrip()[:6].upper() == "SELECT"
+            if len(self._reads) < _CACHE_SIZE:
+                self._reads[query] = known
+        return known
 
     def _expand(self, query: str) -> str:
         text = query.replace("FOR_UPDATE", self.for_update)

@@ -1,7 +1,8 @@
 """The PostgreSQL backend: a pool of connections, one per worker thread, and a listener.
 
-Every operation runs in its own transaction on one of ``pool_size`` threads, each owning one
-psycopg connection. Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
+Write operations run in groups (group commit, ``groups.py``): what queues while the lanes are
+busy runs as one transaction on one of ``pool_size`` threads, each owning one psycopg connection
+(``_attempt_group``); a request alone is a transaction of its own (``_attempt``). Row locks (``SELECT ... ORDER BY id FOR UPDATE``) serialise operations on the
 same limits across every thread and every server process sharing the database. A deadlock or
 serialisation failure is retried (the transaction was rolled back, so nothing happened twice);
 any other error rolls the transaction back and is raised.
@@ -39,6 +40,7 @@ from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 from slotkeeper.supervisor import Supervisor
 
@@ -54,6 +56,15 @@ T = TypeVar("T")
 
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 _ATTEMPTS = 5
+
+#: Most operations one group transaction carries: bounds how long a group holds its locks.
+MAX_GROUP = 64
+#: How long an operation of a group waits for a row lock before the group gives up and runs its
+#: operations one by one. Groups hold the locks of their earlier operations while a later one
+#: waits, so two groups (of this process or another) can wait for each other although each
+#: operation locks in id order; this ends such a wait long before PostgreSQL's deadlock check
+#: (``deadlock_timeout``, 1 s by default).
+GROUP_LOCK_TIMEOUT = b"SET LOCAL lock_timeout = '200ms'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +85,13 @@ class PostgresBackend:
     unavailable: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
     def __init__(
-        self, conninfo: str, pool_size: int = 8, *, events_pool_size: int = 2, query_timeout: float = 30.0
+        self,
+        conninfo: str,
+        pool_size: int = 8,
+        *,
+        events_pool_size: int = 2,
+        query_timeout: float = 30.0,
+        lanes: int | None = None,
     ) -> None:
         self.conninfo = conninfo
         # Fail at start-up, not at the first request, when the database is unreachable.
@@ -86,8 +103,8 @@ class PostgresBackend:
         self._subscribers: list[Callable[[Commit | None], None]] = []
         self._observers: list[Callable[[Commit], None]] = []
         self.pool_size = pool_size
-        #: Operations handed to the pool and not finished (counted on the event loop).
-        self._in_flight = 0
+        #: Operations running alone (reads) handed to the pool and not finished (on the loop).
+        self._alone = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         #: Gateway mode: server events also go into the outbox (``Tx.outbox``).
@@ -104,6 +121,11 @@ class PostgresBackend:
         self._scanners = ThreadPoolExecutor(events_pool_size, thread_name_prefix="slotkeeper-pg-events")
         self._scan_local = threading.local()
         self._scan_connections: list[psycopg.Connection[Any]] = []
+        #: Group commit: write operations queue here, and each of ``lanes`` pool connections runs
+        #: what queued while it was busy as one transaction (``groups.py``).
+        self.groups = GroupQueue(
+            self._run_group, self._executor, lanes=lanes or pool_size, max_size=MAX_GROUP
+        )
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -140,13 +162,51 @@ class PostgresBackend:
                 raise
         raise AssertionError("unreachable")
 
+    def _run_group(self, ops: list[Op]) -> list[Outcome]:
+        """Run a group of operations in one transaction (on a pool thread): each its outcome.
+
+        An operation that raises before writing fails alone (:func:`_attempt_group`). What
+        cannot be undone alone, or pinned on one operation of a pipelined group (a write that
+        failed without the script handling it, a lock waited for too long, a failed commit),
+        rolls the group back, and its operations run again one by one, each in its own
+        transaction, as if they had never been grouped. A lost connection fails them all: the
+        commit may have happened.
+        """
+        if len(ops) == 1:
+            return [_outcome(self._call, ops[0])]
+        conn = self._connection()
+        try:
+            outcomes, commit = _attempt_group(conn, ops)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                conn.close()
+                return [(False, exc)] * len(ops)
+            _rollback(conn)  # a lock timeout (an OperationalError too), a failed write, ...
+            return [_outcome(self._call, op) for op in ops]
+        except Ungroupable:
+            _rollback(conn)
+            return [_outcome(self._call, op) for op in ops]
+        except BaseException:
+            if not conn.closed:
+                _rollback(conn)
+            raise
+        if commit is not None:
+            run_handoffs(commit.handoffs)
+            for observer in self._observers:
+                observer(commit)
+        return outcomes
+
     async def run(self, op: Callable[[Tx], T]) -> T:
-        """Run ``op`` in one transaction on a pool thread."""
-        self._in_flight += 1
+        """Run ``op`` in the next group's transaction on a pool thread (``groups.py``)."""
+        return await self.groups.run(op)
+
+    async def _run_alone(self, op: Callable[[Tx], T]) -> T:
+        """Run ``op`` in a transaction of its own on a pool thread."""
+        self._alone += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op)
         finally:
-            self._in_flight -= 1
+            self._alone -= 1
 
     async def scan(self, op: Callable[[Tx], T]) -> T:
         """Run a read-only ``op`` that may scan on the events pool, under a statement timeout
@@ -180,9 +240,11 @@ class PostgresBackend:
             raise
 
     def pool_stats(self) -> PoolStats:
-        """The pool now: its size, connections open, operations running and queued for a thread."""
-        busy = min(self._in_flight, self.pool_size)
-        return PoolStats(self.pool_size, len(self._connections), busy, self._in_flight - busy)
+        """The pool now: its size, connections open, threads running a group or a read, and
+        operations waiting (for a lane, or reads for a thread)."""
+        running = self.groups.busy + self._alone
+        busy = min(running, self.pool_size)
+        return PoolStats(self.pool_size, len(self._connections), busy, self.groups.queued + running - busy)
 
     def observe(self, callback: Callable[[Commit], None]) -> Callable[[], None]:
         """Call ``callback`` (on the pool thread) with each transaction of this process that
@@ -242,12 +304,13 @@ class PostgresBackend:
                 delay = min(delay * 2, 5.0)
 
     async def read(self, op: Callable[[Tx], T]) -> T:
-        """Read-only ops run like any other: every pool thread reads beside the others."""
-        return await self.run(op)
+        """Read-only ops run alone: on any pool thread, beside the groups."""
+        return await self._run_alone(op)
 
     async def close(self) -> None:
         """Wait for running operations, cancel running event queries, then close every
         connection."""
+        await self.groups.close()
         self._stop.set()
         with self._lock:
             scanning = list(self._scan_connections)
@@ -306,6 +369,60 @@ def _attempt(
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined write: then nothing was committed
     return result, commit
+
+
+class Ungroupable(Exception):
+    """An operation of a group failed in a way that cannot be undone alone: the group rolls back
+    and its operations run one by one (``PostgresBackend._run_group``)."""
+
+
+def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
+    """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
+
+    Scripts decide before they write: one that raises having sent only reads (its locks, a
+    refused acquisition) fails alone, with nothing to undo but what it queued to publish and
+    its deferred rows. Its row locks stay until the group commits. One that raises after a
+    write, or returns after catching a database error itself (the transaction is then aborted),
+    cannot be undone alone without a savepoint per operation (two statements each, which cost
+    more than this rare case): :class:`Ungroupable` is raised, and so is a database error that
+    escapes an operation or the commit; the caller rolls back.
+    """
+    outcomes: list[Outcome] = []
+    with conn.pipeline() as pipeline, conn.cursor() as cursor:
+        cursor.execute(b"BEGIN", prepare=False)
+        cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
+        # The group's server-written events are inserted together before its COMMIT, one
+        # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
+        for op in ops:
+            mark, writes = tx.mark(), tx.writes
+            try:
+                result = op(tx)
+            except psycopg.Error:
+                raise
+            except Exception as exc:
+                if tx.writes != writes:
+                    raise Ungroupable("an operation failed after writing") from exc
+                tx.rollback_to(mark)
+                outcomes.append((False, exc))
+            else:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                    raise Ungroupable("an operation handled a database error")
+                outcomes.append((True, result))
+        tx.flush()
+        commit = tx.committed()
+        if commit is not None and (commit.events or commit.woken):
+            _notify(cursor, commit)
+        cursor.execute(b"COMMIT", prepare=False)
+        pipeline.sync()  # raises the error of any pipelined statement: then nothing was committed
+    return outcomes, commit
+
+
+def _outcome(call: Callable[[Op], Any], op: Op) -> Outcome:
+    try:
+        return True, call(op)
+    except Exception as exc:
+        return False, exc
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:

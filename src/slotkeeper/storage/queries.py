@@ -84,6 +84,16 @@ SELECT g.limit_id, SUM(g.slots) FROM grants g JOIN leases l ON l.id = g.lease_id
 WHERE g.limit_id IN_LIST(ids) AND l.expires > :now GROUP BY g.limit_id
 """
 
+#: The same for limits named, sent right behind their locks before ``now`` is known (one round
+#: trip for both): leases that expire after ``horizon`` summed, those that expire between
+#: ``since`` and ``horizon`` one row per expiry (``expires`` NULL on the summed row), so that the
+#: sum at any ``now`` between ``since`` and ``horizon`` is known once ``now`` is read.
+SELECT_LEASED_SLOTS_NEAR_BY_NAMES = """
+SELECT g.limit_id, CASE WHEN l.expires > :horizon THEN NULL ELSE l.expires END, SUM(g.slots)
+FROM grants g JOIN leases l ON l.id = g.lease_id JOIN limits m ON m.id = g.limit_id
+WHERE m.name IN_LIST(names) AND l.expires > :since GROUP BY 1, 2
+"""
+
 INSERT_LIMIT = """
 INSERT INTO limits (id, name, slot_limit, active, created, updated, pool_slots, pool_clock,
     denied_slots, slot_decay_per_second, avg_slot_occupancy_seconds, fencing_token, pool_event_id)

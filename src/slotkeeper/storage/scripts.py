@@ -44,6 +44,20 @@ from slotkeeper.storage.tx import Tx
 from slotkeeper.storage.waiting import Waiters
 
 LIMIT_NOT_FOUND = "Concurrency Limit not found"
+#: How far past the moment it is sent the leased-slots read that travels with the limit locks
+#: looks (``SELECT_LEASED_SLOTS_NEAR_BY_NAMES``): a wait for the locks longer than this costs one
+#: more round trip, to read the sums again.
+LEASED_HORIZON_SECONDS = 1.0
+
+
+def leased_at(rows: Sequence[Row], now: float) -> dict[str, int]:
+    """The slots live leases hold at ``now`` on each limit, from the rows of
+    ``SELECT_LEASED_SLOTS_NEAR_BY_NAMES`` (``now`` between its ``since`` and ``horizon``)."""
+    sums: dict[str, int] = {}
+    for limit_id, expires, slots in rows:
+        if expires is None or expires > now:
+            sums[limit_id] = sums.get(limit_id, 0) + int(slots)
+    return sums
 
 
 class Scripts:
@@ -99,9 +113,24 @@ class Scripts:
             return [], self.clock(), {}
         locking = tx.all_later(q.SELECT_LIMITS_BY_NAMES, {"names": unique})
         queued = tx.all_later(q.SELECT_QUEUED_SLOTS_BY_NAMES, {"names": unique}) if queue else None
+        since = self.clock()
+        near = (
+            None
+            if self.one_writer  # nothing to save: SQLite's statements cost no round trip
+            else tx.all_later(
+                q.SELECT_LEASED_SLOTS_NEAR_BY_NAMES,
+                {"names": unique, "since": since, "horizon": since + LEASED_HORIZON_SECONDS},
+            )
+        )
         rows = locking()
         now = self.clock()
-        by_name = {lim.name: lim for lim in self.with_leased(tx, rows, now)}
+        if near is not None and since <= now <= since + LEASED_HORIZON_SECONDS:
+            typed = limit_rows(rows)
+            sums = leased_at(near(), now)
+            limits = [limit_from(r, sums.get(r.id, 0)) for r in typed]
+        else:  # SQLite; or the locks took longer than the horizon: read the sums again
+            limits = self.with_leased(tx, rows, now)
+        by_name = {lim.name: lim for lim in limits}
         found = [by_name[n] for n in unique if n in by_name]
         return found, now, dict(queued()) if queued is not None else {}
 

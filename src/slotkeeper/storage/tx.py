@@ -75,6 +75,7 @@ class Tx:
         "integrity_error",
         "outbox",
         "woken",
+        "writes",
     )
 
     def __init__(
@@ -106,17 +107,25 @@ class Tx:
         #: Outcomes handed to waiting requests of this process: delivered once it commits, never
         #: if it (or its SQLite savepoint) rolls back.
         self.handoffs: list[Handoff] = []
+        #: Statements sent that may have changed something (all but plain SELECTs, and not the
+        #: rows deferred to the commit): a PostgreSQL group tells by it whether an operation
+        #: that failed left anything to undo.
+        self.writes = 0
 
     # --- reads: the script waits for the rows -------------------------------------------------
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""
+        if not self._dialect.reads(query):
+            self.writes += 1
         self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
         row: Row | None = self._cursor.fetchone()
         return row
 
     def all(self, query: str, params: Params | None = None) -> list[Row]:
         """Run a statement and return every row."""
+        if not self._dialect.reads(query):
+            self.writes += 1
         self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
         rows: list[Row] = self._cursor.fetchall()
         return rows
@@ -132,6 +141,8 @@ class Tx:
         if self._pipeline is None:
             rows = self.all(query, params)
             return lambda: rows
+        if not self._dialect.reads(query):
+            self.writes += 1
         cursor = self._cursor.connection.cursor()
         cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
         fetch: Callable[[], list[Row]] = cursor.fetchall
@@ -148,15 +159,18 @@ class Tx:
         statement (or the commit) raises and the transaction rolls back: never use it for a
         statement whose failure the script handles (use :meth:`write_now`).
         """
+        self.writes += 1
         self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
 
     def write_many(self, query: str, rows: Iterable[Params]) -> None:
         """Run one statement for each parameter set; pipelined on PostgreSQL (see :meth:`write`)."""
+        self.writes += 1
         self._cursor.executemany(self._dialect.sql(query), [self._dialect.params(r) for r in rows])
 
     def write_now(self, query: str, params: Params | None = None) -> int:
         """Run a statement and wait for it: return how many rows it changed; its error (such as
         :attr:`integrity_error`) raises here, where the script can handle it."""
+        self.writes += 1
         self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
         if self._pipeline is not None:
             self._pipeline.sync()  # the row count comes back with the statement's result

@@ -1,0 +1,398 @@
+"""Group commit on PostgreSQL (``storage/groups.py``, ``PostgresBackend._run_group``).
+
+The queue alone (no database): groups leave in arrival order, at most ``lanes`` at once and
+``max_size`` operations each, and a cancelled caller's operation still runs. Then the group's
+transaction on PostgreSQL: an operation that fails does not affect the others of its group,
+whether it raises, catches a database error itself, or lets one escape; a group whose connection
+is lost half-way leaves nothing; a group that waits too long for a lock held elsewhere runs its
+operations one by one instead; hand-offs run only for operations that committed.
+
+Groups are made deterministic by holding the one lane with an operation that waits for an event:
+whatever is queued meanwhile leaves as the next group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from slotkeeper.errors import NotFound, SlotsUnavailable
+from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
+from slotkeeper.storage import open_storage
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome
+from slotkeeper.storage.postgres import PostgresBackend
+from slotkeeper.storage.tx import Tx
+from tests.conftest import truncate_postgres
+
+# --- the queue ----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A group runner that records each group and can hold the first one until released."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[Any]] = []
+        self.hold = threading.Event()
+        self.held = threading.Event()
+
+    def __call__(self, ops: list[Op]) -> list[Outcome]:
+        self.groups.append([op(None) for op in ops])  # type: ignore[arg-type]
+        if len(self.groups) == 1:
+            self.held.set()
+            self.hold.wait(10)
+        return [(True, label) for label in self.groups[-1]]
+
+
+def _label(name: str) -> Op:
+    return lambda tx: name
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(4)
+    yield pool
+    pool.shutdown()
+
+
+async def _queued(queue: GroupQueue, count: int) -> None:
+    while queue.queued < count:
+        await asyncio.sleep(0.001)
+
+
+async def test_groups_leave_in_arrival_order_bounded_in_size(executor: ThreadPoolExecutor) -> None:
+    runner = Recorder()
+    queue = GroupQueue(runner, executor, lanes=1, max_size=3)
+    first = asyncio.ensure_future(queue.run(_label("first")))
+    await asyncio.to_thread(runner.held.wait, 10)
+    rest = [asyncio.ensure_future(queue.run(_label(f"op{i}"))) for i in range(7)]
+    await _queued(queue, 7)
+    runner.hold.set()
+    assert await first == "first"
+    assert [await r for r in rest] == [f"op{i}" for i in range(7)]
+    assert runner.groups == [["first"], ["op0", "op1", "op2"], ["op3", "op4", "op5"], ["op6"]]
+
+
+async def test_operations_of_one_turn_of_the_loop_are_spread_over_the_free_lanes(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """What arrives in one turn of the loop leaves at once, shared out among the free lanes in
+    arrival order (a group's operations take their round trips one after the other)."""
+    runner = Recorder()
+    runner.hold.set()
+    queue = GroupQueue(runner, executor, lanes=2, max_size=10)
+    assert await asyncio.gather(*(queue.run(_label(f"op{i}")) for i in range(5))) == [
+        f"op{i}" for i in range(5)
+    ]
+    assert runner.groups == [["op0", "op1", "op2"], ["op3", "op4"]]
+
+
+async def test_at_most_lanes_groups_are_out(executor: ThreadPoolExecutor) -> None:
+    out = 0
+    most = 0
+    lock = threading.Lock()
+    gate = threading.Event()
+
+    def runner(ops: list[Op]) -> list[Outcome]:
+        nonlocal out, most
+        with lock:
+            out += 1
+            most = max(most, out)
+        gate.wait(10)
+        with lock:
+            out -= 1
+        return [(True, None)] * len(ops)
+
+    queue = GroupQueue(runner, executor, lanes=2, max_size=1)
+    calls = [asyncio.ensure_future(queue.run(_label("x"))) for _ in range(6)]
+    await _queued(queue, 4)  # two groups out, four waiting for a lane
+    assert queue.busy == 2
+    gate.set()
+    await asyncio.gather(*calls)
+    assert most == 2
+
+
+async def test_a_cancelled_caller_s_operation_still_runs(executor: ThreadPoolExecutor) -> None:
+    runner = Recorder()
+    queue = GroupQueue(runner, executor, lanes=1, max_size=10)
+    first = asyncio.ensure_future(queue.run(_label("first")))
+    await asyncio.to_thread(runner.held.wait, 10)
+    cancelled = asyncio.ensure_future(queue.run(_label("cancelled")))
+    kept = asyncio.ensure_future(queue.run(_label("kept")))
+    await _queued(queue, 2)
+    cancelled.cancel()
+    runner.hold.set()
+    assert (await first, await kept) == ("first", "kept")
+    assert cancelled.cancelled()
+    assert runner.groups[1] == ["cancelled", "kept"]  # handed over for good: it ran
+
+
+async def test_a_failed_runner_fails_its_group_only(executor: ThreadPoolExecutor) -> None:
+    calls = 0
+
+    def runner(ops: list[Op]) -> list[Outcome]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("runner broke")
+        return [(True, "ok")] * len(ops)
+
+    queue = GroupQueue(runner, executor, lanes=1, max_size=1)
+    with pytest.raises(RuntimeError, match="runner broke"):
+        await queue.run(_label("a"))
+    assert await queue.run(_label("b")) == "ok"
+
+
+# --- the group's transaction on PostgreSQL ------------------------------------------------------
+
+
+@pytest.fixture
+async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
+    pg = PostgresBackend(postgres_url, pool_size=2, lanes=1)
+    try:
+        yield pg
+    finally:
+        await pg.close()
+
+
+@pytest.fixture
+def table(postgres_url: str) -> Iterator[str]:
+    """A scratch table of this test: ``(x int primary key)``."""
+    name = f"group_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
+    yield name
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def _rows(url: str, table: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute(f"SELECT x FROM {table} ORDER BY x")]
+
+
+async def _one_group(backend: PostgresBackend, ops: list[Callable[[Tx], Any]]) -> list[Any]:
+    """Run ``ops`` as one group (behind an operation that holds the lane): their outcomes,
+    exceptions included."""
+    hold = threading.Event()
+    held = threading.Event()
+
+    def holder(tx: Tx) -> None:
+        held.set()
+        hold.wait(10)
+
+    first = asyncio.ensure_future(backend.run(holder))
+    await asyncio.to_thread(held.wait, 10)
+    calls = [asyncio.ensure_future(backend.run(op)) for op in ops]
+    await _queued(backend.groups, len(ops))
+    sizes: list[int] = []
+    backend.groups.on_group = sizes.append
+    hold.set()
+    await first
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    backend.groups.on_group = None
+    assert sizes == [len(ops)]
+    return outcomes
+
+
+def _insert(table: str, x: int) -> Callable[[Tx], int]:
+    def op(tx: Tx) -> int:
+        tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": x})
+        return x
+
+    return op
+
+
+class Counted:
+    """An operation that counts how often it ran (a group that falls back runs it again)."""
+
+    def __init__(self, op: Callable[[Tx], Any]) -> None:
+        self.op = op
+        self.runs = 0
+
+    def __call__(self, tx: Tx) -> Any:
+        self.runs += 1
+        return self.op(tx)
+
+
+@pytest.mark.postgres
+async def test_an_operation_that_raises_before_writing_fails_alone_in_its_group(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    """The common failure (a refused acquisition: locks and reads, then a refusal) leaves
+    nothing to undo: it fails alone and the group commits the others, each run once."""
+
+    def refuses(tx: Tx) -> None:
+        tx.one(f"SELECT count(*) FROM {table}")
+        tx.events.append(None)  # type: ignore[arg-type]  # what it published goes with it
+        raise NotFound("no slots")
+
+    ops = [Counted(_insert(table, 1)), Counted(refuses), Counted(_insert(table, 3))]
+    outcomes = await _one_group(backend, list(ops))
+    assert outcomes[0] == 1 and outcomes[2] == 3
+    assert isinstance(outcomes[1], NotFound)
+    assert [op.runs for op in ops] == [1, 1, 1]
+    assert _rows(postgres_url, table) == [1, 3]
+
+
+@pytest.mark.postgres
+async def test_an_operation_that_raises_after_writing_rolls_back_alone(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    """What it wrote cannot be undone alone: the group rolls back and its operations run again,
+    each in a transaction of its own. The outcome is the same as if they had never been grouped."""
+
+    def fails_after_writing(tx: Tx) -> None:
+        tx.write(f"INSERT INTO {table} VALUES (2)")
+        raise NotFound("changed its mind")
+
+    ops = [Counted(_insert(table, 1)), Counted(fails_after_writing), Counted(_insert(table, 3))]
+    outcomes = await _one_group(backend, list(ops))
+    assert outcomes[0] == 1 and outcomes[2] == 3
+    assert isinstance(outcomes[1], NotFound)
+    assert [op.runs for op in ops] == [2, 2, 1]  # the group stopped at the failure
+    assert _rows(postgres_url, table) == [1, 3]
+
+
+@pytest.mark.postgres
+async def test_an_operation_that_handles_a_database_error_rolls_back_alone(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    await backend.run(_insert(table, 5))
+
+    def conflict(tx: Tx) -> str:
+        tx.write(f"INSERT INTO {table} VALUES (6)")
+        try:
+            tx.write_now(f"INSERT INTO {table} VALUES (5)")
+        except tx.integrity_error:
+            return "conflict"
+        return "inserted"
+
+    outcomes = await _one_group(backend, [_insert(table, 1), conflict, _insert(table, 3)])
+    # Alone, its transaction would have rolled back whole at the commit: so it does here.
+    assert outcomes == [1, "conflict", 3]
+    assert _rows(postgres_url, table) == [1, 3, 5]
+
+
+@pytest.mark.postgres
+async def test_a_database_error_that_escapes_fails_that_operation_only(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    await backend.run(_insert(table, 5))
+    outcomes = await _one_group(backend, [_insert(table, 1), _insert(table, 5), _insert(table, 3)])
+    assert outcomes[0] == 1 and outcomes[2] == 3
+    assert isinstance(outcomes[1], psycopg.IntegrityError)
+    assert _rows(postgres_url, table) == [1, 3, 5]
+
+
+@pytest.mark.postgres
+async def test_hand_offs_run_after_the_commit_and_only_for_what_committed(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    seen: list[tuple[str, list[int]]] = []
+
+    def handing(name: str, fail: bool) -> Callable[[Tx], None]:
+        def op(tx: Tx) -> None:
+            tx.handoffs.append(lambda: seen.append((name, _rows(postgres_url, table))))
+            if fail:
+                raise NotFound("no")
+            tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": len(name)})
+
+        return op
+
+    outcomes = await _one_group(backend, [handing("a", False), handing("bb", True), handing("ccc", False)])
+    assert isinstance(outcomes[1], NotFound)
+    # Run once the group committed (another connection sees its rows), the failed one never.
+    assert seen == [("a", [1, 3]), ("ccc", [1, 3])]
+
+
+@pytest.mark.postgres
+async def test_a_group_whose_connection_is_lost_leaves_nothing(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    def kill_own_connection(tx: Tx) -> None:
+        pid = tx.one("SELECT pg_backend_pid()")
+        assert pid is not None
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
+        tx.one("SELECT 1")  # the connection is gone
+
+    outcomes = await _one_group(backend, [_insert(table, 1), kill_own_connection, _insert(table, 3)])
+    assert all(isinstance(o, psycopg.OperationalError) for o in outcomes)
+    assert _rows(postgres_url, table) == []
+    assert await backend.run(_insert(table, 4)) == 4  # a new connection serves the next group
+    assert _rows(postgres_url, table) == [4]
+
+
+@pytest.mark.postgres
+async def test_a_group_that_waits_too_long_for_a_lock_runs_its_operations_one_by_one(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    """Groups hold their earlier operations' locks while a later one waits, so two groups can
+    wait for each other: a group gives up a lock wait after ``GROUP_LOCK_TIMEOUT`` and its
+    operations run again, each in a transaction of its own, which waits as long as it takes."""
+    await backend.run(_insert(table, 1))
+    other = psycopg.connect(postgres_url)
+    other.execute(f"SELECT x FROM {table} WHERE x = 1 FOR UPDATE")  # held until released
+
+    def bump(tx: Tx) -> int:
+        tx.one(f"SELECT x FROM {table} WHERE x = 1 FOR UPDATE")
+        tx.write(f"UPDATE {table} SET x = x + 10 WHERE x = 1")
+        return 11
+
+    loop = asyncio.get_running_loop()
+    release = loop.call_later(0.6, other.rollback)  # well past the group's lock timeout
+    try:
+        outcomes = await _one_group(backend, [_insert(table, 2), bump, _insert(table, 3)])
+    finally:
+        release.cancel()
+        other.close()
+    assert outcomes == [2, 11, 3]
+    assert _rows(postgres_url, table) == [2, 3, 11]
+
+
+# --- the leased slots read with the locks (scripts.lock_limits_and_queue) -----------------------
+
+
+class SteppingClock:
+    """A clock that answers each value of ``steps`` once, in turn, then stays at the last one:
+    ``now`` can move between the moment the leased read is sent and the moment ``now`` is read."""
+
+    def __init__(self, start: float) -> None:
+        self.steps = [start]
+
+    def __call__(self) -> float:
+        return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("waited", [0.4, 0.6, 5.0])
+async def test_a_lease_counts_until_its_expiry_at_the_now_read_after_the_locks(
+    postgres_url: str, waited: float
+) -> None:
+    """The leased sums travel with the locks, sent before ``now`` is known: a lease that expires
+    between the moment they are sent and ``now`` (read after the locks) must not count, one that
+    expires after must; past the horizon (a long wait for the locks) they are read again."""
+    truncate_postgres(postgres_url)
+    store = open_storage(postgres_url, pool_size=1)
+    clock = SteppingClock(1000.0)
+    store.clock = clock
+    try:
+        await store.create_limit(LimitSpec(name="db", limit=1))
+        await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.5)))  # expires at 1030.5
+        # Sent at 1030.0; ``now`` read after the locks, ``waited`` seconds later.
+        clock.steps = [1030.0, 1030.0 + waited]
+        if 1030.0 + waited > 1030.5:
+            granted = await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.0)))
+            assert granted.lease_id is not None
+        else:
+            with pytest.raises(SlotsUnavailable):
+                await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.0)))
+    finally:
+        await store.close()
