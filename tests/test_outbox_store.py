@@ -3,6 +3,8 @@ transaction; the delivery lease gives one deliverer at a time. Every test runs o
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from slotkeeper.events import builders
@@ -114,3 +116,17 @@ async def test_client_copies_go_to_the_other_processes_once(storage: Storage) ->
     assert await outbox.take_copies("b", batch=1) == ['{"n": 1}']
     assert await outbox.take_copies("b") == ['{"n": 2}']
     assert await outbox.take_copies("b") == []
+
+
+async def test_operations_committed_together_queue_every_event(storage: Storage) -> None:
+    """Concurrent acquisitions commit in groups (SQLite always, PostgreSQL under load): each
+    group's events are queued with it."""
+    outbox = storage.outbox_store()
+    outbox.enable()
+    for i in range(32):
+        await storage.create_limit(LimitSpec(name=f"l{i}", limit=2))
+    await asyncio.gather(*(take(storage, f"l{i}") for i in range(32)))
+    queued = {q.event.id for q in await outbox.oldest(1000)}
+    rows = await storage.backend.run(lambda tx: tx.all("SELECT id FROM events"))
+    assert queued == {r[0] for r in rows}
+    assert len(queued) == 64

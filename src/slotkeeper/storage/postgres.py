@@ -176,7 +176,7 @@ class PostgresBackend:
             return [_outcome(self._call, ops[0])]
         conn = self._connection()
         try:
-            outcomes, commit = _attempt_group(conn, ops)
+            outcomes, commit = _attempt_group(conn, ops, outbox=self.outbox)
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 conn.close()
@@ -376,7 +376,9 @@ class Ungroupable(Exception):
     and its operations run one by one (``PostgresBackend._run_group``)."""
 
 
-def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
+def _attempt_group(
+    conn: psycopg.Connection[Any], ops: list[Op], *, outbox: bool = False
+) -> tuple[list[Outcome], Commit | None]:
     """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
 
     Scripts decide before they write: one that raises having sent only reads (its locks, a
@@ -393,7 +395,7 @@ def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[O
         cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
         # The group's server-written events are inserted together before its COMMIT, one
         # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
-        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True, outbox=outbox)
         for op in ops:
             mark, writes = tx.mark(), tx.writes
             try:
