@@ -238,7 +238,8 @@ class Deliverer:
             return  # events committed while the pass ran: no sleep
         self._idle = wake_on == COMMIT
         try:
-            await asyncio.wait_for(wake.wait(), seconds)
+            async with asyncio.timeout(seconds):  # in this task: no task of its own (wait_for's)
+                await wake.wait()
         except TimeoutError:
             return
         finally:
