@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import textwrap
@@ -255,18 +256,22 @@ class Server(ServerProcess):
 
     def events(self, event_filter: dict[str, Any], limit: int = 50) -> list[dict[str, Any]]:
         """Every stored event matching ``event_filter`` (following ``next_page``), oldest first."""
-        answer = self.http.post(
-            "/events/filter", json={"filter": {"order": "ASC", **event_filter}, "limit": limit}
-        )
+        return read_events(self.http, event_filter, limit)
+
+
+def read_events(http: httpx.Client, event_filter: dict[str, Any], limit: int = 50) -> list[dict[str, Any]]:
+    """Every event matching ``event_filter`` that the API behind ``http`` (its ``base_url`` ends
+    in ``/api``) serves, following ``next_page``, oldest first: slotkeeper's or Prefect's."""
+    answer = http.post("/events/filter", json={"filter": {"order": "ASC", **event_filter}, "limit": limit})
+    assert answer.status_code == 200, answer.text
+    page = answer.json()
+    found: list[dict[str, Any]] = list(page["events"])
+    while page["next_page"]:
+        answer = http.get(page["next_page"])
         assert answer.status_code == 200, answer.text
         page = answer.json()
-        found: list[dict[str, Any]] = list(page["events"])
-        while page["next_page"]:
-            answer = self.http.get(page["next_page"])
-            assert answer.status_code == 200, answer.text
-            page = answer.json()
-            found.extend(page["events"])
-        return found
+        found.extend(page["events"])
+    return found
 
 
 @contextlib.contextmanager
@@ -454,9 +459,10 @@ class LiveScript:
         return "".join(self.seen)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Kill it and whatever it started (it leads its own process group: a served flow's run)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -477,6 +483,7 @@ def start_prefect(prefect_python: Path, server: Server, prefect_home: Path) -> I
             stderr=subprocess.PIPE,
             text=True,
             cwd=prefect_home,
+            start_new_session=True,  # its own process group, for kill()
         )
         live = LiveScript(process, path.name)
         started.append(live)

@@ -91,6 +91,8 @@ class SQLiteBackend:
         self._conn = _connect(self.path)
         self._cursor = self._conn.cursor()
         self._tx = Tx(self._cursor, SQLITE, sqlite3.IntegrityError, defer=True)
+        #: Gateway mode: server events also go into the outbox (``Tx.outbox``).
+        self.outbox = False
         self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._closed = False
@@ -218,6 +220,7 @@ class SQLiteBackend:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         cursor, tx = self._cursor, self._tx
+        tx.outbox = self.outbox
         if self.on_group is not None:
             self.on_group(len(group))
         outcomes: list[tuple[bool, Any]] = []
