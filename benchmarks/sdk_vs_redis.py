@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/sdk_vs_redis.py [--rounds 4] [--seconds 5] [--warmup 1] [--holders 64]
-                                      [--variants session,http,redis,nodb-session] [--form async|sync]
+                                      [--variants session,http,redis,nodb-session,storage]
+                                      [--form async|sync]
                                       [--backend sqlite|postgres] [--json out.json]
 
 It starts slotkeeper (SQLite in a fresh home, or ``--backend postgres``: a fresh database;
@@ -24,6 +25,12 @@ after round, the order rotating every round and the other servers frozen (SIGSTO
   application over a storage that does no database work (``benchmarks/nodb_server.py``): what
   the protocol, the server's stack and the SDK allow without the database, the floor of the
   first two variants on this machine. Never a target: it keeps no state at all.
+* ``storage``: slotkeeper's storage alone, in the holders' process, on a fresh SQLite database of
+  its own: ``Storage.acquire`` with a lease and ``Storage.release_lease`` called directly (no
+  transport, no server, no SDK), on the stdlib loop. The durable work of a block (its two
+  transactions with their events) and nothing else: no variant that goes through the server
+  can beat it, so it is the floor of ``session`` set by the database (only with SQLite; with
+  ``--async`` forms only).
 
 Each measurement is a fresh process (stdlib ``asyncio.run``, as an application runs) with
 ``--holders`` tasks (``--form sync``: threads, ``with concurrency(...)`` and redis-py's sync
@@ -55,7 +62,7 @@ import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = servers.SLOTKEEPER_VENV / "bin" / "python"
-VARIANTS = ("session", "http", "redis", "nodb-session")
+VARIANTS = ("session", "http", "redis", "nodb-session", "storage")
 #: Every variant, with the ones measured only when asked.
 ALL_VARIANTS = (*VARIANTS, "nodb-http")
 LIMIT = 1000
@@ -90,6 +97,27 @@ async def _holders(args: argparse.Namespace) -> dict[str, Any]:
             if await acquire(keys=[key], args=[LIMIT, LEASE_SECONDS, token]) != 1:
                 raise RuntimeError("not granted")
             await client.zrem(key, token)
+
+    elif args.variant == "storage":
+        import tempfile
+
+        from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
+        from slotkeeper.storage import migrate, open_storage
+
+        url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-storage-')}/slotkeeper.db"
+        migrate(url)
+        storage = open_storage(url)
+        for i in range(args.holders):
+            await storage.create_limit(LimitSpec(name=f"bench-{i}", limit=LIMIT))
+        requests = [
+            AcquireRequest([f"bench-{i}"], 1, lease=LeaseSpec(LEASE_SECONDS, None))
+            for i in range(args.holders)
+        ]
+
+        async def block(i: int) -> None:
+            granted = await storage.acquire(requests[i])
+            assert granted.lease_id is not None
+            await storage.release_lease(granted.lease_id)
 
     else:
         from slotkeeper.sdk.asyncio import concurrency
@@ -226,7 +254,7 @@ def redis_ready(server: servers.Server, timeout: float = 10.0) -> bool:
 def measure(
     variant: str,
     target: str,
-    server: servers.Server,
+    server: servers.Server | None,
     *,
     holders: int = 64,
     warmup: float = 1.0,
@@ -234,7 +262,8 @@ def measure(
     form: str = "async",
 ) -> dict[str, Any]:
     """One measurement of ``variant`` against ``target`` (an API URL, or ``host:port`` for
-    Redis) served by ``server`` (whose CPU is counted), in a fresh process; the figures as a
+    Redis) served by ``server`` (whose CPU is counted; None: no server, the ``storage``
+    variant), in a fresh process; the figures as a
     JSON-ready dict, or ``{"failed": ...}``. What ``benchmarks/run.py`` would call per step."""
     env = dict(os.environ)
     env["SLOTKEEPER_SDK_PROTOCOL"] = "http" if variant.endswith("http") else "session"
@@ -253,7 +282,7 @@ def measure(
         "--seconds",
         str(seconds),
         "--server-pids",
-        ",".join(str(p) for p in server.pids()),
+        ",".join(str(p) for p in server.pids()) if server is not None else "",
         "--form",
         form,
     ]
@@ -316,6 +345,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets["redis"] = (f"{servers.LOOPBACK}:{redis.port}", redis)
         if nodb is not None:
             targets["nodb-session"] = targets["nodb-http"] = (nodb.base_url + "/api", nodb)
+        if "storage" in variants and args.backend != "sqlite":
+            notes.append("the storage variant runs on SQLite only: skipped")
+            variants.remove("storage")
+        chosen: dict[str, tuple[str, servers.Server | None]] = {**targets, "storage": ("", None)}
         for server in started:
             server.pause()
         rounds: list[dict[str, dict[str, Any]]] = []
@@ -323,8 +356,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
             measured: dict[str, dict[str, Any]] = {}
             for variant in order:
-                target, server = targets[variant]
-                server.resume()
+                target, server = chosen[variant]
+                if server is not None:
+                    server.resume()
                 try:
                     measured[variant] = measure(
                         variant,
@@ -337,7 +371,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     time.sleep(0.3)  # let the server finish what the holders left
                 finally:
-                    server.pause()
+                    if server is not None:
+                        server.pause()
                 shown = measured[variant]
                 if "failed" in shown:
                     print(f"[sdk-vs-redis] round {rnd + 1} {variant}: FAILED {shown['failed']}", flush=True)
@@ -377,7 +412,14 @@ def _summary(
             f" {statistics.median(client) if client else float('nan'):16.3f}"
             f" {statistics.median(server) if server else float('nan'):16.3f}"
         )
-    pairs = [("session", "redis"), ("http", "redis"), ("session", "http"), ("nodb-session", "redis")]
+    pairs = [
+        ("session", "redis"),
+        ("http", "redis"),
+        ("session", "http"),
+        ("nodb-session", "redis"),
+        ("storage", "redis"),
+        ("session", "storage"),
+    ]
     summary_ratios = {f"{a}/{b}": ratios(a, b) for a, b in pairs if a in variants and b in variants}
     for name, found in summary_ratios.items():
         print(f"ratio {name}: {_ratio(found)}")

@@ -39,7 +39,18 @@ from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage, migrate, open_storage
 
 POSTGRES_URL = os.environ.get("SLOTKEEPER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-_TABLES = ("waiter_limits", "waiters", "event_resources", "events", "grants", "leases", "limits")
+_TABLES = (
+    "waiter_limits",
+    "waiters",
+    "event_resources",
+    "events",
+    "grants",
+    "leases",
+    "limits",
+    "outbox",
+    "outbox_lease",
+    "outbox_copies",
+)
 
 
 def _postgres_reason() -> str | None:
@@ -216,21 +227,31 @@ class ServerProcess:
         self.env = clean_env(SLOTKEEPER_HOME=str(home), PYTHONUNBUFFERED="1", **settings)
         self.process: subprocess.Popen[bytes] | None = None
 
+    #: What failures call it; how long its start may take; whether it leads a process group.
+    name = "the server"
+    startup_seconds = STARTUP_SECONDS
+    own_group = False
+
+    def command(self) -> list[str]:
+        return [*SLOTKEEPER, "server", "start", "--port", str(self.port), "--log-level", "warning"]
+
     def start(self) -> None:
         """Start it and wait until it is healthy (fails the test if it exits or never is)."""
         with self.log.open("ab") as out:
             self.process = process = subprocess.Popen(
-                [*SLOTKEEPER, "server", "start", "--port", str(self.port), "--log-level", "warning"],
+                self.command(),
                 env=self.env,
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=self.own_group,
             )
-        deadline = time.monotonic() + STARTUP_SECONDS
+        deadline = time.monotonic() + self.startup_seconds
         while not self.healthy():
             if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{self.log_text()}")
+                pytest.fail(f"{self.name} exited with {process.returncode}:\n{self.log_text()}")
             if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {self.url}:\n{self.log_text()}")
+                pytest.fail(f"{self.name} did not answer on {self.url}:\n{self.log_text()}")
             time.sleep(0.05)
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
     ("SELECT_WAITERS_ON_LEASE", q.QueuedWaiterRow, {"id": ID}),
     ("SELECT_WAITER_LEASE", q.WaiterOutcomeRow, {"id": ID}),
     ("SELECT_WAITER_STATE", q.WaiterStateRow, {"id": ID}),
+    ("SELECT_OUTBOX", q.OutboxRow, {"batch": 1}),
 ]
 
 

@@ -22,8 +22,9 @@ MEMORY = 2  # PRAGMA temp_store: 0 default, 1 file, 2 memory
 
 
 async def test_the_writer_keeps_statement_journals_in_memory_and_readers_do_not(tmp_path: Path) -> None:
-    """Every operation of a group runs in a SAVEPOINT: the pages it changes are journalled, in
-    memory on the writer. Readers keep SQLite's default, so a large sort does not fill memory."""
+    """An operation of a group that must roll back alone runs in a SAVEPOINT: the pages it changes
+    are journalled, in memory on the writer. Readers keep SQLite's default, so a large sort does
+    not fill memory."""
     backend = SQLiteBackend(tmp_path / "db.sqlite")
     try:
 
@@ -127,6 +128,57 @@ async def test_a_failing_operation_in_a_group_rolls_back_alone(tmp_path: Path) -
         assert results[0] == 1 and results[2] == 3 and isinstance(results[1], RuntimeError)
         rows = await backend.run(lambda tx: tx.all("SELECT x FROM t ORDER BY x"))
         assert [r[0] for r in rows] == [1, 3]
+    finally:
+        await backend.close()
+
+
+async def test_savepoints_are_spent_only_when_an_operation_fails_after_writing(tmp_path: Path) -> None:
+    """A group runs without savepoints; an operation that fails before it has changed a row needs
+    none. One that fails after writing makes the group run again, each operation in its own
+    savepoint: it alone rolls back, and the others commit once."""
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    statements: list[str] = []
+    backend._conn.set_trace_callback(statements.append)
+    try:
+        await backend.run(lambda tx: tx.write("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+        runs: list[int] = []
+
+        def insert(x: int, fail: str = "") -> Callable[[Tx], int]:
+            def op(tx: Tx) -> int:
+                runs.append(x)
+                if fail == "before":
+                    raise LookupError("before writing")
+                tx.write("INSERT INTO t VALUES (:x)", {"x": x})
+                if fail == "after":
+                    raise RuntimeError("after writing")
+                return x
+
+            return op
+
+        statements.clear()
+        results = await asyncio.gather(  # started together: one group
+            backend.run(insert(1)),
+            backend.run(insert(2, "before")),
+            backend.run(insert(3)),
+            return_exceptions=True,
+        )
+        assert results[0] == 1 and results[2] == 3 and isinstance(results[1], LookupError)
+        assert runs == [1, 2, 3]
+        assert not [s for s in statements if "SAVEPOINT" in s or "ROLLBACK" in s]
+
+        runs.clear()
+        statements.clear()
+        results = await asyncio.gather(
+            backend.run(insert(4)),
+            backend.run(insert(5, "after")),
+            backend.run(insert(6)),
+            return_exceptions=True,
+        )
+        assert results[0] == 4 and results[2] == 6 and isinstance(results[1], RuntimeError)
+        assert runs == [4, 5, 4, 5, 6]  # the first try stopped at 5; then each in a savepoint
+        assert statements.count("ROLLBACK") == 1 and statements.count("SAVEPOINT op") == 3
+        rows = await backend.run(lambda tx: tx.all("SELECT x FROM t ORDER BY x"))
+        assert [r[0] for r in rows] == [1, 3, 4, 6]
     finally:
         await backend.close()
 

@@ -50,6 +50,8 @@ from slotkeeper.models import Granted
 
 if TYPE_CHECKING:
     from slotkeeper.events.broker import Broker
+    from slotkeeper.gateway.events_in import SlotCopyFilter
+    from slotkeeper.gateway.outbox import Deliverer
     from slotkeeper.storage.core import Storage
     from slotkeeper.storage.stats import LimitStats
     from slotkeeper.storage.tx import Commit
@@ -227,6 +229,8 @@ class Metrics:
         self.registry.register(self._snapshot)
         self._storage: Storage | None = None
         self._broker: Broker | None = None
+        #: Gateway mode: the outbox's deliverer and the /api/events/in filter of this process.
+        self._outbox: tuple[Deliverer, SlotCopyFilter] | None = None
         self._scrape_lock = threading.Lock()
 
     # --- wiring -----------------------------------------------------------------------------------
@@ -318,6 +322,8 @@ class Metrics:
         if self._storage is not None:
             families = self.limit_families(await read_limit_stats(self._storage))
             families.extend(self._process_families())
+            if self._outbox is not None:
+                families.extend(await self._outbox_families(*self._outbox))
         with self._scrape_lock:  # one snapshot in the registry at a time
             self._snapshot.families = families
             try:
@@ -414,6 +420,75 @@ class Metrics:
                 ),
                 dropped,
             ]
+        return families
+
+    def attach_outbox(self, deliverer: Deliverer, copies: SlotCopyFilter) -> Callable[[], None]:
+        """Gateway mode: report the outbox and the client copies dropped; returns what undoes it."""
+        self._outbox = (deliverer, copies)
+
+        def detach() -> None:
+            self._outbox = None
+
+        return detach
+
+    @staticmethod
+    async def _outbox_families(deliverer: Deliverer, copies: SlotCopyFilter) -> list[Metric]:
+        backlog = await deliverer.store.backlog()
+        stats = deliverer.stats
+        age = max(time.time() - backlog.oldest, 0.0) if backlog.oldest is not None else 0.0
+        counters = (
+            (
+                "slotkeeper_outbox_delivered_events",
+                "Events this process delivered to the upstream.",
+                stats.delivered,
+            ),
+            (
+                "slotkeeper_outbox_delivery_failures",
+                "Deliveries to the upstream that failed (retried).",
+                stats.failures,
+            ),
+            (
+                "slotkeeper_outbox_delivery_restarts",
+                "Restarts of this process's delivery task after a bug.",
+                stats.restarts,
+            ),
+            (
+                "slotkeeper_outbox_refused_events",
+                "Events the upstream refused for good (alone: 400, 413, 422), dropped from the outbox.",
+                stats.refused,
+            ),
+            (
+                "slotkeeper_gateway_slot_copies_dropped",
+                "Client copies of slot events dropped on /api/events/in by this process.",
+                copies.dropped,
+            ),
+        )
+        families: list[Metric] = [
+            _gauge(
+                "slotkeeper_outbox_events",
+                "Events waiting for delivery to the upstream (database-wide).",
+                backlog.events,
+            ),
+            _gauge(
+                "slotkeeper_outbox_oldest_event_age_seconds",
+                "Age of the oldest event waiting (0: none).",
+                age,
+            ),
+            _gauge(
+                "slotkeeper_outbox_delivering",
+                "1 while this process delivers the outbox (holds its lease).",
+                int(stats.delivering),
+            ),
+            _gauge(
+                "slotkeeper_outbox_delivery_lag_seconds",
+                "From the commit of the last event this process delivered to the upstream's answer.",
+                stats.lag,
+            ),
+        ]
+        for name, documentation, value in counters:
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], value)
+            families.append(counter)
         return families
 
 

@@ -227,6 +227,39 @@ class Settings(BaseSettings):
         description="Gateway: the origins (comma-separated) whose browsers may call slotkeeper's own "
         "routes, as Prefect's PREFECT_SERVER_CORS_ALLOWED_ORIGINS (give both the same value).",
     )
+    upstream_auth_string: str | None = Field(
+        default=None,
+        description="Gateway: HTTP basic auth ('user:password') of slotkeeper's own requests to the "
+        "upstream (the outbox's deliveries), when the upstream requires it "
+        "(PREFECT_SERVER_API_AUTH_STRING). Forwarded requests carry their clients' own.",
+    )
+    outbox_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="Gateway: events per delivery to the upstream at most."
+    )
+    outbox_context_wait_seconds: float = Field(
+        default=1.5,
+        ge=0,
+        le=60,
+        description="Gateway: how long after its grant a slot event may wait for the client copy that "
+        "names its run (flow run, task run...) before it is delivered without it; the events behind it "
+        "wait too (order). 0: never wait.",
+    )
+    outbox_context_entries: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Gateway: client copies of slot events (and run contexts given) kept in memory at most.",
+    )
+    outbox_lease_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=3600,
+        description="Gateway: the delivery lease; another process takes over delivery this long after "
+        "the delivering one stopped without freeing it.",
+    )
+    outbox_max_backoff_seconds: float = Field(
+        default=30.0, ge=0.1, le=3600, description="Gateway: longest wait between deliveries that fail."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import textwrap
@@ -158,14 +159,57 @@ def _install_prefect(config: pytest.Config) -> str | None:
     return None
 
 
+def _ensure_prefect(config: pytest.Config) -> str | None:
+    """Make the Prefect virtualenv hold ``prefect==3.8.8`` (installing it if needed); the reason
+    it cannot, or None."""
+    if _installed_versions(PREFECT_PYTHON) == WANTED_VERSIONS:
+        return None
+    # Two sessions must not build the same virtualenv at once: lock the checkout's folder.
+    fd = os.open(REPO, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        found = _installed_versions(PREFECT_PYTHON)
+        if found == WANTED_VERSIONS:
+            return None
+        announce(
+            config,
+            f"{PREFECT_VENV} has {found or 'no usable Prefect'}; installing "
+            + " ".join(PREFECT_REQUIREMENTS),
+        )
+        problem = _install_prefect(config)
+        found = _installed_versions(PREFECT_PYTHON)
+        if problem is None and found != WANTED_VERSIONS:
+            problem = f"after install, {PREFECT_VENV} has {found}, not {WANTED_VERSIONS}"
+        if problem is None:
+            announce(config, f"{PREFECT_VENV} is ready ({found})")
+        return problem
+    finally:
+        os.close(fd)
+
+
+_SETUP_PROBLEM: dict[str, str | None] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Install Prefect before the first test that needs it, not inside it: the install (minutes on
+    a fresh machine) must not count against that test's per-test timeout."""
+    if any("prefect_python" in getattr(item, "fixturenames", ()) for item in session.items):
+        _SETUP_PROBLEM["problem"] = _ensure_prefect(session.config)
+
+
 @pytest.fixture(scope="session")
 def prefect_python(pytestconfig: pytest.Config) -> Path:
     """The Prefect virtualenv's interpreter, installing ``prefect==3.8.8`` there if needed.
 
     A failed install fails the run in CI (``CI`` set) and skips the compat tests elsewhere.
     """
-    if _installed_versions(PREFECT_PYTHON) == WANTED_VERSIONS:
-        return PREFECT_PYTHON
+    problem = _SETUP_PROBLEM["problem"] if "problem" in _SETUP_PROBLEM else _ensure_prefect(pytestconfig)
+    if problem is not None:
+        reason = f"cannot set up Prefect's client in {PREFECT_VENV}: {problem}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return PREFECT_PYTHON
     # Two sessions must not build the same virtualenv at once: lock the checkout's folder.
     fd = os.open(REPO, os.O_RDONLY)
     try:
@@ -212,18 +256,22 @@ class Server(ServerProcess):
 
     def events(self, event_filter: dict[str, Any], limit: int = 50) -> list[dict[str, Any]]:
         """Every stored event matching ``event_filter`` (following ``next_page``), oldest first."""
-        answer = self.http.post(
-            "/events/filter", json={"filter": {"order": "ASC", **event_filter}, "limit": limit}
-        )
+        return read_events(self.http, event_filter, limit)
+
+
+def read_events(http: httpx.Client, event_filter: dict[str, Any], limit: int = 50) -> list[dict[str, Any]]:
+    """Every event matching ``event_filter`` that the API behind ``http`` (its ``base_url`` ends
+    in ``/api``) serves, following ``next_page``, oldest first: slotkeeper's or Prefect's."""
+    answer = http.post("/events/filter", json={"filter": {"order": "ASC", **event_filter}, "limit": limit})
+    assert answer.status_code == 200, answer.text
+    page = answer.json()
+    found: list[dict[str, Any]] = list(page["events"])
+    while page["next_page"]:
+        answer = http.get(page["next_page"])
         assert answer.status_code == 200, answer.text
         page = answer.json()
-        found: list[dict[str, Any]] = list(page["events"])
-        while page["next_page"]:
-            answer = self.http.get(page["next_page"])
-            assert answer.status_code == 200, answer.text
-            page = answer.json()
-            found.extend(page["events"])
-        return found
+        found.extend(page["events"])
+    return found
 
 
 @contextlib.contextmanager
@@ -411,9 +459,10 @@ class LiveScript:
         return "".join(self.seen)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Kill it and whatever it started (it leads its own process group: a served flow's run)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +483,7 @@ def start_prefect(prefect_python: Path, server: Server, prefect_home: Path) -> I
             stderr=subprocess.PIPE,
             text=True,
             cwd=prefect_home,
+            start_new_session=True,  # its own process group, for kill()
         )
         live = LiveScript(process, path.name)
         started.append(live)

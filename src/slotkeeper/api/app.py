@@ -38,6 +38,7 @@ from slotkeeper.domain import RetryPolicy
 from slotkeeper.events.broker import Broker
 from slotkeeper.events.models import EventRecord
 from slotkeeper.gateway import Gateway, GatewayFront, GatewayState
+from slotkeeper.gateway.outbox import start_delivery
 from slotkeeper.metrics import Metrics
 from slotkeeper.reaper import REAPER, log_expired, run_reaper
 from slotkeeper.settings import Settings
@@ -175,6 +176,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         gateway: GatewayState | None = app.state.gateway
         if gateway is not None:
             await gateway.open()
+        # Gateway mode: events also go to the upstream, from the outbox (docs/gateway.md).
+        delivery = start_delivery(store, settings) if gateway is not None else None
         if owned:
             freeze_startup_objects()
         broker = Broker(settings.events_subscriber_queue_size, settings.events_subscriber_queue_bytes)
@@ -200,6 +203,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         unobserve = [store.observe(log_expired)]
         if metrics is not None:
             unobserve.append(metrics.attach(store, broker))
+            if delivery is not None:
+                unobserve.append(metrics.attach_outbox(delivery.deliverer, delivery.copies))
         # Every background loop runs under the storage's supervisor: restarted if it dies,
         # its failures logged and counted, and /api/ready fails while one keeps failing.
         supervisor = store.supervisor
@@ -236,6 +241,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             unsubscribe()
             for undo in unobserve:
                 undo()
+            if delivery is not None:
+                await delivery.stop()
             if gateway is not None:
                 await gateway.close()
             if owned:

@@ -31,6 +31,9 @@ class Backend(Protocol):
     #: locked or damaged file), as opposed to a bug: :func:`run` raises them as
     #: :class:`~slotkeeper.errors.DatabaseUnavailable`.
     unavailable: tuple[type[Exception], ...]
+    #: Gateway mode: every server event is also queued in the outbox, in its transaction
+    #: (``Tx.outbox``); set by :meth:`~slotkeeper.storage.core.Storage.outbox_store`.
+    outbox: bool
     #: Keeps the backend's own background threads running (and the storage's loops: the reaper,
     #: retention); what ``/api/ready`` asks (see ``slotkeeper.supervisor``).
     supervisor: Supervisor

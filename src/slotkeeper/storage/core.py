@@ -23,6 +23,7 @@ from slotkeeper.models import AcquireRequest, Granted, LeaseInfo, LimitSpec, Lim
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage.backend import Backend, Script
 from slotkeeper.storage.events import EventStore
+from slotkeeper.storage.outbox import OutboxStore
 from slotkeeper.storage.scripts import Scripts
 from slotkeeper.storage.tx import Commit
 from slotkeeper.storage.views import ViewStore
@@ -109,6 +110,11 @@ class Storage:
     def event_store(self) -> EventStore:
         """An event store over the same database (ingest, query, count, retention)."""
         return EventStore(self.backend, self.clock)
+
+    def outbox_store(self) -> OutboxStore:
+        """The outbox of events for an upstream Prefect server (gateway mode); events are queued
+        in it only once :meth:`OutboxStore.enable` was called."""
+        return OutboxStore(self.backend, self.clock)
 
     def view_store(self) -> ViewStore:
         """The operator's read-only views over the same database (overview, a limit's state)."""

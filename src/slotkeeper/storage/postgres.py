@@ -107,6 +107,8 @@ class PostgresBackend:
         self._alone = 0
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Gateway mode: server events also go into the outbox (``Tx.outbox``).
+        self.outbox = False
         #: Keeps the listener thread running (restarts it after an unexpected error).
         self.supervisor = Supervisor()
         self._listened = False  # the listener was connected once: a reconnection may miss events
@@ -140,7 +142,7 @@ class PostgresBackend:
         for attempt in range(_ATTEMPTS):
             conn = self._connection()
             try:
-                result, commit = _attempt(conn, op)
+                result, commit = _attempt(conn, op, outbox=self.outbox)
                 if commit is not None:
                     run_handoffs(commit.handoffs)  # in this process only, and only once committed
                     for observer in self._observers:
@@ -174,7 +176,7 @@ class PostgresBackend:
             return [_outcome(self._call, ops[0])]
         conn = self._connection()
         try:
-            outcomes, commit = _attempt_group(conn, ops)
+            outcomes, commit = _attempt_group(conn, ops, outbox=self.outbox)
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 conn.close()
@@ -328,7 +330,11 @@ class PostgresBackend:
 
 
 def _attempt(
-    conn: psycopg.Connection[Any], op: Callable[[Tx], T], timeout_ms: int | None = None
+    conn: psycopg.Connection[Any],
+    op: Callable[[Tx], T],
+    timeout_ms: int | None = None,
+    *,
+    outbox: bool = False,
 ) -> tuple[T, Commit | None]:
     """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
     the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
@@ -347,7 +353,7 @@ def _attempt(
         cursor.execute(b"BEGIN", prepare=False)
         if timeout_ms is not None:
             cursor.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}".encode(), prepare=False)
-        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, outbox=outbox)
         try:
             result = op(tx)
         except psycopg.Error:
@@ -370,7 +376,9 @@ class Ungroupable(Exception):
     and its operations run one by one (``PostgresBackend._run_group``)."""
 
 
-def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[Outcome], Commit | None]:
+def _attempt_group(
+    conn: psycopg.Connection[Any], ops: list[Op], *, outbox: bool = False
+) -> tuple[list[Outcome], Commit | None]:
     """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
 
     Scripts decide before they write: one that raises having sent only reads (its locks, a
@@ -387,7 +395,7 @@ def _attempt_group(conn: psycopg.Connection[Any], ops: list[Op]) -> tuple[list[O
         cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
         # The group's server-written events are inserted together before its COMMIT, one
         # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
-        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True)
+        tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True, outbox=outbox)
         for op in ops:
             mark, writes = tx.mark(), tx.writes
             try:

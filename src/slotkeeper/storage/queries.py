@@ -573,3 +573,58 @@ ORDER BY b, n
 
 #: See :func:`_grant_stats`; one statement per backend (only the JSON access differs).
 SELECT_GRANT_STATS = {backend: _grant_stats(waited) for backend, waited in _WAITED.items()}
+
+
+# --- outbox: gateway mode (slotkeeper.storage.outbox) ----------------------------------------------
+
+#: Takes the rows of ``INSERT_EVENT`` (a server event's columns; the others are ignored).
+INSERT_OUTBOX = """
+INSERT INTO outbox (event_id, occurred, event, resource, related, payload, follows)
+VALUES (:id, :occurred, :event, :resource, :related, :payload, :follows)
+"""
+
+
+class OutboxRow(NamedTuple):
+    """A row of ``SELECT_OUTBOX``: an event waiting for the upstream, with its place (``seq``)."""
+
+    seq: int
+    event_id: str
+    occurred: float
+    event: str
+    resource: str
+    related: str
+    payload: str
+    follows: str | None
+
+
+SELECT_OUTBOX = """
+SELECT seq, event_id, occurred, event, resource, related, payload, follows
+FROM outbox ORDER BY seq LIMIT :batch
+"""
+
+DELETE_OUTBOX = "DELETE FROM outbox WHERE seq IN_LIST(seqs)"
+
+#: How many events wait, and when the oldest occurred (NULL: none).
+SELECT_OUTBOX_BACKLOG = "SELECT COUNT(*), MIN(occurred) FROM outbox"
+
+#: Take or renew the delivery lease: a row comes back only if ``:owner`` holds it now (it was
+#: free, expired, or already its own). Concurrent takers are serialised by the row's lock.
+CLAIM_OUTBOX_LEASE = """
+INSERT INTO outbox_lease (name, owner, expires) VALUES ('delivery', :owner, :expires)
+ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires = excluded.expires
+WHERE outbox_lease.owner = excluded.owner OR outbox_lease.expires <= :now
+RETURNING owner
+"""
+
+#: Give the lease up (a process that stops): another process may take it at once.
+FREE_OUTBOX_LEASE = "UPDATE outbox_lease SET expires = 0 WHERE name = 'delivery' AND owner = :owner"
+
+INSERT_OUTBOX_COPY = "INSERT INTO outbox_copies (owner, copy) VALUES (:owner, :copy)"
+
+#: The copies other processes shared, taken (deleted) by the delivering process, oldest first.
+TAKE_OUTBOX_COPIES = """
+DELETE FROM outbox_copies WHERE seq IN (
+    SELECT seq FROM outbox_copies WHERE owner <> :owner ORDER BY seq LIMIT :batch
+)
+RETURNING seq, copy
+"""

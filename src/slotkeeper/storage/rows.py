@@ -127,6 +127,8 @@ def write_events(tx: Tx, events: Sequence[EventRecord], *, dedupe: bool = False)
         written = [e for e, row in zip(events, rows, strict=True) if tx.one(q.INSERT_EVENT_IF_NEW, row)]
     else:
         insert(q.INSERT_EVENT, rows)
+        if tx.outbox:
+            insert(q.INSERT_OUTBOX, rows)
         written = list(events)
     related = [
         {

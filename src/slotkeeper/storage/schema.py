@@ -147,3 +147,49 @@ waiter_limits = sa.Table(
     sa.Column("position", sa.Integer, nullable=False),
     sa.Index("ix_waiter_limits_limit_id", "limit_id"),
 )
+
+
+#: Gateway mode (``SLOTKEEPER_UPSTREAM_URL``): the events slotkeeper committed that the upstream
+#: Prefect server has not acknowledged yet, in commit order (``seq``). Written by the transaction
+#: that writes the event (``rows.write_events``), deleted once the upstream took it
+#: (``gateway/outbox.py``). The event's columns are copied, not joined: retention of ``events``
+#: never loses an undelivered event, and delivery never reads the events table.
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    # INTEGER PRIMARY KEY is SQLite's rowid (its one writer numbers rows in commit order);
+    # BIGSERIAL on PostgreSQL (drawn under the limit locks, so in commit order per limit).
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    sa.Column("event_id", sa.String(36), nullable=False),
+    sa.Column("occurred", sa.Double, nullable=False),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("related", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("follows", sa.String(36), nullable=True),
+)
+
+#: Who delivers the outbox: one process at a time per database (its ``owner`` id) until
+#: ``expires``, renewed while it delivers; another process takes over once it has expired.
+outbox_lease = sa.Table(
+    "outbox_lease",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("owner", sa.String(36), nullable=False),
+    sa.Column("expires", sa.Double, nullable=False),
+)
+
+#: Several processes (PostgreSQL): the client copies of slot events a process that does not
+#: deliver received on its ``/api/events/in`` (their run context, ``gateway/context.py``), for
+#: the delivering process, which takes (deletes) them. ``owner`` is the process that received it.
+outbox_copies = sa.Table(
+    "outbox_copies",
+    metadata,
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    sa.Column("owner", sa.String(36), nullable=False),
+    sa.Column("copy", sa.Text, nullable=False),
+)

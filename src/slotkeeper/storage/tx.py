@@ -73,6 +73,7 @@ class Tx:
         "events",
         "handoffs",
         "integrity_error",
+        "outbox",
         "woken",
         "writes",
     )
@@ -85,6 +86,7 @@ class Tx:
         pipeline: Any = None,
         *,
         defer: bool = False,
+        outbox: bool = False,
     ) -> None:
         self._cursor = cursor
         self._dialect = dialect
@@ -95,6 +97,9 @@ class Tx:
         #: inserted by :meth:`flush` just before the commit. None: inserted at once.
         self._deferred: list[tuple[str, Params]] | None = [] if defer else None
         self.integrity_error = integrity_error
+        #: Gateway mode: the server's events also go into the outbox for the upstream
+        #: (``rows.write_events``), in this same transaction.
+        self.outbox = outbox
         #: Events written in this transaction, in order; published once it commits.
         self.events: list[EventRecord] = []
         #: Waiters granted in this transaction: their requests are woken once it commits.
