@@ -29,6 +29,9 @@ from slotkeeper.api.fastroute import FastRoute
 
 #: The scope key where the full path template of the hot route that serves a request is put.
 ROUTE_TEMPLATE = "slotkeeper.route"
+#: Scope key set (True) on the requests a session carries (``api/session.py``): their client's
+#: departure is known at once, with no transport closing in between (see ``limits._wait``).
+CARRIED = "slotkeeper.carried"
 
 
 class HotPaths:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 
 from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import hot_route_class
+from slotkeeper.api.hotpath import CARRIED
 from slotkeeper.api.responses import CLIENT_LEFT, LeaseAnswer, json_response, lost_already
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
@@ -38,6 +39,60 @@ async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Gr
     storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
     that completed in the same loop step as the disconnect is released here (and one whose
     client leaves after this, before it is written, by :class:`LeaseAnswer`).
+    """
+    if request.scope.get(CARRIED):
+        return await _wait_carried(request, acquiring)
+    return await _wait_http(request, acquiring)
+
+
+async def _wait_carried(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
+    """:func:`_wait` for a request a session carries: the acquisition is awaited directly (not
+    through ``asyncio.wait``), so its grant reaches this handler one turn of the loop after the
+    transaction that admitted it, the turn in which the releaser's answer is written too: the
+    session carries both in one message, the grant first (issue 14, the hand-off). A session's
+    request learns of its withdrawal (``CANCEL``) at once, so the check before answering is exact.
+
+    Over HTTP (:func:`_wait_http`) the one turn more stays: answering a turn earlier made the SDK's
+    cancellation stress test (tests/test_sdk.py) catch more often the turn in which uvicorn had
+    closed a half-closed connection without telling the request. :mod:`slotkeeper.api.protocol`
+    now reports that turn as the disconnect, so HTTP could follow; not measured yet.
+    """
+    task = asyncio.ensure_future(acquiring)
+    gone = asyncio.ensure_future(_disconnected(request))
+
+    def withdraw(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and not task.done():
+            task.cancel()
+
+    gone.add_done_callback(withdraw)
+    try:
+        granted = await task
+    except BaseException as exc:
+        current = asyncio.current_task()
+        withdrawn = (
+            isinstance(exc, asyncio.CancelledError)
+            and not (current is not None and current.cancelling())
+            and gone.done()
+            and not gone.cancelled()
+        )
+        if withdrawn:
+            return None  # the client left: withdrawn, nothing held
+        raise  # failed, or this handler is cancelled: the acquisition gave back its grant
+    finally:
+        gone.cancel()
+    if (gone.done() and not gone.cancelled()) or lost_already(request.receive):
+        if granted.lease_id is not None:  # nobody is there to hold it
+            await _storage(request).release_lease(granted.lease_id)
+        return None
+    return granted
+
+
+async def _wait_http(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
+    """:func:`_wait` over HTTP: await the acquisition or the disconnect, whichever comes first.
+
+    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
+    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
+    that completed in the same loop step as the disconnect is released here.
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))

@@ -44,7 +44,7 @@ from starlette.types import Message, Receive, Scope, Send
 from slotkeeper import session as protocol
 from slotkeeper.api import errors
 from slotkeeper.api.fastroute import FastRoute
-from slotkeeper.api.hotpath import ROUTE_TEMPLATE, HotPaths
+from slotkeeper.api.hotpath import CARRIED, ROUTE_TEMPLATE, HotPaths
 from slotkeeper.api.middleware import authorized, basic_credentials
 from slotkeeper.api.responses import json_response
 from slotkeeper.settings import Settings
@@ -138,7 +138,7 @@ class Session:
         # What a handler may read of its request's scope (the app, the client, the headers).
         ws = websocket.scope
         self.scope = {key: ws[key] for key in _SCOPE_KEYS if key in ws}
-        self.scope.update(type="http", query_string=b"")
+        self.scope.update({"type": "http", "query_string": b"", CARRIED: True})
         # A record's body is JSON by the protocol: its handler reads it so, whatever the
         # upgrade request's own Content-Type (see fastroute.declares_json).
         self.scope["headers"] = [

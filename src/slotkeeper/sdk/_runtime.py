@@ -266,7 +266,7 @@ class Call(Generic[T]):
         self._state = _PENDING
         self._result: T | None = None
         self._error: BaseException | None = None
-        self._task: asyncio.Task[T] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._event: threading.Lock | None = None  # held until the outcome is in
         self._afuture: asyncio.Future[None] | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -278,21 +278,29 @@ class Call(Generic[T]):
         if self._state == _ABANDONED:
             coro.close()
             return
-        self._task = self._rt.loop.create_task(coro)
-        self._task.add_done_callback(self._finished)
+        self._task = self._rt.loop.create_task(self._run(coro))
 
-    def _finished(self, task: asyncio.Task[T]) -> None:
-        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+    async def _run(self, coro: Coroutine[Any, Any, T]) -> None:
+        """Run ``coro`` and hand its outcome over in the same step as it ends (a done callback
+        would run one turn of the loop later, on the path of every grant to its caller)."""
+        try:
+            result = await coro
+        except (Exception, asyncio.CancelledError) as exc:
+            self._finished(None, exc)
+        else:
+            self._finished(result, None)
+
+    def _finished(self, result: T | None, error: BaseException | None) -> None:
         with self._lock:
             abandoned = self._state == _ABANDONED
             if not abandoned:
                 self._state = _DONE
                 self._error = error
-                self._result = None if error is not None else task.result()
+                self._result = result
             event, afuture, aloop = self._event, self._afuture, self._aloop
         if abandoned:
             if error is None:
-                self._adopt(task.result())
+                self._adopt(result)  # type: ignore[arg-type]
             return
         if event is not None:
             event.release()
