@@ -468,3 +468,24 @@ async def test_the_openapi_document_lists_the_real_errors(client: httpx.AsyncCli
     answer = (await client.post(f"{V2}/increment", json={})).json()
     required = document["components"]["schemas"]["InvalidRequest"]["required"]
     assert set(required) <= set(answer)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "refused"),
+    [
+        (None, "127.0.0.1:4200", False),  # Python clients send no Origin
+        ("", "127.0.0.1:4200", False),
+        ("http://127.0.0.1:4200", "127.0.0.1:4200", False),  # the dashboard, served by this server
+        ("http://LOCALHOST:4200", "localhost:4200", False),
+        ("https://evil.example", "127.0.0.1:4200", True),
+        ("http://127.0.0.1:4201", "127.0.0.1:4200", True),
+        ("null", "127.0.0.1:4200", True),  # a sandboxed page or a file
+        ("http://[::1", "127.0.0.1:4200", True),  # unparsable
+    ],
+)
+def test_a_websocket_upgrade_from_another_site_is_cross_origin(
+    origin: str | None, host: str, refused: bool
+) -> None:
+    from slotkeeper.api.middleware import cross_origin
+
+    assert cross_origin(origin, host) is refused

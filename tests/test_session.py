@@ -376,6 +376,21 @@ async def test_auth_is_checked_on_the_upgrade(storage: Storage, tmp_path: Path) 
             assert refused.value.status == 401
 
 
+async def test_a_web_page_of_another_site_cannot_open_a_session(served: Served) -> None:
+    """Browsers send Origin on every websocket upgrade and CORS does not apply there: without this
+    check any page a user opens could take slots on a server without auth."""
+    await served.create("db")
+    url = "ws" + served.url.removeprefix("http") + protocol.PATH
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await served.http.ws_connect(
+            url, protocols=[protocol.SUBPROTOCOL], headers={"Origin": "https://evil.example"}
+        )
+    assert refused.value.status == 403
+    own = served.url.split("/api")[0]  # a page of this server (the dashboard) may
+    ws = await served.http.ws_connect(url, protocols=[protocol.SUBPROTOCOL], headers={"Origin": own})
+    await ws.close()
+
+
 async def test_a_client_must_offer_the_subprotocol(served: Served) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         async with served.session(protocols=["something-else"]):

@@ -219,6 +219,21 @@ async def test_the_first_message_must_be_auth(served: Served, path: str, first: 
         assert await closed_with(ws) == (1008, "Expected 'auth' message")
 
 
+async def test_a_web_page_of_another_site_cannot_send_events(served: Served) -> None:
+    """Browsers send Origin on every websocket upgrade (CORS does not apply there): a page of
+    another site may not write events; Prefect's client sends no Origin and is unaffected."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await served.http.ws_connect(
+            served.ws_url + "/events/in", protocols=["prefect"], headers={"Origin": "https://evil.example"}
+        )
+    assert refused.value.status == 403
+    own = "http://" + served.ws_url.split("://", 1)[1].split("/", 1)[0]
+    async with served.http.ws_connect(
+        served.ws_url + "/events/in", protocols=["prefect"], headers={"Origin": own}
+    ) as ws:
+        await authenticate(ws, None)
+
+
 @pytest.fixture
 async def served_with_auth(storage: Storage, tmp_path: Path) -> AsyncIterator[Served]:
     async with served_app(storage, tmp_path, api_auth_string=AUTH) as s:

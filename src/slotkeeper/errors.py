@@ -61,6 +61,10 @@ CODES: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the body could not be read (not JSON)"),
     "http_error": (400, "another refusal of the HTTP layer (its status varies); `detail` says which"),
     "unsupported_protocol": (400, "a session's upgrade without the subprotocol `slotkeeper.session.v1`"),
+    "cross_origin": (
+        403,
+        "a session's upgrade from a web page of another site (its `Origin` is not this server)",
+    ),
     "not_on_session": (404, "a route that sessions do not carry: send it over HTTP"),
     "session_busy": (429, "a session runs 4096 requests already; `Retry-After` says when to try again"),
     "database_unavailable": (503, "the database cannot be reached now; `Retry-After` says when to try again"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+from urllib.parse import urlsplit
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -135,3 +136,20 @@ class _TooLarge(HTTPException):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"Request body is larger than {max_bytes} bytes.")
+
+
+def cross_origin(origin: str | None, host: str | None) -> bool:
+    """Whether a websocket upgrade comes from a page of another site.
+
+    Browsers send ``Origin`` with every websocket upgrade and cannot be stopped by CORS there, so
+    without auth any page a user opens could take slots over a websocket (cross-site websocket
+    hijacking). Python clients (the SDK, Prefect's client) send no ``Origin``: an upgrade without
+    one, or from a page served by this server itself (the dashboard), is not cross-origin.
+    """
+    if not origin:
+        return False
+    try:
+        where = urlsplit(origin).netloc
+    except ValueError:
+        return True
+    return not where or where.lower() != (host or "").lower()

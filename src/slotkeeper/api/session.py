@@ -45,7 +45,7 @@ from slotkeeper import session as protocol
 from slotkeeper.api import errors
 from slotkeeper.api.fastroute import FastRoute
 from slotkeeper.api.hotpath import CARRIED, ROUTE_TEMPLATE, HotPaths
-from slotkeeper.api.middleware import authorized, basic_credentials
+from slotkeeper.api.middleware import authorized, basic_credentials, cross_origin
 from slotkeeper.api.responses import json_response
 from slotkeeper.settings import Settings
 from slotkeeper.storage import Storage
@@ -383,6 +383,10 @@ async def _deny(websocket: WebSocket, response: Response, code: int) -> None:
 async def session(websocket: WebSocket) -> None:
     """Serve one session until the client closes it or it is lost (see the module's doc)."""
     settings: Settings = websocket.app.state.settings
+    if cross_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
+        refused = {"detail": "Sessions are not opened from web pages of other sites.", "code": "cross_origin"}
+        await _deny(websocket, json_response(refused, 403), 1008)
+        return
     if not _authorized(websocket, settings):
         unauthorized = {"exception_message": "Unauthorized", "code": "unauthorized"}
         await _deny(websocket, json_response(unauthorized, 401), 1008)

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from slotkeeper.api.events import filter_bounds
+from slotkeeper.api.middleware import cross_origin
 from slotkeeper.errors import QueryTimeout
 from slotkeeper.events import filters
 from slotkeeper.events.broker import OVERFLOWED, OVERFLOWED_BYTES, Broker, Subscription
@@ -145,6 +146,10 @@ async def events_in(websocket: WebSocket) -> None:
     """Ingest events, one JSON event per text frame; an invalid one closes with 1007."""
     settings: Settings = websocket.app.state.settings
     store: EventStore = websocket.app.state.events
+    if cross_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
+        # A page of another site may not write events (and so take nothing in anyone's name).
+        await websocket.close(POLICY_VIOLATION, reason="Events are not sent from web pages of other sites")
+        return
     try:
         if not await accept(websocket, settings):
             return
