@@ -235,7 +235,9 @@ def calm(result: Result, argv: list[str], **context: Any) -> None:
     where = (argv, context, result.output[-2000:])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"an exception reached the user: {where}") from result.exception
-    assert result.exit_code in (0, 1, 2), where
+    # 130: Ctrl-C (only the streaming runs get one) that came before the command was streaming,
+    # typer's own answer to an interrupt, without a traceback (a loaded machine makes it likely).
+    assert result.exit_code in (0, 1, 2, 130), where
     assert "Traceback" not in result.output, where
     if result.exit_code == 1:
         assert result.stderr.strip(), where
