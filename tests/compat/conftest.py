@@ -210,30 +210,6 @@ def prefect_python(pytestconfig: pytest.Config) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return PREFECT_PYTHON
-    # Two sessions must not build the same virtualenv at once: lock the checkout's folder.
-    fd = os.open(REPO, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        found = _installed_versions(PREFECT_PYTHON)
-        if found != WANTED_VERSIONS:
-            announce(
-                pytestconfig,
-                f"{PREFECT_VENV} has {found or 'no usable Prefect'}; installing "
-                + " ".join(PREFECT_REQUIREMENTS),
-            )
-            problem = _install_prefect(pytestconfig)
-            found = _installed_versions(PREFECT_PYTHON)
-            if problem is None and found != WANTED_VERSIONS:
-                problem = f"after install, {PREFECT_VENV} has {found}, not {WANTED_VERSIONS}"
-            if problem is not None:
-                reason = f"cannot set up Prefect's client in {PREFECT_VENV}: {problem}"
-                if os.environ.get("CI"):
-                    pytest.fail(reason)
-                pytest.skip(reason)
-            announce(pytestconfig, f"{PREFECT_VENV} is ready ({found})")
-    finally:
-        os.close(fd)
-    return PREFECT_PYTHON
 
 
 # --- the slotkeeper server ------------------------------------------------------------------------
