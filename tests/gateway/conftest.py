@@ -127,9 +127,10 @@ class PrefectServer(ServerProcess):
         return read_events(self.http, event_filter, limit)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def upstream(prefect_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One Prefect server for the session (tests name their flows and limits uniquely)."""
+    """One Prefect server for these tests (they name their flows and limits uniquely), stopped when
+    they are done: an idle Prefect server keeps half a core busy, which the rest of the suite needs."""
     server = PrefectServer(tmp_path_factory.mktemp("prefect-upstream"))
     try:
         with server:
@@ -150,7 +151,7 @@ def running_gateway(
 
 @pytest.fixture(scope="module")
 def gateway(upstream: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The gateway in front of the session's upstream, one per module."""
+    """The gateway in front of the package's upstream, one per module."""
     with running_gateway(tmp_path_factory.mktemp("gateway-home"), upstream) as gw:
         yield gw
 
