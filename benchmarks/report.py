@@ -104,8 +104,8 @@ taken minutes apart under the same conditions; the median ratio and its range ac
 are the figures to quote. Each cell of a table is the median across rounds with the range
 (min-max) in brackets. Latencies are per request as the client sees them, including the time
 spent queued in the server. Prefect's server runs as its users start it (`prefect server
-start`, default settings apart from the variables listed below); slotkeeper runs under uvicorn
-with uvloop and httptools, as its own start command does.
+start`, default settings apart from the variables listed below); so does slotkeeper
+(`slotkeeper server start`: uvicorn with uvloop, httptools and its own protocol class).
 
 Under concurrent writes Prefect's server answers `503` (SQLite's "database is locked" after its
 busy timeout) and then drops the connection: in our runs every 503 was followed by exactly one

@@ -462,7 +462,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         meta["versions"][".venv"] = _versions_here(SLOTKEEPER_PACKAGES)
         if "slotkeeper-postgres" in keys:
             meta["versions"]["PostgreSQL server"] = {"postgresql": servers.postgres_version() or "?"}
-        count = max(max(mode.clients), mode.extra.events_clients)
+        # bench-0 .. bench-(count-1): one per client of pairs, per events client, per SDK holder.
+        count = max(max(mode.clients), mode.extra.events_clients, mode.extra.sdk_holders)
         # Prefect's server takes a while to boot: slotkeeper's scale steps run meanwhile, with
         # Prefect's server frozen while they measure (Context.quiet), as an idle server is.
         ctx.booting = [s for s in started if not s.key.startswith("slotkeeper")]

@@ -8,7 +8,7 @@ Usage::
                                       [--backend sqlite|postgres] [--json out.json]
 
 It starts slotkeeper (SQLite in a fresh home, or ``--backend postgres``: a fresh database;
-``uvicorn`` as ``benchmarks/servers.py`` starts it)
+``slotkeeper server start``, as ``benchmarks/servers.py`` starts it)
 and a ``redis-server`` (no persistence, on a free loopback port; the Redis variant is skipped with
 a message when ``redis-server`` is not installed), then measures each variant in turn, round
 after round, the order rotating every round and the other servers frozen (SIGSTOP):
@@ -225,9 +225,9 @@ def holders_main(args: argparse.Namespace) -> None:
 def start_nodb() -> servers.Server:
     """Start ``nodb_server.py`` (slotkeeper's app with no database) on a free port."""
     home = Path(servers.tempfile.mkdtemp(prefix="bench-nodb-"))
-    command = servers.slotkeeper_command(servers.free_port())
-    app = command.index("slotkeeper.api.app:create_app")
-    command[app : app + 1] = ["nodb_server:create", "--app-dir", str(Path(__file__).parent)]
+    command = servers.uvicorn_command(
+        "nodb_server:create", servers.free_port(), "--app-dir", str(Path(__file__).parent)
+    )
     return servers._spawn("nodb", command, servers._clean_env(SLOTKEEPER_HOME=str(home)), home, {})
 
 

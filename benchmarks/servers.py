@@ -249,14 +249,34 @@ def _spawn(key: str, command: list[str], env: dict[str, str], home: Path, shown:
 
 
 def slotkeeper_command(port: int) -> list[str]:
-    """The uvicorn command line that serves slotkeeper on ``port``."""
-    python = SLOTKEEPER_VENV / "bin" / "python"
+    """The command line that serves slotkeeper on ``port``: ``slotkeeper server start``, as its
+    users start it (uvicorn with uvloop, httptools and slotkeeper's own protocol class, which
+    sees a lost connection at once; graceful shutdown)."""
     return [
-        str(python if python.exists() else Path(sys.executable)),
+        _slotkeeper_python(),
+        "-m",
+        "slotkeeper.cli",
+        "server",
+        "start",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+
+
+def uvicorn_command(app: str, port: int, *options: str) -> list[str]:
+    """The uvicorn command line that serves the ASGI app factory ``app`` on ``port`` (uvloop,
+    httptools): for applications other than slotkeeper's own (``nodb_server.py``)."""
+    return [
+        _slotkeeper_python(),
         "-m",
         "uvicorn",
-        "slotkeeper.api.app:create_app",
+        app,
         "--factory",
+        *options,
         "--host",
         LOOPBACK,
         "--port",
@@ -269,6 +289,11 @@ def slotkeeper_command(port: int) -> list[str]:
         "--log-level",
         "warning",
     ]
+
+
+def _slotkeeper_python() -> str:
+    python = SLOTKEEPER_VENV / "bin" / "python"
+    return str(python if python.exists() else Path(sys.executable))
 
 
 def start_slotkeeper(key: str) -> Server:
