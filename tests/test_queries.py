@@ -38,14 +38,19 @@ TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
 ]
 
 
+#: Statements whose rows are a limit's columns (``q.LimitRow``, ``q.LIMIT_WIDTH`` of them), then
+#: those of another row type.
+AFTER_A_LIMIT: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
+    ("SELECT_LIMIT_STATES_BY_NAMES", q.LimitState, {"names": ["x"], "now": 0.0}),
+    ("SELECT_LEASE_LIMITS", q.LeaseLimit, {"id": ID}),
+]
+
+
 class _Rollback(Exception):
     pass
 
 
-@pytest.mark.parametrize(("statement", "row", "params"), TYPED, ids=[t[0] for t in TYPED])
-async def test_a_row_type_names_its_statements_columns(
-    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
-) -> None:
+async def _columns(storage: Storage, statement: str, params: dict[str, Any]) -> list[str]:
     seen: list[list[str]] = []
 
     def columns(tx: Tx) -> None:
@@ -55,4 +60,20 @@ async def test_a_row_type_names_its_statements_columns(
 
     with pytest.raises(_Rollback):
         await storage.backend.run(columns)
-    assert seen == [list(row._fields)]
+    return seen[0]
+
+
+@pytest.mark.parametrize(("statement", "row", "params"), TYPED, ids=[t[0] for t in TYPED])
+async def test_a_row_type_names_its_statements_columns(
+    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
+) -> None:
+    assert await _columns(storage, statement, params) == list(row._fields)
+
+
+@pytest.mark.parametrize(("statement", "row", "params"), AFTER_A_LIMIT, ids=[t[0] for t in AFTER_A_LIMIT])
+async def test_a_limit_then_a_row_type_name_the_columns(
+    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
+) -> None:
+    columns = await _columns(storage, statement, params)
+    assert columns[: q.LIMIT_WIDTH] == list(q.LimitRow._fields)
+    assert columns[q.LIMIT_WIDTH :] == list(row._fields)
