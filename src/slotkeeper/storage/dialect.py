@@ -31,14 +31,18 @@ class Dialect:
     for_update: str
     #: The next place in the waiters' arrival order (see ``schema.waiters``).
     next_waiter_sequence: str
-    _cache: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    _cache: dict[str, tuple[str, bool, bool]] = field(default_factory=dict)
 
-    def prepared(self, query: str) -> tuple[str, bool]:
-        """The statement as this backend's driver takes it, and whether it only :meth:`reads`:
-        both cached per statement, one lookup for what every statement needs."""
+    def prepared(self, query: str) -> tuple[str, bool, bool]:
+        """What every statement needs, cached per statement (one lookup): its text as this
+        backend's driver takes it, whether it only :meth:`reads`, and whether its parameters
+        go through :meth:`params` (on SQLite, only a statement that reads a list parameter
+        with ``json_each`` takes one: ``IN_LIST``, the event filters)."""
         known = self._cache.get(query)
         if known is None:
-            known = (self._expand(query), query.lstrip()[:6].upper() == "SELECT")
+            text = self._expand(query)
+            lists = self.name != "sqlite" or "json_each(:" in text
+            known = (text, query.lstrip()[:6].upper() == "SELECT", lists)
             if len(self._cache) < _CACHE_SIZE:  # statements built per filter shape are not kept
                 self._cache[query] = known
         return known
