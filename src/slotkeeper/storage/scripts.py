@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, RetryPolicy
@@ -162,4 +161,4 @@ class Scripts:
     def with_leased_now(self, tx: Tx, limits: Sequence[Limit], now: float) -> dict[str, Limit]:
         """These limits (read earlier in this transaction) by id, with their leased slots now."""
         sums = self.leased_sums(tx, [lim.id for lim in limits], now)
-        return {lim.id: replace(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}
+        return {lim.id: domain.evolve(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}
