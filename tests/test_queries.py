@@ -6,7 +6,8 @@ rolled back; the driver's column names must be the row type's field names.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import collections
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -15,6 +16,15 @@ from slotkeeper.storage import queries as q
 from slotkeeper.storage.tx import Tx
 
 ID = "00000000-0000-0000-0000-000000000000"
+
+
+def after_a_limit(row: type[NamedTuple]) -> type[NamedTuple]:
+    """The row type of a statement that reads a limit's columns (as ``q.LimitRow``, the first
+    ``q.LIMIT_WIDTH``), then those of ``row``."""
+    fields = [*q.LimitRow._fields, *row._fields]
+    return cast(type[NamedTuple], collections.namedtuple(row.__name__, fields))
+
+
 #: Every statement whose rows scripts read by column name, with that row type and parameters.
 TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
     ("SELECT_LIMIT_BY_ID", q.LimitRow, {"key": ID}),
@@ -22,6 +32,8 @@ TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
     ("SELECT_LIMITS_BY_NAMES", q.LimitRow, {"names": ["x"]}),
     ("SELECT_LIMITS_BY_IDS", q.LimitRow, {"ids": [ID]}),
     ("SELECT_LIMITS_OF_LEASE", q.LimitRow, {"id": ID}),
+    ("SELECT_LIMIT_STATES_BY_NAMES", after_a_limit(q.LimitState), {"names": ["x"], "now": 0.0}),
+    ("SELECT_LEASE_LIMITS", after_a_limit(q.LeaseLimit), {"id": ID}),
     ("SELECT_LIMITS_PAGE", q.LimitRow, {"limit": 1, "offset": 0}),
     ("SELECT_LIMITS_PAGE_WITH_PREFIX", q.LimitRow, {"prefix": "tag:", "limit": 1, "offset": 0}),
     ("PEEK_LIMIT_BY_ID", q.LimitRow, {"key": ID}),
@@ -38,19 +50,14 @@ TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
 ]
 
 
-#: Statements whose rows are a limit's columns (``q.LimitRow``, ``q.LIMIT_WIDTH`` of them), then
-#: those of another row type.
-AFTER_A_LIMIT: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
-    ("SELECT_LIMIT_STATES_BY_NAMES", q.LimitState, {"names": ["x"], "now": 0.0}),
-    ("SELECT_LEASE_LIMITS", q.LeaseLimit, {"id": ID}),
-]
-
-
 class _Rollback(Exception):
     pass
 
 
-async def _columns(storage: Storage, statement: str, params: dict[str, Any]) -> list[str]:
+@pytest.mark.parametrize(("statement", "row", "params"), TYPED, ids=[t[0] for t in TYPED])
+async def test_a_row_type_names_its_statements_columns(
+    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
+) -> None:
     seen: list[list[str]] = []
 
     def columns(tx: Tx) -> None:
@@ -60,20 +67,4 @@ async def _columns(storage: Storage, statement: str, params: dict[str, Any]) -> 
 
     with pytest.raises(_Rollback):
         await storage.backend.run(columns)
-    return seen[0]
-
-
-@pytest.mark.parametrize(("statement", "row", "params"), TYPED, ids=[t[0] for t in TYPED])
-async def test_a_row_type_names_its_statements_columns(
-    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
-) -> None:
-    assert await _columns(storage, statement, params) == list(row._fields)
-
-
-@pytest.mark.parametrize(("statement", "row", "params"), AFTER_A_LIMIT, ids=[t[0] for t in AFTER_A_LIMIT])
-async def test_a_limit_then_a_row_type_name_the_columns(
-    storage: Storage, statement: str, row: type[NamedTuple], params: dict[str, Any]
-) -> None:
-    columns = await _columns(storage, statement, params)
-    assert columns[: q.LIMIT_WIDTH] == list(q.LimitRow._fields)
-    assert columns[q.LIMIT_WIDTH :] == list(row._fields)
+    assert seen == [list(row._fields)]
