@@ -6,7 +6,8 @@ rolled back; the driver's column names must be the row type's field names.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import collections
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -15,6 +16,15 @@ from slotkeeper.storage import queries as q
 from slotkeeper.storage.tx import Tx
 
 ID = "00000000-0000-0000-0000-000000000000"
+
+
+def after_a_limit(row: type[NamedTuple]) -> type[NamedTuple]:
+    """The row type of a statement that reads a limit's columns (as ``q.LimitRow``, the first
+    ``q.LIMIT_WIDTH``), then those of ``row``."""
+    fields = [*q.LimitRow._fields, *row._fields]
+    return cast(type[NamedTuple], collections.namedtuple(row.__name__, fields))
+
+
 #: Every statement whose rows scripts read by column name, with that row type and parameters.
 TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
     ("SELECT_LIMIT_BY_ID", q.LimitRow, {"key": ID}),
@@ -22,6 +32,8 @@ TYPED: list[tuple[str, type[NamedTuple], dict[str, Any]]] = [
     ("SELECT_LIMITS_BY_NAMES", q.LimitRow, {"names": ["x"]}),
     ("SELECT_LIMITS_BY_IDS", q.LimitRow, {"ids": [ID]}),
     ("SELECT_LIMITS_OF_LEASE", q.LimitRow, {"id": ID}),
+    ("SELECT_LIMIT_STATES_BY_NAMES", after_a_limit(q.LimitState), {"names": ["x"], "now": 0.0}),
+    ("SELECT_LEASE_LIMITS", after_a_limit(q.LeaseLimit), {"id": ID}),
     ("SELECT_LIMITS_PAGE", q.LimitRow, {"limit": 1, "offset": 0}),
     ("SELECT_LIMITS_PAGE_WITH_PREFIX", q.LimitRow, {"prefix": "tag:", "limit": 1, "offset": 0}),
     ("PEEK_LIMIT_BY_ID", q.LimitRow, {"key": ID}),

@@ -61,13 +61,16 @@ def slot_event(
     holder: Holder | None = None,
     follows: str | None = None,
     payload: dict[str, object] | None = None,
+    received: float | None = None,
+    cause: str | None = None,
 ) -> EventRecord:
     """An acquired or released event for one limit of a batch.
 
     ``batch`` is the ids of every limit of the same acquisition; each other one becomes a related
     resource with role ``concurrency-limit``. The holder, when known, is related too. ``payload``
     is empty (as Prefect's) unless the server has something to add: :func:`waited_payload`,
-    :func:`ended_payload`.
+    :func:`ended_payload`. ``received`` is ``occurred`` unless given; ``cause``: see
+    ``EventRecord.cause``.
     """
     related = [
         {"prefect.resource.id": limit_resource_id(other), "prefect.resource.role": "concurrency-limit"}
@@ -89,7 +92,8 @@ def slot_event(
         related=related,
         payload=payload or {},
         follows=follows,
-        received=occurred,
+        received=occurred if received is None else received,
+        cause=cause,
     )
 
 
@@ -131,11 +135,14 @@ def v1_slot_event(
     task_run_id: str,
     follows: str | None = None,
     payload: dict[str, object] | None = None,
+    received: float | None = None,
+    cause: str | None = None,
 ) -> EventRecord:
     """A v1 acquired or released event for one tag limit of a v1 hold (one slot each).
 
     The resource is named by the tag (the limit name without ``tag:``), as Prefect's v1 client
     names it; each other limit of the same increment is related with role ``concurrency-limit``.
+    ``received`` and ``cause`` as in :func:`slot_event`.
     """
     related = [
         {"prefect.resource.id": v1_limit_resource_id(other), "prefect.resource.role": "concurrency-limit"}
@@ -155,7 +162,8 @@ def v1_slot_event(
         related=related,
         payload=payload or {},
         follows=follows,
-        received=occurred,
+        received=occurred if received is None else received,
+        cause=cause,
     )
 
 
@@ -169,9 +177,12 @@ def released_event(
     holder: Holder | None,
     follows: str | None,
     reason: str | None = None,
+    received: float | None = None,
+    cause: str | None = None,
 ) -> EventRecord:
     """The released event of one grant of a lease of this ``kind`` (v1 holds get the v1 event);
-    ``reason`` says why the lease ended when its holder did not end it (:data:`OPERATOR`)."""
+    ``reason`` says why the lease ended when its holder did not end it (:data:`OPERATOR`).
+    ``received`` and ``cause`` as in :func:`slot_event`."""
     if kind == V1_HOLD:
         return v1_slot_event(
             V1_RELEASED,
@@ -181,6 +192,8 @@ def released_event(
             task_run_id=holder.id if holder else "",
             follows=follows,
             payload=ended_payload(reason),
+            received=received,
+            cause=cause,
         )
     return slot_event(
         RELEASED,
@@ -191,6 +204,8 @@ def released_event(
         holder=holder,
         follows=follows,
         payload=ended_payload(reason),
+        received=received,
+        cause=cause,
     )
 
 

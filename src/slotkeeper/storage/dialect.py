@@ -31,27 +31,30 @@ class Dialect:
     for_update: str
     #: The next place in the waiters' arrival order (see ``schema.waiters``).
     next_waiter_sequence: str
-    _cache: dict[str, str] = field(default_factory=dict)
-    _reads: dict[str, bool] = field(default_factory=dict)
+    _cache: dict[str, tuple[str, bool, bool]] = field(default_factory=dict)
+
+    def prepared(self, query: str) -> tuple[str, bool, bool]:
+        """What every statement needs, cached per statement (one lookup): its text as this
+        backend's driver takes it, whether it only :meth:`reads`, and whether its parameters
+        go through :meth:`params` (on SQLite, only a statement that reads a list parameter
+        with ``json_each`` takes one: ``IN_LIST``, the event filters)."""
+        known = self._cache.get(query)
+        if known is None:
+            text = self._expand(query)
+            lists = self.name != "sqlite" or "json_each(:" in text
+            known = (text, query.lstrip()[:6].upper() == "SELECT", lists)
+            if len(self._cache) < _CACHE_SIZE:  # statements built per filter shape are not kept
+                self._cache[query] = known
+        return known
 
     def sql(self, query: str) -> str:
         """The statement as this backend's driver takes it (cached per statement)."""
-        text = self._cache.get(query)
-        if text is None:
-            text = self._expand(query)
-            if len(self._cache) < _CACHE_SIZE:  # statements built per filter shape are not kept
-                self._cache[query] = text
-        return text
+        return self.prepared(query)[0]
 
     def reads(self, query: str) -> bool:
         """Whether the statement only reads (a SELECT, row locks included): it changes nothing
         a rollback would have to undo."""
-        known = self._reads.get(query)
-        if known is None:
-            known = query.lstrip()[:6].upper() == "SELECT"
-            if len(self._reads) < _CACHE_SIZE:
-                self._reads[query] = known
-        return known
+        return self.prepared(query)[1]
 
     def _expand(self, query: str) -> str:
         text = query.replace("FOR_UPDATE", self.for_update)

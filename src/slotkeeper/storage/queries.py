@@ -53,6 +53,53 @@ SELECT_LIMITS_BY_IDS = f"""
 SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN_LIST(ids) ORDER BY id FOR_UPDATE
 """
 
+
+#: The columns of a limit lead the rows of the statements that read more with it
+#: (``row[:LIMIT_WIDTH]`` is a :class:`LimitRow`, the rest one of the row types below).
+LIMIT_WIDTH = len(LimitRow._fields)
+
+
+class LimitState(NamedTuple):
+    """What ``SELECT_LIMIT_STATES_BY_NAMES`` reads after a limit's columns: the slots its live
+    leases hold and the slots its queued waiters wait for (NULL: none)."""
+
+    leased_slots: int | None
+    queued_slots: int | None
+
+
+#: The one writer's (SQLite's) acquisition read: the named limits with their leased slots at
+#: ``now`` and their queued slots, in one statement instead of three (``SELECT_LIMITS_BY_NAMES``,
+#: ``SELECT_QUEUED_SLOTS_BY_NAMES``, ``SELECT_LEASED_SLOTS``). It needs ``now`` before it runs,
+#: which only a backend that runs one transaction at a time may read before the locks.
+SELECT_LIMIT_STATES_BY_NAMES = f"""
+SELECT {LIMIT_COLUMNS},
+    (SELECT SUM(g.slots) FROM grants g JOIN leases l ON l.id = g.lease_id
+     WHERE g.limit_id = limits.id AND l.expires > :now) AS leased_slots,
+    (SELECT SUM(w.slots) FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+     WHERE wl.limit_id = limits.id AND w.lease_id IS NULL) AS queued_slots
+FROM limits WHERE name IN_LIST(names) ORDER BY id FOR_UPDATE
+"""
+
+
+class LeaseLimit(NamedTuple):
+    """What ``SELECT_LEASE_LIMITS`` reads after the columns of a limit a lease holds: the
+    acquired event of the lease's grant on it, and whether any waiter is queued on it."""
+
+    acquired_event_id: str | None
+    queued: bool
+
+
+#: The one writer's (SQLite's) release read: the limits a lease holds, each with its grant's
+#: acquired event and whether its queue has anyone, in one statement instead of three
+#: (``SELECT_LIMITS_OF_LEASE``, ``SELECT_LEASE_GRANTS``, and the queue, read only when someone
+#: is queued). It takes no row lock: only for a backend that runs one transaction at a time.
+SELECT_LEASE_LIMITS = f"""
+SELECT {", ".join("m." + c for c in LimitRow._fields)}, g.acquired_event_id,
+    EXISTS (SELECT 1 FROM waiter_limits wl JOIN waiters w ON w.id = wl.waiter_id
+            WHERE wl.limit_id = m.id AND w.lease_id IS NULL) AS queued
+FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id ORDER BY m.id
+"""
+
 #: The limits a lease holds, locked (what releasing or renewing it changes).
 SELECT_LIMITS_OF_LEASE = f"""
 SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM grants WHERE lease_id = :id)

@@ -145,7 +145,7 @@ class QueueScripts:
                 tx, decision, waiter.slots, Mode.CONCURRENCY, lease, now, waited=now - r.enqueued
             )
             for lim in granted.limits:
-                limits[lim.id] = replace(
+                limits[lim.id] = domain.evolve(
                     lim, leased_slots=lim.leased_slots + decision.grant_slots.get(lim.id, 0)
                 )
             self.settle(tx, waiter.id, replace(granted, admitted=now))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from slotkeeper import domain
 from slotkeeper.domain import Limit, RetryPolicy
@@ -111,24 +110,34 @@ class Scripts:
         unique = list(dict.fromkeys(names))
         if not unique:
             return [], self.clock(), {}
+        if self.one_writer:
+            # One transaction at a time: nothing can change between reading ``now`` and the
+            # rows, so the limits, their leased sums at ``now`` and their queues come in one
+            # statement (a third of the statements' cost and Python of the three reads).
+            now = self.clock()
+            states = tx.all(q.SELECT_LIMIT_STATES_BY_NAMES, {"names": unique, "now": now})
+            by_name: dict[str, Limit] = {}
+            queued_slots: dict[str, int] = {}
+            for row in states:
+                r, state = q.LimitRow._make(row[: q.LIMIT_WIDTH]), q.LimitState._make(row[q.LIMIT_WIDTH :])
+                by_name[r.name] = limit_from(r, int(state.leased_slots or 0))
+                if state.queued_slots is not None:
+                    queued_slots[r.id] = state.queued_slots
+            return [by_name[n] for n in unique if n in by_name], now, queued_slots if queue else {}
         locking = tx.all_later(q.SELECT_LIMITS_BY_NAMES, {"names": unique})
         queued = tx.all_later(q.SELECT_QUEUED_SLOTS_BY_NAMES, {"names": unique}) if queue else None
         since = self.clock()
-        near = (
-            None
-            if self.one_writer  # nothing to save: SQLite's statements cost no round trip
-            else tx.all_later(
-                q.SELECT_LEASED_SLOTS_NEAR_BY_NAMES,
-                {"names": unique, "since": since, "horizon": since + LEASED_HORIZON_SECONDS},
-            )
+        near = tx.all_later(
+            q.SELECT_LEASED_SLOTS_NEAR_BY_NAMES,
+            {"names": unique, "since": since, "horizon": since + LEASED_HORIZON_SECONDS},
         )
         rows = locking()
         now = self.clock()
-        if near is not None and since <= now <= since + LEASED_HORIZON_SECONDS:
+        if since <= now <= since + LEASED_HORIZON_SECONDS:
             typed = limit_rows(rows)
             sums = leased_at(near(), now)
             limits = [limit_from(r, sums.get(r.id, 0)) for r in typed]
-        else:  # SQLite; or the locks took longer than the horizon: read the sums again
+        else:  # the locks took longer than the horizon: read the sums again
             limits = self.with_leased(tx, rows, now)
         by_name = {lim.name: lim for lim in limits}
         found = [by_name[n] for n in unique if n in by_name]
@@ -152,4 +161,4 @@ class Scripts:
     def with_leased_now(self, tx: Tx, limits: Sequence[Limit], now: float) -> dict[str, Limit]:
         """These limits (read earlier in this transaction) by id, with their leased slots now."""
         sums = self.leased_sums(tx, [lim.id for lim in limits], now)
-        return {lim.id: replace(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}
+        return {lim.id: domain.evolve(lim, leased_slots=sums.get(lim.id, 0)) for lim in limits}

@@ -10,8 +10,7 @@ queue before any newcomer can see them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from slotkeeper import domain
@@ -93,7 +92,7 @@ class SlotScripts:
         if lease is None and mode is Mode.CONCURRENCY:
             # Unleased slots: a later plain decrement's released event follows this one.
             written = [
-                replace(lim, pool_event_id=event.id)
+                domain.evolve(lim, pool_event_id=event.id)
                 for lim, event in zip(decision.limits, acquired, strict=True)
             ]
         self.write_acquired(tx, written, acquired, now)
@@ -191,33 +190,57 @@ class SlotScripts:
         admission on its limits. False if it was already gone (or, ``expired_only``, the
         reaper's case, if it has not expired). ``cause``: who ends it (the released events'
         ``cause``; ``builders.EXPIRY`` for the reaper)."""
-        # Sent together, so that a release waits for one round trip before its writes; they run
-        # in this order. The lease row is deleted once its limit rows are locked, as always, and
-        # the queue of those limits is read before the deletion takes the grants along.
-        locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
-        acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
-        queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
+        limits: list[Limit]
+        grants: dict[str, str | None]
+        queue: Callable[[], list[Row]]
         deleted: Row | None
-        if expired_only:
-            # The reaper: whether the lease has expired depends on ``now``, read after the locks.
-            locked = locking()
+        if self.s.one_writer:
+            # One transaction at a time (SQLite): the limits, their grants' acquired events and
+            # whether anyone is queued on them in one statement; the queue itself only then.
+            of_lease = [
+                (limit_from(q.LimitRow._make(r[: q.LIMIT_WIDTH]), 0), q.LeaseLimit._make(r[q.LIMIT_WIDTH :]))
+                for r in tx.all(q.SELECT_LEASE_LIMITS, {"id": lease_id})
+            ]
+            limits = [lim for lim, _ in of_lease]
+            grants = {lim.id: held.acquired_event_id for lim, held in of_lease}
+            queue = (
+                tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
+                if any(held.queued for _, held in of_lease)
+                else list
+            )
             now = self.s.clock()
-            deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
+            if expired_only:
+                deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
+            else:
+                deleted = tx.one(q.DELETE_LEASE, {"id": lease_id})
         else:
-            deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
-            locked = locking()
-            now = self.s.clock()
-            deleted = next(iter(deleting()), None)
+            # Sent together, so that a release waits for one round trip before its writes; they
+            # run in this order. The lease row is deleted once its limit rows are locked, as
+            # always, and the queue of those limits is read before the deletion takes the grants
+            # along.
+            locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+            acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+            queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
+            if expired_only:
+                # The reaper: whether the lease has expired depends on ``now``, read after the locks.
+                locked = locking()
+                now = self.s.clock()
+                deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
+            else:
+                deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
+                locked = locking()
+                now = self.s.clock()
+                deleted = next(iter(deleting()), None)
+            limits = [limit_from(r, 0) for r in limit_rows(locked)]
+            grants = dict(acquired())
         if deleted is None:
             return False
-        limits = [limit_from(r, 0) for r in limit_rows(locked)]
-        grants: dict[str, str] = dict(acquired())
         ended_lease = q.EndedLeaseRow._make(deleted)
         ended = min(now, ended_lease.expires)  # an expired lease gave its slots back at its expiry
         held = ended - ended_lease.created
         if held > 0:
             limits = [
-                replace(
+                domain.evolve(
                     lim,
                     avg_slot_occupancy_seconds=domain.next_avg_occupancy(
                         lim.avg_slot_occupancy_seconds, held, ended_lease.slots, lim.limit
@@ -235,22 +258,22 @@ class SlotScripts:
         batch = [lim.id for lim in limits]
         # ``occurred`` is when the slots came back (the expiry, for a reaped lease); ``received``
         # is when the server recorded it, so it never precedes the event's existence.
+        reason = cause if cause in builders.STATED_CAUSES else None
+        ended_by = builders.EXPIRY if expired_only else cause
         write_events(
             tx,
             [
-                replace(
-                    builders.released_event(
-                        ended_lease.kind,
-                        lim,
-                        slots=ended_lease.slots,
-                        batch=batch,
-                        occurred=ended,
-                        holder=holder,
-                        follows=grants.get(lim.id),
-                        reason=cause if cause in builders.STATED_CAUSES else None,
-                    ),
+                builders.released_event(
+                    ended_lease.kind,
+                    lim,
+                    slots=ended_lease.slots,
+                    batch=batch,
+                    occurred=ended,
+                    holder=holder,
+                    follows=grants.get(lim.id),
+                    reason=reason,
                     received=now,
-                    cause=builders.EXPIRY if expired_only else cause,
+                    cause=ended_by,
                 )
                 for lim in limits
             ],

@@ -116,17 +116,19 @@ class Tx:
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""
-        if not self._dialect.reads(query):
+        text, reads, lists = self._dialect.prepared(query)
+        if not reads:
             self.writes += 1
-        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        self._cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
         row: Row | None = self._cursor.fetchone()
         return row
 
     def all(self, query: str, params: Params | None = None) -> list[Row]:
         """Run a statement and return every row."""
-        if not self._dialect.reads(query):
+        text, reads, lists = self._dialect.prepared(query)
+        if not reads:
             self.writes += 1
-        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        self._cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
         rows: list[Row] = self._cursor.fetchall()
         return rows
 
@@ -141,10 +143,11 @@ class Tx:
         if self._pipeline is None:
             rows = self.all(query, params)
             return lambda: rows
-        if not self._dialect.reads(query):
+        text, reads, lists = self._dialect.prepared(query)
+        if not reads:
             self.writes += 1
         cursor = self._cursor.connection.cursor()
-        cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
         fetch: Callable[[], list[Row]] = cursor.fetchall
         return fetch
 
@@ -160,18 +163,25 @@ class Tx:
         statement whose failure the script handles (use :meth:`write_now`).
         """
         self.writes += 1
-        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        text, _, lists = self._dialect.prepared(query)
+        self._cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
 
     def write_many(self, query: str, rows: Iterable[Params]) -> None:
         """Run one statement for each parameter set; pipelined on PostgreSQL (see :meth:`write`)."""
         self.writes += 1
-        self._cursor.executemany(self._dialect.sql(query), [self._dialect.params(r) for r in rows])
+        text, _, lists = self._dialect.prepared(query)
+        params = [self._dialect.params(r) for r in rows] if lists else list(rows)
+        if len(params) == 1:  # most writes are of one limit: ``execute`` costs less for one row
+            self._cursor.execute(text, params[0])
+        else:
+            self._cursor.executemany(text, params)
 
     def write_now(self, query: str, params: Params | None = None) -> int:
         """Run a statement and wait for it: return how many rows it changed; its error (such as
         :attr:`integrity_error`) raises here, where the script can handle it."""
         self.writes += 1
-        self._cursor.execute(self._dialect.sql(query), self._dialect.params(params or {}))
+        text, _, lists = self._dialect.prepared(query)
+        self._cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
         if self._pipeline is not None:
             self._pipeline.sync()  # the row count comes back with the statement's result
         count: int = self._cursor.rowcount
