@@ -26,12 +26,47 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from slotkeeper.errors import StorageClosed
 from slotkeeper.storage.tx import Tx
 
 T = TypeVar("T")
+R = TypeVar("R", bound="SentReads")
+
+
+class SentReads(Protocol):
+    """What the first half of a :class:`TwoHalves` operation sent: its locks and reads."""
+
+    def locked_ids(self) -> set[str]:
+        """The limits they lock (waits for their rows)."""
+        ...
+
+    def admits(self) -> bool:
+        """Whether the second half may lock or change limits other than those (admission)."""
+        ...
+
+    def refresh(self, tx: Tx) -> None:
+        """Send the reads again, behind every statement sent so far."""
+        ...
+
+
+class TwoHalves(Generic[R, T]):
+    """An operation in two halves: ``send`` sends its locks and reads and waits for nothing;
+    ``finish`` waits for their rows, decides and writes. Called whole it is a plain transaction
+    script (SQLite, an operation alone). A PostgreSQL group sends the first halves of several
+    such operations before it finishes any, so that they share one round trip
+    (``postgres._attempt_group``)."""
+
+    __slots__ = ("finish", "send")
+
+    def __init__(self, send: Callable[[Tx], R], finish: Callable[[Tx, R], T]) -> None:
+        self.send = send
+        self.finish = finish
+
+    def __call__(self, tx: Tx) -> T:
+        return self.finish(tx, self.send(tx))
+
 
 #: One operation: a transaction script.
 Op = Callable[[Tx], Any]

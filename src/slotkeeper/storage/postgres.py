@@ -40,7 +40,7 @@ from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
 from slotkeeper.storage.dialect import POSTGRES
-from slotkeeper.storage.groups import GroupQueue, Op, Outcome
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome, TwoHalves
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 from slotkeeper.supervisor import Supervisor
 
@@ -396,21 +396,17 @@ def _attempt_group(
         # The group's server-written events are inserted together before its COMMIT, one
         # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
         tx = Tx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True, outbox=outbox)
-        for op in ops:
-            mark, writes = tx.mark(), tx.writes
-            try:
-                result = op(tx)
-            except psycopg.Error:
-                raise
-            except Exception as exc:
-                if tx.writes != writes:
-                    raise Ungroupable("an operation failed after writing") from exc
-                tx.rollback_to(mark)
-                outcomes.append((False, exc))
-            else:
-                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                    raise Ungroupable("an operation handled a database error")
-                outcomes.append((True, result))
+        start = 0
+        while start < len(ops):
+            end = start
+            while end < len(ops) and isinstance(ops[end], TwoHalves):
+                end += 1
+            if end == start:
+                outcomes.append(_finish_in_group(conn, tx, ops[start], None, 0))
+                start += 1
+                continue
+            _run_batch(conn, tx, ops[start:end], outcomes)
+            start = end
         tx.flush()
         commit = tx.committed()
         if commit is not None and (commit.events or commit.woken):
@@ -418,6 +414,70 @@ def _attempt_group(
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined statement: then nothing was committed
     return outcomes, commit
+
+
+def _run_batch(conn: psycopg.Connection[Any], tx: Tx, batch: list[Op], outcomes: list[Outcome]) -> None:
+    """Run consecutive :class:`TwoHalves` operations of a group with their reads batched.
+
+    Every operation's first half (its locks and reads) is sent before any is finished: the
+    group waits for them all in one round trip instead of one per operation. The statements
+    still run in the order they were sent, so an operation's reads ran before the writes of the
+    operations before it in the batch. That changes nothing for one whose limits none of those
+    touched (its locks keep every other transaction out, and rows of other limits are not what
+    it decides on); one whose locked limits an earlier operation of the batch locked too, or
+    that follows one that may have changed other limits (admission), sends its reads again
+    behind those writes (``refresh``; its locks are held already, so this costs one round trip
+    and no wait) before it decides: every decision is made on rows that include every earlier
+    write of the group, as when the operations ran one after the other.
+    """
+    sent: list[tuple[Op, Any, int]] = []
+    for op in batch:
+        assert isinstance(op, TwoHalves)
+        writes = tx.writes
+        try:
+            reads = op.send(tx)
+        except psycopg.Error:
+            raise
+        except Exception as exc:
+            if tx.writes != writes:
+                raise Ungroupable("an operation failed after writing") from exc
+            sent.append((op, exc, 0))
+            continue
+        sent.append((op, reads, tx.writes - writes))
+    touched: set[str] = set()
+    stale = False  # an earlier operation may have changed limits it did not lock first
+    for op, reads, first_writes in sent:
+        if isinstance(reads, Exception):
+            outcomes.append((False, reads))
+            continue
+        try:
+            locked = reads.locked_ids()  # the first of these waits for the whole batch's reads
+        except psycopg.Error:
+            raise
+        if stale or locked & touched:
+            reads.refresh(tx)
+        touched |= locked
+        outcomes.append(_finish_in_group(conn, tx, op, reads, first_writes))
+        stale = stale or reads.admits()
+
+
+def _finish_in_group(conn: psycopg.Connection[Any], tx: Tx, op: Op, reads: Any, first_writes: int) -> Outcome:
+    """Run one operation of a group (``op``, or the second half of a :class:`TwoHalves` with
+    ``reads``, its first half's, which wrote ``first_writes`` statements): its outcome. One
+    that raises having written nothing fails alone (what it published is dropped)."""
+    mark, writes = tx.mark(), tx.writes
+    try:
+        result = op(tx) if reads is None else op.finish(tx, reads)  # type: ignore[attr-defined]
+    except psycopg.Error:
+        raise
+    except Exception as exc:
+        if tx.writes != writes or first_writes:
+            raise Ungroupable("an operation failed after writing") from exc
+        tx.rollback_to(mark)
+        return False, exc
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        raise Ungroupable("an operation handled a database error")
+    return True, result
 
 
 def _outcome(call: Callable[[Op], Any], op: Op) -> Outcome:
