@@ -43,8 +43,23 @@ async def _run(
     from slotkeeper.storage import migrate, open_storage
 
     await asyncio.to_thread(migrate, url)
-    storage = open_storage(url)
+    if args.lanes and url.startswith("postgresql"):
+        from slotkeeper.storage.core import Storage
+        from slotkeeper.storage.postgres import PostgresBackend
+
+        storage = Storage(PostgresBackend(url, pool_size=8, lanes=args.lanes))
+    else:
+        storage = open_storage(url)
     counter = [0]
+    grouped = [0, 0]  # groups, operations in them (PostgreSQL)
+
+    def on_group(size: int) -> None:
+        grouped[0] += 1
+        grouped[1] += size
+
+    groups = getattr(storage.backend, "groups", None)
+    if groups is not None:
+        groups.on_group = on_group
     stop = asyncio.Event()
     results: list[dict[str, float]] = []
     try:
@@ -63,6 +78,7 @@ async def _run(
         await asyncio.sleep(args.warmup)
         for _ in range(args.rounds):
             pids = await asyncio.to_thread(_backends, admin, database) if database else []
+            start_groups = list(grouped)
             start_pairs, start_wall, start_cpu = counter[0], time.monotonic(), time.process_time()
             start_db = _cpu_of(pids)
             await asyncio.sleep(args.duration)
@@ -75,11 +91,13 @@ async def _run(
                 "cpu_us": cpu / max(pairs, 1) * 1e6,
                 "db_us": db / max(pairs, 1) * 1e6,
                 "cores": cpu / wall,
+                "group": (grouped[1] - start_groups[1]) / max(grouped[0] - start_groups[0], 1),
             }
             results.append(row)
             print(
                 f"pairs/s {row['pairs_s']:.0f}  slotkeeper CPU/pair {row['cpu_us']:.0f} us "
-                f"({row['cores']:.2f} cores)  database CPU/pair {row['db_us']:.0f} us",
+                f"({row['cores']:.2f} cores)  database CPU/pair {row['db_us']:.0f} us  "
+                f"operations per group {row['group']:.1f}",
                 flush=True,
             )
         stop.set()
@@ -108,6 +126,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--lanes", type=int, default=0, help="PostgreSQL: lanes of the group queue (default: the pool size)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -133,8 +154,8 @@ def main() -> None:
         finally:
             with psycopg.connect(admin, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    keys = ["pairs_s", "cpu_us", "db_us"]
-    print("median: " + "  ".join(f"{k} {statistics.median(r[k] for r in results):.0f}" for k in keys))
+    keys = ["pairs_s", "cpu_us", "db_us", "group"]
+    print("median: " + "  ".join(f"{k} {statistics.median(r[k] for r in results):.1f}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ import pytest
 from slotkeeper.errors import NotFound, SlotsUnavailable
 from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
 from slotkeeper.storage import open_storage
+from slotkeeper.storage import queries as q
 from slotkeeper.storage.core import Storage
+from slotkeeper.storage.dialect import POSTGRES
 from slotkeeper.storage.groups import GroupQueue, Op, Outcome, TwoHalves
-from slotkeeper.storage.postgres import PostgresBackend
+from slotkeeper.storage.postgres import PgTx, PostgresBackend, _merged_insert
 from slotkeeper.storage.tx import Tx
 from tests.conftest import truncate_postgres
 
@@ -591,3 +593,46 @@ async def test_a_batched_operation_that_fails_alone_or_after_its_first_half_wrot
     assert outcomes[0] == "ok" and isinstance(outcomes[1], NotFound)
     assert runs == {"ok": 3, "refused": 1, "wrote": 2}  # the group, then each alone
     assert _rows(postgres_url, table) == [1, 2]
+
+
+class RecordingCursor:
+    """A cursor that records what is sent through it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def execute(self, query: str, params: Any = None) -> None:
+        self.sent.append(("execute", query, params))
+
+    def executemany(self, query: str, params: Any) -> None:
+        self.sent.append(("executemany", query, list(params)))
+
+
+def test_several_rows_of_one_insert_are_one_statement() -> None:
+    """A group's events (``Tx.flush``) go in one multi-row INSERT per table, not one per row."""
+    cursor = RecordingCursor()
+    tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
+    rows = [{"waiter_id": f"w{i}", "limit_id": "l", "position": i} for i in range(3)]
+    tx.write_many(q.INSERT_WAITER_LIMIT, rows)
+    tx.write_many(q.INSERT_WAITER_LIMIT, rows[:1])  # one row: as before
+    tx.write_many(q.UPDATE_LIMIT_AVG, [{"id": "a", "avg": 1.0}, {"id": "b", "avg": 2.0}])  # not an insert
+    merged, single, update = cursor.sent
+    assert merged[0] == "execute" and merged[1].count("(%s, %s, %s)") == 3
+    assert merged[2] == ["w0", "l", 0, "w1", "l", 1, "w2", "l", 2]
+    assert single[0] == "executemany" and update[0] == "executemany" and len(update[2]) == 2
+    assert tx.writes == 3
+    for query in (q.INSERT_EVENT, q.INSERT_EVENT_RESOURCE, q.INSERT_OUTBOX):
+        assert _merged_insert(POSTGRES.sql(query)) is not None
+    assert _merged_insert(POSTGRES.sql(q.INSERT_WAITER)) is None  # a row with more than parameters
+    assert _merged_insert(POSTGRES.sql(q.INSERT_EVENT_IF_NEW)) is None  # ON CONFLICT ... RETURNING
+
+
+@pytest.mark.postgres
+async def test_a_multi_row_insert_stores_every_row(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    def insert(tx: Tx) -> None:
+        tx.write_many(f"INSERT INTO {table} (x) VALUES (:x)", [{"x": x} for x in (3, 1, 2)])
+
+    await backend.run(insert)
+    assert _rows(postgres_url, table) == [1, 2, 3]
