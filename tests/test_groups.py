@@ -607,6 +607,9 @@ class RecordingCursor:
     def executemany(self, query: str, params: Any) -> None:
         self.sent.append(("executemany", query, list(params)))
 
+    def fetchall(self) -> list[Any]:
+        return []
+
 
 def test_several_rows_of_one_insert_are_one_statement() -> None:
     """A group's events (``Tx.flush``) go in one multi-row INSERT per table, not one per row."""
@@ -614,17 +617,55 @@ def test_several_rows_of_one_insert_are_one_statement() -> None:
     tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
     rows = [{"waiter_id": f"w{i}", "limit_id": "l", "position": i} for i in range(3)]
     tx.write_many(q.INSERT_WAITER_LIMIT, rows)
-    tx.write_many(q.INSERT_WAITER_LIMIT, rows[:1])  # one row: as before
-    tx.write_many(q.UPDATE_LIMIT_AVG, [{"id": "a", "avg": 1.0}, {"id": "b", "avg": 2.0}])  # not an insert
-    merged, single, update = cursor.sent
-    assert merged[0] == "execute" and merged[1].count("(%s, %s, %s)") == 3
-    assert merged[2] == ["w0", "l", 0, "w1", "l", 1, "w2", "l", 2]
-    assert single[0] == "executemany" and update[0] == "executemany" and len(update[2]) == 2
-    assert tx.writes == 3
+    assert cursor.sent == []  # held until something else is sent
+    tx.send_writes()
+    ((kind, sql, params),) = cursor.sent
+    assert kind == "execute" and sql.count("(%s, %s, %s)") == 3
+    assert params == ["w0", "l", 0, "w1", "l", 1, "w2", "l", 2]
+    assert tx.writes == 1
     for query in (q.INSERT_EVENT, q.INSERT_EVENT_RESOURCE, q.INSERT_OUTBOX):
         assert _merged_insert(POSTGRES.sql(query)) is not None
     assert _merged_insert(POSTGRES.sql(q.INSERT_WAITER)) is None  # a row with more than parameters
     assert _merged_insert(POSTGRES.sql(q.INSERT_EVENT_IF_NEW)) is None  # ON CONFLICT ... RETURNING
+
+
+def test_consecutive_writes_are_one_statement_unless_one_touches_what_another_writes() -> None:
+    """An acquisition's limit update, lease and grant: one statement. A second write of a table
+    already written, or one that names it (it may read it), starts a new statement; a read
+    sends what is held first."""
+    cursor = RecordingCursor()
+    tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
+    slots = {"pool_slots": 0, "pool_clock": 1.0, "fencing_token": 2, "updated": 1.0, "pool_event_id": None}
+    tx.write_many(q.UPDATE_LIMIT_SLOTS, [{"id": "a", **slots}])
+    tx.write(
+        q.INSERT_LEASE,
+        {"id": "L", "created": 1.0, "expires": 2.0, "slots": 1, "holder_type": None, "holder_id": None},
+    )
+    tx.write_many(
+        q.INSERT_GRANT,
+        [{"lease_id": "L", "limit_id": "a", "slots": 1, "fencing_token": 2, "acquired_event_id": None}],
+    )
+    tx.write(q.UPDATE_LIMIT_AVG, {"id": "a", "avg": 1.0})  # limits again: a statement of its own
+    assert cursor.sent == []
+    tx.all_later(q.SELECT_LEASE_GRANTS, {"id": "L"})
+    joined, avg = cursor.sent[0], cursor.sent[1]
+    assert joined[1].startswith("WITH w0 AS (") and joined[1].count("w1 AS (") == 1
+    assert (
+        "UPDATE limits" in joined[1]
+        and "INSERT INTO leases" in joined[1]
+        and "INSERT INTO grants" in joined[1]
+    )
+    assert joined[2][:6] == [0, 1.0, 2, 1.0, None, "a"] and joined[2][6] == "L"
+    assert avg[1].lstrip().startswith("UPDATE limits SET avg") and avg[2] == [1.0, "a"]
+    assert tx.writes == 4
+    sent = len(cursor.sent)
+    tx.write(
+        q.INSERT_LEASE,
+        {"id": "M", "created": 1.0, "expires": 2.0, "slots": 1, "holder_type": None, "holder_id": None},
+    )
+    tx.write("DELETE FROM grants WHERE lease_id IN (SELECT id FROM leases WHERE expires < 0)")  # reads leases
+    tx.send_writes()
+    assert [sql.lstrip().split()[0] for _, sql, _ in cursor.sent[sent:]] == ["INSERT", "DELETE"]
 
 
 @pytest.mark.postgres

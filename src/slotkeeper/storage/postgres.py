@@ -41,7 +41,7 @@ from psycopg import errors as pg_errors
 from slotkeeper.errors import QueryTimeout, StorageClosed
 from slotkeeper.events.models import EventRecord
 from slotkeeper.storage import queries as q
-from slotkeeper.storage.dialect import POSTGRES, Params
+from slotkeeper.storage.dialect import POSTGRES, Params, Row
 from slotkeeper.storage.groups import GroupQueue, Op, Outcome, TwoHalves
 from slotkeeper.storage.tx import Commit, Tx, run_handoffs
 from slotkeeper.supervisor import Supervisor
@@ -365,6 +365,7 @@ def _attempt(
             # leaves the pipeline.
             cursor.execute(b"ROLLBACK", prepare=False)
             raise
+        tx.send_writes()
         commit = tx.committed()
         if commit is not None and (commit.events or commit.woken):
             _notify(cursor, commit)
@@ -381,30 +382,125 @@ _NAMED = re.compile(r"%\((\w+)\)s")
 
 
 class PgTx(Tx):
-    """:class:`Tx` on PostgreSQL: an ``INSERT`` of several rows is one statement.
+    """:class:`Tx` on PostgreSQL, with fewer statements for the same writes.
 
-    In pipeline mode psycopg sends and processes each row of an ``executemany`` as a statement
-    of its own (about 11 µs of driver time each, and as much of the server's): a group's events,
-    inserted together before its COMMIT (``Tx.flush``), would cost one statement per event. A
-    one-row ``INSERT ... VALUES (...)`` given several rows becomes one multi-row ``VALUES``
-    statement instead (its text, prepared once used often enough, depends on the row count).
-    Anything else goes as before.
+    In pipeline mode psycopg sends and processes every statement on its own, about 11 µs of
+    driver time each and as much of the server's, and each row of an ``executemany`` is one. So:
+
+    * several rows for one one-row ``INSERT ... VALUES (...)`` (a group's events, inserted
+      together before its COMMIT by ``Tx.flush``) go as one multi-row ``VALUES`` statement;
+    * writes that nothing waits for (``write``, ``write_many``) are held until the next
+      statement of any other kind (or :meth:`send_writes`, before the COMMIT), and consecutive
+      held writes go as one statement, the first ones as data-modifying ``WITH`` parts of the
+      last (an acquisition's limit update, lease and grant: one statement, not three). The parts
+      of one statement all see the snapshot it started with and not each other's changes, so
+      writes are joined only when no part writes a table that another part names (each table
+      written once, read by no other part); otherwise a new statement starts. Foreign keys are
+      checked at the end of the statement, after every part.
+
+    They still run in the order sent, before anything sent after them; a write that fails
+    raises where it would have (at the next statement waited for, or at the commit).
     """
 
-    __slots__ = ()
+    __slots__ = ("_held",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Writes not sent yet: (statement in psycopg's positional form, its parameters).
+        self._held: list[tuple[_Write, list[Any]]] = []
+
+    def write(self, query: str, params: Params | None = None) -> None:
+        self.writes += 1
+        self._hold(_write_of(POSTGRES.sql(query)), params or {})
 
     def write_many(self, query: str, rows: Iterable[Params]) -> None:
         rows = list(rows)
-        parts = _merged_insert(POSTGRES.sql(query)) if len(rows) > 1 else None
-        if parts is None:
-            super().write_many(query, rows)
+        if not rows:
+            super().write_many(query, rows)  # as before: psycopg sends nothing
             return
-        head, names = parts
         self.writes += 1
-        one = "(" + ", ".join(["%s"] * len(names)) + ")"
-        self._cursor.execute(
-            head + ", ".join([one] * len(rows)), [row[name] for row in rows for name in names]
-        )
+        sql = POSTGRES.sql(query)
+        parts = _merged_insert(sql) if len(rows) > 1 else None
+        if parts is not None:
+            head, names = parts
+            one = "(" + ", ".join(["%s"] * len(names)) + ")"
+            merged = _write_of(head + ", ".join([one] * len(rows)), names * len(rows))
+            self._held.append((merged, [row[name] for row in rows for name in names]))
+            return
+        write = _write_of(sql)
+        for row in rows:
+            self._hold(write, row)
+
+    def _hold(self, write: _Write, params: Params) -> None:
+        self._held.append((write, [params[name] for name in write.names]))
+
+    def send_writes(self) -> None:
+        """Send the writes held (before a statement of another kind, and before the COMMIT)."""
+        held, self._held = self._held, []
+        while held:
+            first = held[0][0]
+            count, written, named = 1, {first.table}, set(first.words)
+            while first.table is not None and count < len(held):
+                write = held[count][0]
+                # Joined only if it writes a table no part writes or names, and names none
+                # that a part writes.
+                if write.table is None or write.table in written or write.table in named:
+                    break
+                if not written.isdisjoint(write.words):
+                    break
+                written.add(write.table)
+                named |= write.words
+                count += 1
+            part, held = held[:count], held[count:]
+            if count == 1:
+                self._cursor.execute(part[0][0].sql, part[0][1])
+                continue
+            ctes = ", ".join(f"w{i} AS ({w.sql})" for i, (w, _) in enumerate(part[:-1]))
+            self._cursor.execute(f"WITH {ctes} {part[-1][0].sql}", [v for _, values in part for v in values])
+
+    def one(self, query: str, params: Params | None = None) -> Row | None:
+        self.send_writes()
+        return super().one(query, params)
+
+    def all(self, query: str, params: Params | None = None) -> list[Row]:
+        self.send_writes()
+        return super().all(query, params)
+
+    def all_later(self, query: str, params: Params | None = None) -> Callable[[], list[Row]]:
+        self.send_writes()
+        return super().all_later(query, params)
+
+    def write_now(self, query: str, params: Params | None = None) -> int:
+        self.send_writes()
+        return super().write_now(query, params)
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A write statement as :class:`PgTx` holds it: positional parameters, and what it touches."""
+
+    sql: str
+    names: tuple[str, ...]
+    #: The table it writes (INSERT, UPDATE, DELETE), or None: then it is never joined.
+    table: str | None
+    #: Every word of the statement: the tables it may read are among them.
+    words: frozenset[str]
+
+
+_WRITES = re.compile(r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
+_WORDS = re.compile(r"\w+")
+
+
+@functools.lru_cache(maxsize=256)
+def _write_of(sql: str, names: tuple[str, ...] | None = None) -> _Write:
+    """``sql`` (psycopg's named form, or positional with ``names``) as a :class:`_Write`."""
+    if names is None:
+        names = tuple(_NAMED.findall(sql))
+        sql = _NAMED.sub("%s", sql)
+    match = _WRITES.match(sql)
+    returning = re.search(r"\bRETURNING\b", sql, re.IGNORECASE) is not None
+    table = match.group(1).lower() if match and not returning else None
+    return _Write(sql, names, table, frozenset(w.lower() for w in _WORDS.findall(sql)) - {table or ""})
 
 
 @functools.lru_cache(maxsize=64)
@@ -457,6 +553,7 @@ def _attempt_group(
             _run_batch(conn, tx, ops[start:end], outcomes)
             start = end
         tx.flush()
+        tx.send_writes()
         commit = tx.committed()
         if commit is not None and (commit.events or commit.woken):
             _notify(cursor, commit)
