@@ -13,7 +13,9 @@ What a group guarantees (``PostgresBackend._run_group``): an operation that fail
 the others; every decision is still made under the row locks it takes, in the database; nothing
 is reported before the commit, and a hand-off to a waiting request of this process runs only
 once its group has committed. This module only queues, hands groups to the runner, and completes
-the callers' futures in the order they queued.
+the callers' futures in the order they queued. An operation may come in two halves
+(:class:`TwoHalves`: its locks and reads, then its decision and writes), so that the runner can
+send the first halves of a whole group together.
 
 An operation is handed over for good once queued (``Backend.run``'s contract): if its caller is
 cancelled meanwhile it still runs, and its outcome is dropped (``waiting.Acquisitions`` gives

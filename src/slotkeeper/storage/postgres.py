@@ -9,7 +9,9 @@ any other error rolls the transaction back and is raised.
 
 A transaction runs in pipeline mode (``_attempt``): statements go out without waiting for the
 previous one's answer, and the thread waits only where the op reads a result, so an operation
-costs a few round trips, not one per statement (see ARCHITECTURE.md).
+costs a few round trips, not one per statement (see ARCHITECTURE.md). In a group, the locks and
+reads of its acquisitions and releases travel together (``_run_batch``), and ``PgTx`` sends
+fewer statements for the same writes.
 
 Live events cross processes through ``NOTIFY``: a transaction that wrote events sends them on the
 ``slotkeeper_events`` channel before it commits, and PostgreSQL delivers notifications only for
@@ -532,7 +534,8 @@ def _attempt_group(
     write, or returns after catching a database error itself (the transaction is then aborted),
     cannot be undone alone without a savepoint per operation (two statements each, which cost
     more than this rare case): :class:`Ungroupable` is raised, and so is a database error that
-    escapes an operation or the commit; the caller rolls back.
+    escapes an operation or the commit; the caller rolls back. Consecutive :class:`TwoHalves`
+    operations send their first halves together (:func:`_run_batch`).
     """
     outcomes: list[Outcome] = []
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
