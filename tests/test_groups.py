@@ -26,8 +26,11 @@ import pytest
 from slotkeeper.errors import NotFound, SlotsUnavailable
 from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
 from slotkeeper.storage import open_storage
-from slotkeeper.storage.groups import GroupQueue, Op, Outcome
-from slotkeeper.storage.postgres import PostgresBackend
+from slotkeeper.storage import queries as q
+from slotkeeper.storage.core import Storage
+from slotkeeper.storage.dialect import POSTGRES
+from slotkeeper.storage.groups import GroupQueue, Op, Outcome, TwoHalves
+from slotkeeper.storage.postgres import PgTx, PostgresBackend, _merged_insert
 from slotkeeper.storage.tx import Tx
 from tests.conftest import truncate_postgres
 
@@ -396,3 +399,281 @@ async def test_a_lease_counts_until_its_expiry_at_the_now_read_after_the_locks(
                 await store.acquire(AcquireRequest(["db"], 1, lease=LeaseSpec(30.0)))
     finally:
         await store.close()
+
+
+# --- batched reads: the first halves of a group's operations travel together --------------------
+
+
+@pytest.fixture
+async def storage(postgres_url: str) -> AsyncIterator[Storage]:
+    """A storage over one lane, so that ``_one_group`` makes its groups."""
+    truncate_postgres(postgres_url)
+    store = Storage(PostgresBackend(postgres_url, pool_size=2, lanes=1))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class Halves(TwoHalves[Any, Any]):
+    """A two-halves operation that records when each half runs (in ``log``, shared)."""
+
+    def __init__(
+        self, name: str, log: list[str], send: Callable[[Tx], Any], finish: Callable[[Tx, Any], Any]
+    ):
+        def sending(tx: Tx) -> Any:
+            log.append(f"send {name}")
+            return send(tx)
+
+        def finishing(tx: Tx, reads: Any) -> Any:
+            log.append(f"finish {name}")
+            return finish(tx, reads)
+
+        super().__init__(sending, finishing)
+
+
+def _acquire(store: Storage, name: str, log: list[str], *names: str) -> Halves:
+    request = AcquireRequest(list(names), 1, lease=LeaseSpec(60.0))
+    scripts = store.scripts
+    return Halves(
+        name,
+        log,
+        lambda tx: scripts.send_lock_reads(tx, request.names),
+        lambda tx, reads: scripts.slots.acquire(tx, request, reads=reads),
+    )
+
+
+def _release(store: Storage, name: str, log: list[str], lease_id: str) -> Halves:
+    slots = store.scripts.slots
+    return Halves(
+        name,
+        log,
+        lambda tx: slots.send_end_lease(tx, lease_id),
+        lambda tx, reads: slots.end_lease(tx, lease_id, reads=reads),
+    )
+
+
+async def _leases(store: Storage, name: str) -> int:
+    return len(await store.list_leases(name))
+
+
+@pytest.mark.postgres
+async def test_a_group_sends_every_first_half_before_it_finishes_any(storage: Storage) -> None:
+    await storage.create_limit(LimitSpec(name="a", limit=5))
+    await storage.create_limit(LimitSpec(name="b", limit=5))
+    log: list[str] = []
+    ops = [
+        _acquire(storage, "1", log, "a"),
+        _acquire(storage, "2", log, "b"),
+        _acquire(storage, "3", log, "a"),
+    ]
+    outcomes = await _one_group(storage.backend, list(ops))  # type: ignore[arg-type]
+    assert log == ["send 1", "send 2", "send 3", "finish 1", "finish 2", "finish 3"]
+    assert all(o.lease_id is not None for o in outcomes)
+    assert await _leases(storage, "a") == 2 and await _leases(storage, "b") == 1
+
+
+@pytest.mark.postgres
+async def test_batched_acquisitions_of_one_slot_grant_it_once(storage: Storage) -> None:
+    """The second acquisition's reads ran before the first one's writes: it reads its limit
+    again behind them (its lock is the group's already) and is refused, as if alone."""
+    await storage.create_limit(LimitSpec(name="one", limit=1))
+    log: list[str] = []
+    outcomes = await _one_group(
+        storage.backend,  # type: ignore[arg-type]
+        [_acquire(storage, "1", log, "one"), _acquire(storage, "2", log, "one")],
+    )
+    assert outcomes[0].lease_id is not None
+    assert isinstance(outcomes[1], SlotsUnavailable)
+    assert await _leases(storage, "one") == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("release_first", [True, False])
+async def test_a_release_and_an_acquisition_of_one_limit_in_one_batch(
+    storage: Storage, release_first: bool
+) -> None:
+    """Each decides on rows that include the other's writes when it comes second."""
+    await storage.create_limit(LimitSpec(name="one", limit=1))
+    held = await storage.acquire(AcquireRequest(["one"], 1, lease=LeaseSpec(60.0)))
+    assert held.lease_id is not None
+    log: list[str] = []
+    release, acquire = _release(storage, "r", log, held.lease_id), _acquire(storage, "a", log, "one")
+    ops = [release, acquire] if release_first else [acquire, release]
+    outcomes = await _one_group(storage.backend, list(ops))  # type: ignore[arg-type]
+    released, acquired = (outcomes[0], outcomes[1]) if release_first else (outcomes[1], outcomes[0])
+    assert released is True
+    if release_first:
+        assert acquired.lease_id is not None
+        assert await _leases(storage, "one") == 1
+    else:
+        assert isinstance(acquired, SlotsUnavailable)
+        assert await _leases(storage, "one") == 0
+
+
+@pytest.mark.postgres
+async def test_a_release_that_admits_a_waiter_in_a_batch_grants_it_once(storage: Storage) -> None:
+    """Admission changes limits the release did not lock first (the waiter's others): what
+    follows in the batch reads again, and the waiter is granted once, on both limits."""
+    await storage.create_limit(LimitSpec(name="a", limit=1))
+    await storage.create_limit(LimitSpec(name="b", limit=2))
+    on_a = await storage.acquire(AcquireRequest(["a"], 1, lease=LeaseSpec(60.0)))
+    on_b = await storage.acquire(AcquireRequest(["b"], 1, lease=LeaseSpec(60.0)))
+    assert on_a.lease_id is not None and on_b.lease_id is not None
+    waiter = asyncio.ensure_future(
+        storage.acquire(AcquireRequest(["a", "b"], 1, lease=LeaseSpec(60.0), wait=10))
+    )
+    while storage.waiting_requests < 1:
+        await asyncio.sleep(0.01)
+    log: list[str] = []
+    outcomes = await _one_group(
+        storage.backend,  # type: ignore[arg-type]
+        [
+            _release(storage, "a", log, on_a.lease_id),
+            _release(storage, "b", log, on_b.lease_id),
+            _acquire(storage, "new", log, "b"),
+        ],
+    )
+    granted = await asyncio.wait_for(waiter, 10)
+    assert outcomes[0] is True and outcomes[1] is True
+    assert outcomes[2].lease_id is not None  # b: 2 slots, the waiter's and this one
+    assert granted.lease_id is not None
+    assert await _leases(storage, "a") == 1 and await _leases(storage, "b") == 2
+
+
+class Written:
+    """Sent reads for a test operation: locks nothing, admits nothing."""
+
+    def locked_ids(self) -> set[str]:
+        return set()
+
+    def admits(self) -> bool:
+        return False
+
+    def refresh(self, tx: Tx) -> None:
+        raise AssertionError("nothing to read again")
+
+
+@pytest.mark.postgres
+async def test_a_batched_operation_that_fails_alone_or_after_its_first_half_wrote(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    """One that fails having written nothing fails alone; one whose first half wrote (as a
+    release's deletes its lease) cannot: the group rolls back and runs them one by one."""
+    runs = {"ok": 0, "refused": 0, "wrote": 0}
+
+    def insert(x: int) -> Callable[[Tx], Written]:
+        def send(tx: Tx) -> Written:
+            tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": x})
+            return Written()
+
+        return send
+
+    def read(tx: Tx) -> Written:
+        tx.all_later(f"SELECT x FROM {table}")
+        return Written()
+
+    def finish(name: str, fail: bool) -> Callable[[Tx, Written], str]:
+        def run(tx: Tx, reads: Written) -> str:
+            runs[name] += 1
+            if fail:
+                raise NotFound(name)
+            return name
+
+        return run
+
+    refused = [TwoHalves(insert(1), finish("ok", False)), TwoHalves(read, finish("refused", True))]
+    outcomes = await _one_group(backend, list(refused))
+    assert outcomes[0] == "ok" and isinstance(outcomes[1], NotFound)
+    assert runs == {"ok": 1, "refused": 1, "wrote": 0}
+    assert _rows(postgres_url, table) == [1]
+
+    wrote = [TwoHalves(insert(2), finish("ok", False)), TwoHalves(insert(3), finish("wrote", True))]
+    outcomes = await _one_group(backend, list(wrote))
+    assert outcomes[0] == "ok" and isinstance(outcomes[1], NotFound)
+    assert runs == {"ok": 3, "refused": 1, "wrote": 2}  # the group, then each alone
+    assert _rows(postgres_url, table) == [1, 2]
+
+
+class RecordingCursor:
+    """A cursor that records what is sent through it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def execute(self, query: str, params: Any = None) -> None:
+        self.sent.append(("execute", query, params))
+
+    def executemany(self, query: str, params: Any) -> None:
+        self.sent.append(("executemany", query, list(params)))
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+
+def test_several_rows_of_one_insert_are_one_statement() -> None:
+    """A group's events (``Tx.flush``) go in one multi-row INSERT per table, not one per row."""
+    cursor = RecordingCursor()
+    tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
+    rows = [{"waiter_id": f"w{i}", "limit_id": "l", "position": i} for i in range(3)]
+    tx.write_many(q.INSERT_WAITER_LIMIT, rows)
+    assert cursor.sent == []  # held until something else is sent
+    tx.send_writes()
+    ((kind, sql, params),) = cursor.sent
+    assert kind == "execute" and sql.count("(%s, %s, %s)") == 3
+    assert params == ["w0", "l", 0, "w1", "l", 1, "w2", "l", 2]
+    assert tx.writes == 1
+    for query in (q.INSERT_EVENT, q.INSERT_EVENT_RESOURCE, q.INSERT_OUTBOX):
+        assert _merged_insert(POSTGRES.sql(query)) is not None
+    assert _merged_insert(POSTGRES.sql(q.INSERT_WAITER)) is None  # a row with more than parameters
+    assert _merged_insert(POSTGRES.sql(q.INSERT_EVENT_IF_NEW)) is None  # ON CONFLICT ... RETURNING
+
+
+def test_consecutive_writes_are_one_statement_unless_one_touches_what_another_writes() -> None:
+    """An acquisition's limit update, lease and grant: one statement. A second write of a table
+    already written, or one that names it (it may read it), starts a new statement; a read
+    sends what is held first."""
+    cursor = RecordingCursor()
+    tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
+    slots = {"pool_slots": 0, "pool_clock": 1.0, "fencing_token": 2, "updated": 1.0, "pool_event_id": None}
+    tx.write_many(q.UPDATE_LIMIT_SLOTS, [{"id": "a", **slots}])
+    tx.write(
+        q.INSERT_LEASE,
+        {"id": "L", "created": 1.0, "expires": 2.0, "slots": 1, "holder_type": None, "holder_id": None},
+    )
+    tx.write_many(
+        q.INSERT_GRANT,
+        [{"lease_id": "L", "limit_id": "a", "slots": 1, "fencing_token": 2, "acquired_event_id": None}],
+    )
+    tx.write(q.UPDATE_LIMIT_AVG, {"id": "a", "avg": 1.0})  # limits again: a statement of its own
+    assert cursor.sent == []
+    tx.all_later(q.SELECT_LEASE_GRANTS, {"id": "L"})
+    joined, avg = cursor.sent[0], cursor.sent[1]
+    assert joined[1].startswith("WITH w0 AS (") and joined[1].count("w1 AS (") == 1
+    assert (
+        "UPDATE limits" in joined[1]
+        and "INSERT INTO leases" in joined[1]
+        and "INSERT INTO grants" in joined[1]
+    )
+    assert joined[2][:6] == [0, 1.0, 2, 1.0, None, "a"] and joined[2][6] == "L"
+    assert avg[1].lstrip().startswith("UPDATE limits SET avg") and avg[2] == [1.0, "a"]
+    assert tx.writes == 4
+    sent = len(cursor.sent)
+    tx.write(
+        q.INSERT_LEASE,
+        {"id": "M", "created": 1.0, "expires": 2.0, "slots": 1, "holder_type": None, "holder_id": None},
+    )
+    tx.write("DELETE FROM grants WHERE lease_id IN (SELECT id FROM leases WHERE expires < 0)")  # reads leases
+    tx.send_writes()
+    assert [sql.lstrip().split()[0] for _, sql, _ in cursor.sent[sent:]] == ["INSERT", "DELETE"]
+
+
+@pytest.mark.postgres
+async def test_a_multi_row_insert_stores_every_row(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    def insert(tx: Tx) -> None:
+        tx.write_many(f"INSERT INTO {table} (x) VALUES (:x)", [{"x": x} for x in (3, 1, 2)])
+
+    await backend.run(insert)
+    assert _rows(postgres_url, table) == [1, 2, 3]

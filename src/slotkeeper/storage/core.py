@@ -23,6 +23,7 @@ from slotkeeper.models import AcquireRequest, Granted, LeaseInfo, LimitSpec, Lim
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage.backend import Backend, Script
 from slotkeeper.storage.events import EventStore
+from slotkeeper.storage.groups import TwoHalves
 from slotkeeper.storage.outbox import OutboxStore
 from slotkeeper.storage.scripts import Scripts
 from slotkeeper.storage.tx import Commit
@@ -186,7 +187,14 @@ class Storage:
 
         ``cause``: who ends it (``builders.OPERATOR`` for an operator's action), for the metrics.
         """
-        return await self._run(lambda tx: self.scripts.slots.end_lease(tx, lease_id, cause=cause))
+        slots = self.scripts.slots
+        # In two halves, so that a PostgreSQL group sends the reads of several together.
+        return await self._run(
+            TwoHalves(
+                lambda tx: slots.send_end_lease(tx, lease_id),
+                lambda tx, reads: slots.end_lease(tx, lease_id, cause=cause, reads=reads),
+            )
+        )
 
     async def renew_lease(self, lease_id: str, duration: float) -> bool:
         """Extend a live lease to now + duration. False if it expired or is gone (410)."""

@@ -13,7 +13,9 @@ What a group guarantees (``PostgresBackend._run_group``): an operation that fail
 the others; every decision is still made under the row locks it takes, in the database; nothing
 is reported before the commit, and a hand-off to a waiting request of this process runs only
 once its group has committed. This module only queues, hands groups to the runner, and completes
-the callers' futures in the order they queued.
+the callers' futures in the order they queued. An operation may come in two halves
+(:class:`TwoHalves`: its locks and reads, then its decision and writes), so that the runner can
+send the first halves of a whole group together.
 
 An operation is handed over for good once queued (``Backend.run``'s contract): if its caller is
 cancelled meanwhile it still runs, and its outcome is dropped (``waiting.Acquisitions`` gives
@@ -26,12 +28,48 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from slotkeeper.errors import StorageClosed
 from slotkeeper.storage.tx import Tx
 
 T = TypeVar("T")
+R = TypeVar("R", bound="SentReads")
+
+
+class SentReads(Protocol):
+    """What the first half of a :class:`TwoHalves` operation sent: its locks and reads."""
+
+    def locked_ids(self) -> set[str]:
+        """The limits they lock (waits for their rows)."""
+        ...
+
+    def admits(self) -> bool:
+        """Whether the second half may lock or change limits other than those (admission)."""
+        ...
+
+    def refresh(self, tx: Tx) -> None:
+        """Send the reads again, behind every statement sent so far."""
+        ...
+
+
+class TwoHalves(Generic[R, T]):
+    """An operation in two halves: ``send`` sends its locks and reads and waits for nothing;
+    ``finish`` waits for their rows, decides and writes. Called whole it is a plain transaction
+    script (SQLite, an operation alone). A PostgreSQL group sends the first halves of several
+    such operations before it finishes any, so that they share one round trip
+    (``postgres._attempt_group``). ``send`` returns None where statements cost no round trip
+    (SQLite: ``Scripts.one_writer``): ``finish`` then reads what it needs itself."""
+
+    __slots__ = ("finish", "send")
+
+    def __init__(self, send: Callable[[Tx], R | None], finish: Callable[[Tx, R | None], T]) -> None:
+        self.send = send
+        self.finish = finish
+
+    def __call__(self, tx: Tx) -> T:
+        return self.finish(tx, self.send(tx))
+
 
 #: One operation: a transaction script.
 Op = Callable[[Tx], Any]

@@ -59,6 +59,58 @@ def leased_at(rows: Sequence[Row], now: float) -> dict[str, int]:
     return sums
 
 
+class LockReads:
+    """The reads :meth:`Scripts.send_lock_reads` sent for some limit names, rows not yet taken.
+
+    ``locked_ids`` and ``refresh`` are for a PostgreSQL group that sent the reads of several
+    operations together (``postgres.py``): which limits these reads lock, and sending them again
+    when an earlier operation of the group changed those limits after they ran.
+    """
+
+    __slots__ = ("_rows", "locking", "names", "near", "queue", "queued", "scripts", "since")
+
+    def __init__(
+        self,
+        scripts: Scripts,
+        names: list[str],
+        queue: bool,
+        locking: Callable[[], list[Row]] | None = None,
+        queued: Callable[[], list[Row]] | None = None,
+        near: Callable[[], list[Row]] | None = None,
+        since: float = 0.0,
+    ) -> None:
+        self.scripts, self.names, self.queue = scripts, names, queue
+        self.locking, self.queued, self.near, self.since = locking, queued, near, since
+        self._rows: list[Row] | None = None
+
+    def rows(self) -> list[Row]:
+        """The locked limit rows (waits for them the first time)."""
+        if self._rows is None:
+            self._rows = self.locking() if self.locking is not None else []
+        return self._rows
+
+    def locked_ids(self) -> set[str]:
+        """The ids of the limits these reads locked."""
+        return {row[0] for row in self.rows()}
+
+    @staticmethod
+    def admits() -> bool:
+        """An acquisition admits no waiter: it changes no limit but those it locked."""
+        return False
+
+    def refresh(self, tx: Tx) -> None:
+        """Send the reads again (the locks are held already: they see every earlier write)."""
+        again = self.scripts.send_lock_reads(tx, self.names, queue=self.queue)
+        assert again is not None, "only a backend that batches reads (not one_writer) refreshes them"
+        self.locking, self.queued, self.near, self.since = (
+            again.locking,
+            again.queued,
+            again.near,
+            again.since,
+        )
+        self._rows = None
+
+
 class Scripts:
     """Every transaction script, over one clock, one Retry-After policy and one process's waiters.
 
@@ -107,23 +159,44 @@ class Scripts:
     ) -> tuple[list[Limit], float, dict[str, int]]:
         """:meth:`lock_limits_named`, and with ``queue`` the slots that queued waiters wait for
         on each of them (by limit id), read right behind the locks: one round trip for both."""
+        reads = self.send_lock_reads(tx, names, queue=queue)
+        if reads is None:
+            return self._limit_states(tx, names, queue=queue)
+        return self.take_lock_reads(tx, reads)
+
+    def _limit_states(
+        self, tx: Tx, names: Sequence[str], *, queue: bool
+    ) -> tuple[list[Limit], float, dict[str, int]]:
+        """:meth:`lock_limits_and_queue` on SQLite: one transaction at a time, so nothing can
+        change between reading ``now`` and the rows, and the limits, their leased sums at ``now``
+        and their queues come in one statement (a third of the statements' cost and Python of
+        the three reads)."""
+        unique = list(dict.fromkeys(names))
+        now = self.clock()
+        if not unique:
+            return [], now, {}
+        states = tx.all(q.SELECT_LIMIT_STATES_BY_NAMES, {"names": unique, "now": now})
+        by_name: dict[str, Limit] = {}
+        queued_slots: dict[str, int] = {}
+        for row in states:
+            r, state = q.LimitRow._make(row[: q.LIMIT_WIDTH]), q.LimitState._make(row[q.LIMIT_WIDTH :])
+            by_name[r.name] = limit_from(r, int(state.leased_slots or 0))
+            if state.queued_slots is not None:
+                queued_slots[r.id] = state.queued_slots
+        return [by_name[n] for n in unique if n in by_name], now, queued_slots if queue else {}
+
+    def send_lock_reads(self, tx: Tx, names: Sequence[str], *, queue: bool = True) -> LockReads | None:
+        """The first half of :meth:`lock_limits_and_queue`: send its reads, wait for nothing.
+
+        A PostgreSQL group sends those of several acquisitions before it takes any one's rows
+        (``postgres.py``, "batched reads"); :meth:`take_lock_reads` is the second half. None on
+        SQLite (``one_writer``): statements cost no round trip there, and the second half reads
+        everything in one statement (:meth:`_limit_states`)."""
+        if self.one_writer:
+            return None
         unique = list(dict.fromkeys(names))
         if not unique:
-            return [], self.clock(), {}
-        if self.one_writer:
-            # One transaction at a time: nothing can change between reading ``now`` and the
-            # rows, so the limits, their leased sums at ``now`` and their queues come in one
-            # statement (a third of the statements' cost and Python of the three reads).
-            now = self.clock()
-            states = tx.all(q.SELECT_LIMIT_STATES_BY_NAMES, {"names": unique, "now": now})
-            by_name: dict[str, Limit] = {}
-            queued_slots: dict[str, int] = {}
-            for row in states:
-                r, state = q.LimitRow._make(row[: q.LIMIT_WIDTH]), q.LimitState._make(row[q.LIMIT_WIDTH :])
-                by_name[r.name] = limit_from(r, int(state.leased_slots or 0))
-                if state.queued_slots is not None:
-                    queued_slots[r.id] = state.queued_slots
-            return [by_name[n] for n in unique if n in by_name], now, queued_slots if queue else {}
+            return LockReads(self, unique, queue)
         locking = tx.all_later(q.SELECT_LIMITS_BY_NAMES, {"names": unique})
         queued = tx.all_later(q.SELECT_QUEUED_SLOTS_BY_NAMES, {"names": unique}) if queue else None
         since = self.clock()
@@ -131,17 +204,25 @@ class Scripts:
             q.SELECT_LEASED_SLOTS_NEAR_BY_NAMES,
             {"names": unique, "since": since, "horizon": since + LEASED_HORIZON_SECONDS},
         )
-        rows = locking()
+        return LockReads(self, unique, queue, locking, queued, near, since)
+
+    def take_lock_reads(self, tx: Tx, reads: LockReads) -> tuple[list[Limit], float, dict[str, int]]:
+        """The second half of :meth:`lock_limits_and_queue`: wait for the rows and decide with
+        them (the named limits that exist, locked, in request order; ``now``; the queued slots)."""
+        if reads.locking is None:
+            return [], self.clock(), {}
+        rows = reads.rows()
         now = self.clock()
-        if since <= now <= since + LEASED_HORIZON_SECONDS:
+        near = reads.near
+        if near is not None and reads.since <= now <= reads.since + LEASED_HORIZON_SECONDS:
             typed = limit_rows(rows)
             sums = leased_at(near(), now)
             limits = [limit_from(r, sums.get(r.id, 0)) for r in typed]
         else:  # the locks took longer than the horizon: read the sums again
             limits = self.with_leased(tx, rows, now)
         by_name = {lim.name: lim for lim in limits}
-        found = [by_name[n] for n in unique if n in by_name]
-        return found, now, dict(queued()) if queued is not None else {}
+        found = [by_name[n] for n in reads.names if n in by_name]
+        return found, now, dict(reads.queued()) if reads.queued is not None else {}
 
     # --- reads that count -----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from slotkeeper.storage.rows import holder_of, lease_infos, limit_from, limit_ro
 from slotkeeper.storage.tx import Tx
 
 if TYPE_CHECKING:
-    from slotkeeper.storage.scripts import Scripts
+    from slotkeeper.storage.scripts import LockReads, Scripts
 
 
 class SlotScripts:
@@ -36,11 +36,18 @@ class SlotScripts:
 
     # --- taking slots ---------------------------------------------------------------------------
 
-    def acquire(self, tx: Tx, request: AcquireRequest, waiter_id: str | None = None) -> Granted | None:
+    def acquire(
+        self, tx: Tx, request: AcquireRequest, waiter_id: str | None = None, *, reads: LockReads | None = None
+    ) -> Granted | None:
         """Take slots on every named limit or none: :class:`SlotsUnavailable` when they are taken
         (or waiters are queued for them). With ``waiter_id`` (a request that waits, with a lease),
-        such a request is queued under that id instead, and None returned."""
-        found, now, waiting = self.s.lock_limits_and_queue(tx, request.names)
+        such a request is queued under that id instead, and None returned.
+
+        ``reads``: its locks and reads, if already sent (``send_lock_reads`` of the names)."""
+        if reads is None:
+            found, now, waiting = self.s.lock_limits_and_queue(tx, request.names)
+        else:
+            found, now, waiting = self.s.take_lock_reads(tx, reads)
         lease = request.lease
         if request.wait is not None:
             domain.check_waitable(request.names, found, request.mode)
@@ -183,16 +190,38 @@ class SlotScripts:
         self.s.queue.admit(tx, [new.id for new, _ in changed])
         return found
 
+    def send_end_lease(self, tx: Tx, lease_id: str) -> LeaseReads | None:
+        """The first half of :meth:`end_lease` (not the reaper's): send its locks, its reads and
+        the lease's deletion; wait for nothing. Sent together, so that a release waits for one
+        round trip before its writes; they run in this order. The lease row is deleted once its
+        limit rows are locked, as always, and the queue of those limits is read before the
+        deletion takes the grants along. None on SQLite (``one_writer``): nothing to send ahead,
+        :meth:`end_lease` reads what it needs in one statement."""
+        if self.s.one_writer:
+            return None
+        locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+        acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+        queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
+        deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
+        return LeaseReads(locking, acquired, queue, deleting)
+
     def end_lease(
-        self, tx: Tx, lease_id: str, *, expired_only: bool = False, cause: str = builders.RELEASE
+        self,
+        tx: Tx,
+        lease_id: str,
+        *,
+        expired_only: bool = False,
+        cause: str = builders.RELEASE,
+        reads: LeaseReads | None = None,
     ) -> bool:
         """End a lease and every slot it holds: released events, the occupancy average, and
         admission on its limits. False if it was already gone (or, ``expired_only``, the
         reaper's case, if it has not expired). ``cause``: who ends it (the released events'
-        ``cause``; ``builders.EXPIRY`` for the reaper)."""
+        ``cause``; ``builders.EXPIRY`` for the reaper). ``reads``: what :meth:`send_end_lease`
+        sent for it, if it was (PostgreSQL; not with ``expired_only``)."""
         limits: list[Limit]
         grants: dict[str, str | None]
-        queue: Callable[[], list[Row]]
+        queue: Callable[[], list[Row]] | None
         deleted: Row | None
         if self.s.one_writer:
             # One transaction at a time (SQLite): the limits, their grants' acquired events and
@@ -214,23 +243,22 @@ class SlotScripts:
             else:
                 deleted = tx.one(q.DELETE_LEASE, {"id": lease_id})
         else:
-            # Sent together, so that a release waits for one round trip before its writes; they
-            # run in this order. The lease row is deleted once its limit rows are locked, as
-            # always, and the queue of those limits is read before the deletion takes the grants
-            # along.
-            locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
-            acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
-            queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
             if expired_only:
                 # The reaper: whether the lease has expired depends on ``now``, read after the locks.
+                locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
+                acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+                queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
                 locked = locking()
                 now = self.s.clock()
                 deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
             else:
-                deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
-                locked = locking()
+                if reads is None:
+                    reads = self.send_end_lease(tx, lease_id)
+                    assert reads is not None  # not one_writer
+                locked = reads.rows()
                 now = self.s.clock()
-                deleted = next(iter(deleting()), None)
+                deleted = reads.deleted()
+                acquired, queue = reads.acquired, (reads.waiting if reads.queue is not None else None)
             limits = [limit_from(r, 0) for r in limit_rows(locked)]
             grants = dict(acquired())
         if deleted is None:
@@ -304,3 +332,60 @@ class SlotScripts:
         """The live leases on one limit (by id or name), oldest first."""
         lim, now = self.s.lock_limit(tx, key)
         return lease_infos(tx.all(q.SELECT_LIMIT_LEASES, {"id": lim.id, "now": now}))
+
+
+class LeaseReads:
+    """What :meth:`SlotScripts.send_end_lease` sent for one lease, rows not yet taken.
+
+    ``locked_ids``, ``refresh`` and ``admits`` are for a PostgreSQL group that sent the reads of
+    several operations together (``postgres.py``, "batched reads")."""
+
+    __slots__ = ("_deleted", "_rows", "_waiting", "acquired", "deleting", "locking", "queue")
+
+    def __init__(
+        self,
+        locking: Callable[[], list[Row]],
+        acquired: Callable[[], list[Row]],
+        queue: Callable[[], list[Row]] | None,
+        deleting: Callable[[], list[Row]],
+    ) -> None:
+        self.locking, self.acquired, self.queue, self.deleting = locking, acquired, queue, deleting
+        self._rows: list[Row] | None = None
+        self._deleted: list[Row] | None = None
+        self._waiting: list[Row] | None = None
+
+    def rows(self) -> list[Row]:
+        """The lease's limit rows, locked (waits for them the first time)."""
+        if self._rows is None:
+            self._rows = self.locking()
+        return self._rows
+
+    def deleted(self) -> Row | None:
+        """The deleted lease's row, or None if it was already gone."""
+        if self._deleted is None:
+            self._deleted = self.deleting()
+        return next(iter(self._deleted), None)
+
+    def waiting(self) -> list[Row]:
+        """The queue of the lease's limits, read before the deletion (``SELECT_WAITERS_ON``)."""
+        if self._waiting is None:
+            self._waiting = self.queue() if self.queue is not None else []
+        return self._waiting
+
+    def locked_ids(self) -> set[str]:
+        """The ids of the limits these reads locked."""
+        return {row[0] for row in self.rows()}
+
+    def admits(self) -> bool:
+        """Whether ending the lease may admit waiters (its limits have a queue, or it is unknown
+        because the reads were sent again): admission may lock and change other limits."""
+        return self.queue is None or bool(self.waiting())
+
+    def refresh(self, tx: Tx) -> None:
+        """Read the lease's limits again, after an earlier operation of the group changed them
+        (they are locked already). The lease and its grants are this operation's alone and
+        were deleted by its first half: the queue is read again by admission (by limit ids)."""
+        ids = sorted(self.locked_ids())
+        self.locking = tx.all_later(q.SELECT_LIMITS_BY_IDS, {"ids": ids}) if ids else (lambda: [])
+        self._rows = None
+        self.queue = None

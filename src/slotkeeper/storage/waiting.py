@@ -33,10 +33,11 @@ from slotkeeper.errors import InvalidRequest, ShuttingDown, SlotsUnavailable
 from slotkeeper.models import AcquireRequest, Granted
 from slotkeeper.storage import backend as transactions
 from slotkeeper.storage.backend import Backend, Script
+from slotkeeper.storage.groups import TwoHalves
 from slotkeeper.storage.tx import Commit
 
 if TYPE_CHECKING:
-    from slotkeeper.storage.scripts import Scripts
+    from slotkeeper.storage.scripts import LockReads, Scripts
 
 T = TypeVar("T")
 
@@ -261,13 +262,22 @@ class Acquisitions:
         try:
             if request.wait is not None and request.lease is not None:
                 return await self._acquire_waiting(request)
-            granted = await self._answer(self._send(lambda tx: self.scripts.slots.acquire(tx, request)))
+            granted = await self._answer(self._send(self._acquire_now(request)))
         except SlotsUnavailable:
             if self.observer is not None:
                 self.observer.refused(request.names)
             raise
         assert granted is not None
         return granted
+
+    def _acquire_now(self, request: AcquireRequest) -> TwoHalves[LockReads, Granted | None]:
+        """The script of an acquisition that does not wait, in two halves (``groups.TwoHalves``):
+        its locks and reads, then its decision and writes."""
+        scripts = self.scripts
+        return TwoHalves(
+            lambda tx: scripts.send_lock_reads(tx, request.names),
+            lambda tx, reads: scripts.slots.acquire(tx, request, reads=reads),
+        )
 
     def _send(self, script: Script[T]) -> asyncio.Future[T]:
         """Hand ``script`` to the backend. It runs to its end even if the caller is cancelled
