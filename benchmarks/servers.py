@@ -66,6 +66,11 @@ def free_port() -> int:
 def _clean_env(**extra: str) -> dict[str, str]:
     """The current environment without any SLOTKEEPER_/PREFECT_ setting, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLOTKEEPER_", "PREFECT_"))}
+    if env.get("PYTHONPATH"):
+        # Servers run in a home of their own: `PYTHONPATH=src` must still mean this tree's src.
+        env["PYTHONPATH"] = os.pathsep.join(
+            str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p
+        )
     env.update(extra)
     return env
 
