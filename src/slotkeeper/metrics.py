@@ -224,6 +224,7 @@ class Metrics:
         # ``labels()`` validates and locks on every call (about as costly as the update itself).
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._grant_children: dict[str, Any] = {}
+        self._release_children: dict[tuple[str, str], Any] = {}
         self.max_limits = max_limits
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
@@ -254,6 +255,8 @@ class Metrics:
 
     def _forget(self, label: str) -> None:
         self._grant_children.pop(label, None)
+        for reason in builders.ENDED_BY:
+            self._release_children.pop((label, reason), None)
         for metric in (self.grants, self.unavailable, self.wait, self.handoff):
             with suppress(KeyError):
                 metric.remove(label)
@@ -276,7 +279,11 @@ class Metrics:
                 child.inc()
             elif name in _RELEASED:
                 cause = event.cause or builders.RELEASE
-                self.releases.labels(self.labels.of(*limit_of(event)), cause).inc()
+                key = (self.labels.of(*limit_of(event)), cause)
+                child = self._release_children.get(key)
+                if child is None:
+                    child = self._release_children[key] = self.releases.labels(*key)
+                child.inc()
                 if cause == builders.EXPIRY:
                     expired[_lease_key(event)] = event.received - event.occurred
             elif name == builders.DELETED:
