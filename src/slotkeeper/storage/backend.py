@@ -10,6 +10,7 @@ the driver's "cannot serve this now" errors into the project's own
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -38,7 +39,10 @@ class Backend(Protocol):
     #: retention); what ``/api/ready`` asks (see ``slotkeeper.supervisor``).
     supervisor: Supervisor
 
-    async def run(self, script: Script[T]) -> T: ...
+    def run(self, script: Script[T]) -> Awaitable[T]:
+        """Hand ``script`` to the backend now (SQLite: a future) or when awaited (a coroutine);
+        its outcome, with the driver's own errors (see :func:`run`)."""
+        ...
 
     async def read(self, script: Script[T]) -> T:
         """Run a read-only script, possibly beside the writes (views, statistics)."""
@@ -91,8 +95,25 @@ def scan(backend: Backend, script: Script[T]) -> Awaitable[T]:
     return _translated(backend.scan(script), backend.unavailable)
 
 
-async def _translated(outcome: Awaitable[T], unavailable: tuple[type[Exception], ...]) -> T:
+def send(backend: Backend, script: Script[T]) -> asyncio.Future[T]:
+    """Hand ``script`` to ``backend`` now; the future of its outcome. The script runs to its end
+    whatever becomes of the future (a caller that must survive its own cancellation shields it),
+    and its errors are the driver's own: turn them with :func:`unavailable`.
+
+    A backend whose ``run`` answers with a future (SQLite's: scripts queue on the event loop)
+    hands that future back, with no task or coroutine around it (an acquisition's path, see
+    ``waiting.py``); a coroutine is wrapped in a task.
+    """
+    return asyncio.ensure_future(backend.run(script))
+
+
+def unavailable(exc: Exception) -> DatabaseUnavailable:
+    """What a driver error that means the database is unavailable is raised as."""
+    return DatabaseUnavailable(f"The database is unavailable: {exc}")
+
+
+async def _translated(outcome: Awaitable[T], unavailable_errors: tuple[type[Exception], ...]) -> T:
     try:
         return await outcome
-    except unavailable as exc:
-        raise DatabaseUnavailable(f"The database is unavailable: {exc}") from exc
+    except unavailable_errors as exc:
+        raise unavailable(exc) from exc

@@ -122,8 +122,11 @@ class SQLiteBackend:
             )
             self._checkpointer.start()
 
-    async def run(self, op: Callable[[Tx], T]) -> T:
-        """Run ``op`` in the next group; return its result once the group has committed."""
+    def run(self, op: Callable[[Tx], T]) -> asyncio.Future[T]:
+        """Queue ``op`` in the next group now; the future of its result, set once the group has
+        committed. Not a coroutine: the future itself is what the caller awaits (an acquisition
+        shields it, ``backend.send``), with no task or coroutine around it. ``op`` runs whatever
+        becomes of the future: cancelling it only drops the outcome."""
         if self._closed:
             raise StorageClosed("storage is closed")
         loop = asyncio.get_running_loop()
@@ -132,7 +135,7 @@ class SQLiteBackend:
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        return future
 
     async def read(self, op: Callable[[Tx], T]) -> T:
         """Run a read-only ``op`` on a reader thread (it sees the last committed state)."""

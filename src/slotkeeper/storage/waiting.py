@@ -281,8 +281,9 @@ class Acquisitions:
 
     def _send(self, script: Script[T]) -> asyncio.Future[T]:
         """Hand ``script`` to the backend. It runs to its end even if the caller is cancelled
-        while it is out (as the backends do anyway), and what it did can still be read."""
-        return asyncio.ensure_future(transactions.run(self.backend, script))
+        while it is out (as the backends do anyway), and what it did can still be read; its
+        errors are the driver's until :meth:`_answer` turns them."""
+        return transactions.send(self.backend, script)
 
     async def _answer(self, sent: asyncio.Future[T]) -> T:
         """The outcome of a sent acquisition (or collection of a wait). If the caller is cancelled
@@ -295,6 +296,8 @@ class Acquisitions:
             if not sent.cancelled() and sent.exception() is None:
                 await self._release_unclaimed(sent.result())
             raise
+        except self.backend.unavailable as exc:
+            raise transactions.unavailable(exc) from exc
 
     async def _release_unclaimed(self, outcome: object) -> None:
         """Release a grant that nobody will take (there is nothing to release without a lease,
