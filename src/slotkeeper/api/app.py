@@ -65,7 +65,7 @@ def freeze_startup_objects() -> None:
     And the youngest generation is collected after :data:`GC_YOUNG_THRESHOLD` allocations instead
     of Python's 700: nearly everything a request allocates is freed by its reference count, but a
     group of 64 operations has more than 700 objects alive at once, so the collector ran every
-    60 blocks or so and found little; 6.5-7.4 us of CPU per acquire + release went to it (3 % of
+    14 blocks or so and found little; 6.5-7.4 us of CPU per acquire + release went to it (3 % of
     the server's, see docs/benchmarks.md, "Fourth pass"). What it does find (cycles) waits a little
     longer: a few thousand objects at most.
     """
