@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from slotkeeper.errors import DatabaseUnavailable
 from slotkeeper.events.models import EventRecord
-from slotkeeper.storage import migrate
+from slotkeeper.models import AcquireRequest, LeaseSpec, LimitSpec
+from slotkeeper.storage import migrate, open_storage
 from slotkeeper.storage.dialect import SQLITE
 from slotkeeper.storage.rows import write_events
 from slotkeeper.storage.sqlite import SQLiteBackend
@@ -243,3 +245,56 @@ def test_deferred_rows_roll_back_with_their_savepoint_and_flush_in_statement_ord
     immediate = Tx(conn.cursor(), SQLITE, sqlite3.IntegrityError)
     immediate.insert_at_commit(parent, [{"id": "p3"}])  # without defer: inserted at once
     assert conn.execute("SELECT COUNT(*) FROM parent").fetchone() == (3,)
+
+
+async def test_run_queues_the_operation_before_it_is_awaited(tmp_path: Path) -> None:
+    """``run`` hands the operation to the next group at once and answers with that group's
+    future (``backend.send``: an acquisition awaits it with no task around it). The operation
+    runs even if nobody awaits the future, and cancelling the future drops only the outcome."""
+    backend = SQLiteBackend(tmp_path / "db.sqlite")
+    try:
+        await backend.run(lambda tx: tx.write("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+        first = backend.run(lambda tx: tx.write("INSERT INTO t VALUES (1)"))
+        dropped = backend.run(lambda tx: tx.write("INSERT INTO t VALUES (2)"))
+        assert isinstance(first, asyncio.Future)
+        dropped.cancel()
+        await first
+
+        def rows(tx: Tx) -> list[int]:
+            return [int(r[0]) for r in tx.all("SELECT x FROM t ORDER BY x")]
+
+        assert await backend.run(rows) == [1, 2]
+    finally:
+        await backend.close()
+
+
+async def test_an_acquisition_raises_an_unavailable_database_as_database_unavailable(tmp_path: Path) -> None:
+    """The driver's "cannot serve this now" errors reach an acquisition on the group's own future
+    (not through ``backend.run``'s translation): the acquisition turns them into
+    ``DatabaseUnavailable`` itself; other errors pass unchanged."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    storage = open_storage(url)
+    try:
+        await storage.create_limit(LimitSpec(name="db", limit=1))
+        request = AcquireRequest(["db"], 1, lease=LeaseSpec(30.0))
+
+        def unavailable(tx: Tx, names: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        def broken(tx: Tx, names: object) -> None:
+            raise RuntimeError("a bug")
+
+        scripts = storage.scripts
+        original = scripts.send_lock_reads
+        scripts.send_lock_reads = unavailable  # type: ignore[method-assign,assignment]
+        with pytest.raises(DatabaseUnavailable, match="disk I/O error"):
+            await storage.acquire(request)
+        scripts.send_lock_reads = broken  # type: ignore[method-assign,assignment]
+        with pytest.raises(RuntimeError, match="a bug"):
+            await storage.acquire(request)
+        scripts.send_lock_reads = original  # type: ignore[method-assign]
+        granted = await storage.acquire(request)
+        assert granted.lease_id is not None
+    finally:
+        await storage.close()
