@@ -758,3 +758,34 @@ async def test_groups_bound_their_lock_waits_and_operations_alone_do_not(
     finally:
         await backend.close()
     assert _rows(postgres_url, table) == [1, 2]
+
+
+@pytest.mark.postgres
+async def test_reads_taken_later_reuse_the_connection_s_cursors(postgres_url: str, table: str) -> None:
+    """Each read of ``all_later`` has a cursor of its own within a transaction (its rows wait
+    there), and the next transactions on that connection use the same cursors again, also after
+    one that failed."""
+    backend = PostgresBackend(postgres_url, pool_size=1, lanes=1)
+    cursors: list[list[Any]] = []
+
+    def reads(tx: Tx) -> list[list[int]]:
+        later = [tx.all_later(f"SELECT x FROM {table} WHERE x >= :x ORDER BY x", {"x": x}) for x in (1, 2)]
+        cursors.append([fetch.__self__ for fetch in later])  # type: ignore[attr-defined]
+        return [[row[0] for row in fetch()] for fetch in later]
+
+    def duplicate(tx: Tx) -> None:
+        tx.all_later(f"SELECT x FROM {table}")
+        tx.write(f"INSERT INTO {table} VALUES (1)")
+
+    try:
+        await backend.run(_insert(table, 1))
+        await backend.run(_insert(table, 2))
+        assert await backend.run(reads) == [[1, 2], [2]]
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await backend.run(duplicate)
+        await backend.run(_insert(table, 3))
+        assert await backend.run(reads) == [[1, 2, 3], [2, 3]]
+    finally:
+        await backend.close()
+    first, second = cursors
+    assert first[0] is not first[1] and first == second
