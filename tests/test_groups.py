@@ -647,7 +647,7 @@ def test_consecutive_writes_are_one_statement_unless_one_touches_what_another_wr
     )
     tx.write(q.UPDATE_LIMIT_AVG, {"id": "a", "avg": 1.0})  # limits again: a statement of its own
     assert cursor.sent == []
-    tx.all_later(q.SELECT_LEASE_GRANTS, {"id": "L"})
+    tx.all_later(q.SELECT_LIMITS_OF_LEASE_WITH_GRANTS, {"id": "L"})
     joined, avg = cursor.sent[0], cursor.sent[1]
     assert joined[1].startswith("WITH w0 AS (") and joined[1].count("w1 AS (") == 1
     assert (
