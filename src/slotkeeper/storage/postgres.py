@@ -73,7 +73,7 @@ MAX_GROUP = 64
 #: statement less per group) when it runs a group after running something else, and reset by
 #: :data:`ALONE_LOCK_TIMEOUT` when it runs an operation alone after a group: a ``SET`` in a
 #: transaction that rolls back is undone with it, so the connection's setting is recorded only
-#: once its transaction committed (``PostgresBackend._grouped``).
+#: once its transaction committed (``grouped``, per pool thread and its connection).
 GROUP_LOCK_TIMEOUT = b"SET lock_timeout = '200ms'"
 #: An operation alone waits for its locks as long as the server's setting lets it (PostgreSQL's
 #: deadlock check ends a cycle).
@@ -434,7 +434,7 @@ class PgTx(Tx):
         #: Writes not sent yet: (statement in psycopg's positional form, its parameters).
         self._held: list[tuple[_Write, list[Any]]] = []
         #: The connection's cursors for :meth:`all_later`, kept from one transaction to the next
-        #: (creating one costs about 3 µs; a pair reads through seven), and how many this one used.
+        #: (creating one costs about 3 µs; a pair reads through six), and how many this one used.
         self._spare = spare
         self._used = 0
 
