@@ -647,7 +647,7 @@ def test_consecutive_writes_are_one_statement_unless_one_touches_what_another_wr
     )
     tx.write(q.UPDATE_LIMIT_AVG, {"id": "a", "avg": 1.0})  # limits again: a statement of its own
     assert cursor.sent == []
-    tx.all_later(q.SELECT_LEASE_GRANTS, {"id": "L"})
+    tx.all_later(q.SELECT_LIMITS_OF_LEASE_WITH_GRANTS, {"id": "L"})
     joined, avg = cursor.sent[0], cursor.sent[1]
     assert joined[1].startswith("WITH w0 AS (") and joined[1].count("w1 AS (") == 1
     assert (
@@ -677,3 +677,115 @@ async def test_a_multi_row_insert_stores_every_row(
 
     await backend.run(insert)
     assert _rows(postgres_url, table) == [1, 2, 3]
+
+
+def test_the_notification_is_the_main_statement_of_the_last_writes() -> None:
+    """Before the COMMIT, the first ``pg_notify`` ends the statement of the last writes held (one
+    statement less per transaction); more notifications, or nothing held, go on their own."""
+    cursor = RecordingCursor()
+    tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError)
+    rows = [{"waiter_id": f"w{i}", "limit_id": "l", "position": i} for i in range(2)]
+    tx.write_many(q.INSERT_WAITER_LIMIT, rows)
+    tx.send_writes([["ch", "one"], ["ch", "two"]])
+    (_, joined, params), (_, alone, alone_params) = cursor.sent
+    assert joined.startswith("WITH w0 AS (") and "INSERT INTO waiter_limits" in joined
+    assert joined.endswith("SELECT pg_notify(%s, %s)") and params[-2:] == ["ch", "one"]
+    assert alone == "SELECT pg_notify(%s, %s)" and alone_params == ["ch", "two"]
+    cursor.sent.clear()
+    tx.send_writes([["ch", "three"]])  # nothing held
+    assert cursor.sent == [("execute", "SELECT pg_notify(%s, %s)", ["ch", "three"])]
+    cursor.sent.clear()
+    tx.write("DELETE FROM leases WHERE id = :id RETURNING id", {"id": "L"})  # never a WITH part
+    tx.send_writes([["ch", "four"]])
+    assert [sql.split()[0] for _, sql, _ in cursor.sent] == ["DELETE", "SELECT"]
+
+
+@pytest.mark.postgres
+async def test_a_notification_sent_with_the_writes_arrives_once_they_committed(
+    backend: PostgresBackend, table: str, postgres_url: str
+) -> None:
+    arrived: list[list[str]] = []
+    got = threading.Event()
+
+    def on_commit(commit: Any) -> None:
+        if commit is not None and commit.woken:
+            arrived.append(commit.woken)
+            got.set()
+
+    backend.subscribe(on_commit)
+
+    def wake(x: int) -> Callable[[Tx], int]:
+        def op(tx: Tx) -> int:
+            tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": x})
+            tx.woken.append(f"w{x}")
+            return x
+
+        return op
+
+    assert await _one_group(backend, [wake(1), wake(2)]) == [1, 2]
+    await asyncio.to_thread(got.wait, 10)
+    assert arrived == [["w1", "w2"]]
+    assert _rows(postgres_url, table) == [1, 2]
+
+
+@pytest.mark.postgres
+async def test_groups_bound_their_lock_waits_and_operations_alone_do_not(
+    postgres_url: str, table: str
+) -> None:
+    """``lock_timeout`` is set on the connection when it runs a group, reset when it runs an
+    operation alone, and a ``SET`` that rolled back is sent again (one connection here)."""
+    backend = PostgresBackend(postgres_url, pool_size=1, lanes=1)
+
+    def show(tx: Tx) -> str:
+        row = tx.one("SHOW lock_timeout")
+        assert row is not None
+        return str(row[0])
+
+    def fails_after_writing(tx: Tx) -> None:
+        tx.write(f"INSERT INTO {table} VALUES (:x)", {"x": 9})
+        raise ValueError("refused after writing")
+
+    try:
+        assert await backend.run(show) == "0"
+        assert await _one_group(backend, [_insert(table, 1), show]) == [1, "200ms"]
+        assert await backend.run(show) == "0"
+        assert await _one_group(backend, [show, show]) == ["200ms", "200ms"]
+        assert await backend.run(show) == "0"
+        # A group that rolls back (and runs its operations alone): its SET is undone.
+        outcomes = await _one_group(backend, [fails_after_writing, show])
+        assert isinstance(outcomes[0], ValueError) and outcomes[1] == "0"
+        assert await _one_group(backend, [show, _insert(table, 2)]) == ["200ms", 2]
+    finally:
+        await backend.close()
+    assert _rows(postgres_url, table) == [1, 2]
+
+
+@pytest.mark.postgres
+async def test_reads_taken_later_reuse_the_connection_s_cursors(postgres_url: str, table: str) -> None:
+    """Each read of ``all_later`` has a cursor of its own within a transaction (its rows wait
+    there), and the next transactions on that connection use the same cursors again, also after
+    one that failed."""
+    backend = PostgresBackend(postgres_url, pool_size=1, lanes=1)
+    cursors: list[list[Any]] = []
+
+    def reads(tx: Tx) -> list[list[int]]:
+        later = [tx.all_later(f"SELECT x FROM {table} WHERE x >= :x ORDER BY x", {"x": x}) for x in (1, 2)]
+        cursors.append([fetch.__self__ for fetch in later])  # type: ignore[attr-defined]
+        return [[row[0] for row in fetch()] for fetch in later]
+
+    def duplicate(tx: Tx) -> None:
+        tx.all_later(f"SELECT x FROM {table}")
+        tx.write(f"INSERT INTO {table} VALUES (1)")
+
+    try:
+        await backend.run(_insert(table, 1))
+        await backend.run(_insert(table, 2))
+        assert await backend.run(reads) == [[1, 2], [2]]
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await backend.run(duplicate)
+        await backend.run(_insert(table, 3))
+        assert await backend.run(reads) == [[1, 2, 3], [2, 3]]
+    finally:
+        await backend.close()
+    first, second = cursors
+    assert first[0] is not first[1] and first == second

@@ -51,6 +51,8 @@ from slotkeeper.supervisor import Supervisor
 log = logging.getLogger("slotkeeper.storage.postgres")
 
 CHANNEL = "slotkeeper_events"
+#: Queues one notification on the channel (what ``PgTx.send_writes`` sends last).
+_NOTIFY = "SELECT pg_notify(%s, %s)"
 #: The supervised loop that listens on CHANNEL.
 LISTENER = "event listener"
 #: NOTIFY payloads must stay under 8000 bytes; larger batches travel as event ids.
@@ -67,8 +69,15 @@ MAX_GROUP = 64
 #: operations one by one. Groups hold the locks of their earlier operations while a later one
 #: waits, so two groups (of this process or another) can wait for each other although each
 #: operation locks in id order; this ends such a wait long before PostgreSQL's deadlock check
-#: (``deadlock_timeout``, 1 s by default).
-GROUP_LOCK_TIMEOUT = b"SET LOCAL lock_timeout = '200ms'"
+#: (``deadlock_timeout``, 1 s by default). Set on the connection (not ``SET LOCAL``: one
+#: statement less per group) when it runs a group after running something else, and reset by
+#: :data:`ALONE_LOCK_TIMEOUT` when it runs an operation alone after a group: a ``SET`` in a
+#: transaction that rolls back is undone with it, so the connection's setting is recorded only
+#: once its transaction committed (``grouped``, per pool thread and its connection).
+GROUP_LOCK_TIMEOUT = b"SET lock_timeout = '200ms'"
+#: An operation alone waits for its locks as long as the server's setting lets it (PostgreSQL's
+#: deadlock check ends a cycle).
+ALONE_LOCK_TIMEOUT = b"RESET lock_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,8 @@ class PostgresBackend:
             # the pipeline with its statements (psycopg's own BEGIN would wait for an answer).
             conn = psycopg.connect(self.conninfo, autocommit=True)
             self._local.conn = conn
+            self._local.grouped = False  # its lock_timeout is the server's (GROUP_LOCK_TIMEOUT)
+            self._local.spare = []  # its cursors for reads taken later (PgTx.all_later)
             with self._lock:
                 self._connections.append(conn)
         return conn
@@ -146,7 +157,11 @@ class PostgresBackend:
         for attempt in range(_ATTEMPTS):
             conn = self._connection()
             try:
-                result, commit = _attempt(conn, op, outbox=self.outbox)
+                setting = ALONE_LOCK_TIMEOUT if self._local.grouped else None
+                result, commit = _attempt(
+                    conn, op, outbox=self.outbox, setting=setting, spare=self._local.spare
+                )
+                self._local.grouped = False  # committed: a RESET sent is in force
                 if commit is not None:
                     run_handoffs(commit.handoffs)  # in this process only, and only once committed
                     for observer in self._observers:
@@ -180,7 +195,11 @@ class PostgresBackend:
             return [_outcome(self._call, ops[0])]
         conn = self._connection()
         try:
-            outcomes, commit = _attempt_group(conn, ops, outbox=self.outbox)
+            setting = None if self._local.grouped else GROUP_LOCK_TIMEOUT
+            outcomes, commit = _attempt_group(
+                conn, ops, outbox=self.outbox, setting=setting, spare=self._local.spare
+            )
+            self._local.grouped = True  # committed: the SET sent (or an earlier one) is in force
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 conn.close()
@@ -339,6 +358,8 @@ def _attempt(
     timeout_ms: int | None = None,
     *,
     outbox: bool = False,
+    setting: bytes | None = None,
+    spare: list[psycopg.Cursor[Any]] | None = None,
 ) -> tuple[T, Commit | None]:
     """Run ``op`` in one transaction, in pipeline mode: a statement is sent without waiting for
     the previous one's answer, and the op waits only where it reads a result (``Tx.one``,
@@ -351,13 +372,17 @@ def _attempt(
     where the op next reads, or here at the commit; the caller rolls back.
 
     ``timeout_ms`` bounds every statement of the transaction (``SET LOCAL statement_timeout``,
-    sent with BEGIN: no round trip of its own).
+    sent with BEGIN: no round trip of its own); ``setting``, a statement sent after BEGIN (the
+    connection's ``lock_timeout``, :data:`ALONE_LOCK_TIMEOUT`); ``spare``, the connection's
+    cursors for the reads taken later (:class:`PgTx`).
     """
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
         if timeout_ms is not None:
             cursor.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}".encode(), prepare=False)
-        tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, outbox=outbox)
+        if setting is not None:
+            cursor.execute(setting, prepare=False)
+        tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, outbox=outbox, spare=spare)
         try:
             result = op(tx)
         except psycopg.Error:
@@ -367,10 +392,8 @@ def _attempt(
             # leaves the pipeline.
             cursor.execute(b"ROLLBACK", prepare=False)
             raise
-        tx.send_writes()
         commit = tx.committed()
-        if commit is not None and (commit.events or commit.woken):
-            _notify(cursor, commit)
+        tx.send_writes(_notifications(commit))
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined write: then nothing was committed
     return result, commit
@@ -404,12 +427,16 @@ class PgTx(Tx):
     raises where it would have (at the next statement waited for, or at the commit).
     """
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_spare", "_used")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, spare: list[psycopg.Cursor[Any]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Writes not sent yet: (statement in psycopg's positional form, its parameters).
         self._held: list[tuple[_Write, list[Any]]] = []
+        #: The connection's cursors for :meth:`all_later`, kept from one transaction to the next
+        #: (creating one costs about 3 µs; a pair reads through six), and how many this one used.
+        self._spare = spare
+        self._used = 0
 
     def write(self, query: str, params: Params | None = None) -> None:
         self.writes += 1
@@ -436,9 +463,16 @@ class PgTx(Tx):
     def _hold(self, write: _Write, params: Params) -> None:
         self._held.append((write, [params[name] for name in write.names]))
 
-    def send_writes(self) -> None:
-        """Send the writes held (before a statement of another kind, and before the COMMIT)."""
+    def send_writes(self, notifications: list[list[Any]] | None = None) -> None:
+        """Send the writes held (before a statement of another kind, and before the COMMIT).
+
+        ``notifications`` (before the COMMIT): the parameters of each :data:`_NOTIFY` to send
+        after them. The first is the main statement of the last writes' ``WITH`` (it reads and
+        writes no table, and data-modifying ``WITH`` parts run to completion whether or not
+        the main statement reads them): one statement less per transaction.
+        """
         held, self._held = self._held, []
+        notifications = list(notifications or [])
         while held:
             first = held[0][0]
             count, written, named = 1, {first.table}, set(first.words)
@@ -454,11 +488,16 @@ class PgTx(Tx):
                 named |= write.words
                 count += 1
             part, held = held[:count], held[count:]
-            if count == 1:
+            if not held and notifications and first.table is not None:
+                # The last writes, joinable: the first notification is their main statement.
+                part.append((_NOTIFY_WRITE, notifications.pop(0)))
+            elif count == 1:
                 self._cursor.execute(part[0][0].sql, part[0][1])
                 continue
             ctes = ", ".join(f"w{i} AS ({w.sql})" for i, (w, _) in enumerate(part[:-1]))
             self._cursor.execute(f"WITH {ctes} {part[-1][0].sql}", [v for _, values in part for v in values])
+        for params in notifications:
+            self._cursor.execute(_NOTIFY, params)
 
     def one(self, query: str, params: Params | None = None) -> Row | None:
         self.send_writes()
@@ -476,6 +515,16 @@ class PgTx(Tx):
         self.send_writes()
         return super().write_now(query, params)
 
+    def _later_cursor(self) -> Any:
+        """The next spare cursor (one per read of this transaction: each keeps its rows until
+        they are taken), or a new one, kept for the next transactions."""
+        if self._spare is None:
+            return super()._later_cursor()
+        if self._used == len(self._spare):
+            self._spare.append(self._cursor.connection.cursor())
+        self._used += 1
+        return self._spare[self._used - 1]
+
 
 @dataclass(frozen=True, slots=True)
 class _Write:
@@ -488,6 +537,9 @@ class _Write:
     #: Every word of the statement: the tables it may read are among them.
     words: frozenset[str]
 
+
+#: :data:`_NOTIFY` as the last part of a statement of held writes (``PgTx.send_writes``).
+_NOTIFY_WRITE = _Write(_NOTIFY, ("channel", "payload"), None, frozenset())
 
 _WRITES = re.compile(r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
 _WORDS = re.compile(r"\w+")
@@ -524,7 +576,12 @@ class Ungroupable(Exception):
 
 
 def _attempt_group(
-    conn: psycopg.Connection[Any], ops: list[Op], *, outbox: bool = False
+    conn: psycopg.Connection[Any],
+    ops: list[Op],
+    *,
+    outbox: bool = False,
+    setting: bytes | None = None,
+    spare: list[psycopg.Cursor[Any]] | None = None,
 ) -> tuple[list[Outcome], Commit | None]:
     """Run ``ops`` one after the other in one transaction, in pipeline mode (as :func:`_attempt`).
 
@@ -535,15 +592,18 @@ def _attempt_group(
     cannot be undone alone without a savepoint per operation (two statements each, which cost
     more than this rare case): :class:`Ungroupable` is raised, and so is a database error that
     escapes an operation or the commit; the caller rolls back. Consecutive :class:`TwoHalves`
-    operations send their first halves together (:func:`_run_batch`).
+    operations send their first halves together (:func:`_run_batch`). ``setting``: a statement
+    sent after BEGIN (:data:`GROUP_LOCK_TIMEOUT`, when the connection does not have it yet);
+    ``spare``: as for :func:`_attempt`.
     """
     outcomes: list[Outcome] = []
     with conn.pipeline() as pipeline, conn.cursor() as cursor:
         cursor.execute(b"BEGIN", prepare=False)
-        cursor.execute(GROUP_LOCK_TIMEOUT, prepare=False)
+        if setting is not None:
+            cursor.execute(setting, prepare=False)
         # The group's server-written events are inserted together before its COMMIT, one
         # statement per table (``Tx.insert_at_commit``); an operation that fails drops its own.
-        tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True, outbox=outbox)
+        tx = PgTx(cursor, POSTGRES, psycopg.IntegrityError, pipeline, defer=True, outbox=outbox, spare=spare)
         start = 0
         while start < len(ops):
             end = start
@@ -556,10 +616,8 @@ def _attempt_group(
             _run_batch(conn, tx, ops[start:end], outcomes)
             start = end
         tx.flush()
-        tx.send_writes()
         commit = tx.committed()
-        if commit is not None and (commit.events or commit.woken):
-            _notify(cursor, commit)
+        tx.send_writes(_notifications(commit))
         cursor.execute(b"COMMIT", prepare=False)
         pipeline.sync()  # raises the error of any pipelined statement: then nothing was committed
     return outcomes, commit
@@ -642,19 +700,23 @@ def _rollback(conn: psycopg.Connection[Any]) -> None:
         conn.execute(b"ROLLBACK", prepare=False)
 
 
-def _notify(cursor: psycopg.Cursor[Any], commit: Commit) -> None:
-    """Queue what the transaction published on the channel; delivered if and when it commits."""
+def _notifications(commit: Commit | None) -> list[list[Any]]:
+    """The parameters of each :data:`_NOTIFY` that carries what the transaction published
+    (delivered if and when it commits), in order; none if it published nothing to tell."""
+    if commit is None or not (commit.events or commit.woken):
+        return []
     events, woken = commit.events, commit.woken
     payload = orjson.dumps({"events": [e.wire() for e in events], "woken": woken})
     if len(payload) > _MAX_PAYLOAD:
         payload = orjson.dumps({"ids": [e.id for e in events], "woken": woken})
     if len(payload) > _MAX_PAYLOAD:  # very large batches: several notifications, order kept
         step = max(1, _MAX_PAYLOAD // 48)
+        parts = []
         for i in range(0, max(len(events), len(woken)), step):
             part = {"ids": [e.id for e in events[i : i + step]], "woken": woken[i : i + step]}
-            cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(part).decode()))
-        return
-    cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload.decode()))
+            parts.append([CHANNEL, orjson.dumps(part).decode()])
+        return parts
+    return [[CHANNEL, payload.decode()]]
 
 
 def _decode_or_skip(conn: psycopg.Connection[Any], payload: str) -> Commit | None:

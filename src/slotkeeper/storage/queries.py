@@ -91,7 +91,7 @@ class LeaseLimit(NamedTuple):
 
 #: The one writer's (SQLite's) release read: the limits a lease holds, each with its grant's
 #: acquired event and whether its queue has anyone, in one statement instead of three
-#: (``SELECT_LIMITS_OF_LEASE``, ``SELECT_LEASE_GRANTS``, and the queue, read only when someone
+#: (the limits of the lease, its grants' acquired events, and the queue, read only when someone
 #: is queued). It takes no row lock: only for a backend that runs one transaction at a time.
 SELECT_LEASE_LIMITS = f"""
 SELECT {", ".join("m." + c for c in LimitRow._fields)}, g.acquired_event_id,
@@ -104,6 +104,14 @@ FROM grants g JOIN limits m ON m.id = g.limit_id WHERE g.lease_id = :id ORDER BY
 SELECT_LIMITS_OF_LEASE = f"""
 SELECT {LIMIT_COLUMNS} FROM limits WHERE id IN (SELECT limit_id FROM grants WHERE lease_id = :id)
 ORDER BY id FOR_UPDATE
+"""
+
+#: The limits a lease holds, locked, each with its grant's acquired event (what ending it reads
+#: on PostgreSQL, one statement for two; only its limit rows are locked, ``OF m``). PostgreSQL
+#: only: SQLite reads ``SELECT_LEASE_LIMITS``.
+SELECT_LIMITS_OF_LEASE_WITH_GRANTS = f"""
+SELECT {", ".join("m." + c for c in LimitRow._fields)}, g.acquired_event_id
+FROM limits m JOIN grants g ON g.limit_id = m.id WHERE g.lease_id = :id ORDER BY m.id FOR_UPDATE OF m
 """
 
 #: The limits a waiter waits for, locked (what granting or refusing it locks first).
@@ -181,10 +189,6 @@ VALUES (:id, :created, :expires, :slots, :holder_type, :holder_id)
 INSERT_GRANT = """
 INSERT INTO grants (lease_id, limit_id, slots, fencing_token, acquired_event_id)
 VALUES (:lease_id, :limit_id, :slots, :fencing_token, :acquired_event_id)
-"""
-
-SELECT_LEASE_GRANTS = """
-SELECT limit_id, acquired_event_id FROM grants WHERE lease_id = :id ORDER BY limit_id
 """
 
 

@@ -199,11 +199,10 @@ class SlotScripts:
         :meth:`end_lease` reads what it needs in one statement."""
         if self.s.one_writer:
             return None
-        locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
-        acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+        locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE_WITH_GRANTS, {"id": lease_id})
         queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
         deleting = tx.all_later(q.DELETE_LEASE, {"id": lease_id})
-        return LeaseReads(locking, acquired, queue, deleting)
+        return LeaseReads(locking, queue, deleting)
 
     def end_lease(
         self,
@@ -245,10 +244,9 @@ class SlotScripts:
         else:
             if expired_only:
                 # The reaper: whether the lease has expired depends on ``now``, read after the locks.
-                locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE, {"id": lease_id})
-                acquired = tx.all_later(q.SELECT_LEASE_GRANTS, {"id": lease_id})
+                locking = tx.all_later(q.SELECT_LIMITS_OF_LEASE_WITH_GRANTS, {"id": lease_id})
                 queue = tx.all_later(q.SELECT_WAITERS_ON_LEASE, {"id": lease_id})
-                locked = locking()
+                locked, grants = _limits_and_grants(locking())
                 now = self.s.clock()
                 deleted = tx.one(q.DELETE_LEASE_IF_EXPIRED, {"id": lease_id, "now": now})
             else:
@@ -258,9 +256,8 @@ class SlotScripts:
                 locked = reads.rows()
                 now = self.s.clock()
                 deleted = reads.deleted()
-                acquired, queue = reads.acquired, (reads.waiting if reads.queue is not None else None)
+                grants, queue = reads.grants, (reads.waiting if reads.queue is not None else None)
             limits = [limit_from(r, 0) for r in limit_rows(locked)]
-            grants = dict(acquired())
         if deleted is None:
             return False
         ended_lease = q.EndedLeaseRow._make(deleted)
@@ -340,24 +337,30 @@ class LeaseReads:
     ``locked_ids``, ``refresh`` and ``admits`` are for a PostgreSQL group that sent the reads of
     several operations together (``postgres.py``, "batched reads")."""
 
-    __slots__ = ("_deleted", "_rows", "_waiting", "acquired", "deleting", "locking", "queue")
+    __slots__ = ("_deleted", "_joined", "_rows", "_waiting", "deleting", "grants", "locking", "queue")
 
     def __init__(
         self,
         locking: Callable[[], list[Row]],
-        acquired: Callable[[], list[Row]],
         queue: Callable[[], list[Row]] | None,
         deleting: Callable[[], list[Row]],
     ) -> None:
-        self.locking, self.acquired, self.queue, self.deleting = locking, acquired, queue, deleting
+        #: ``SELECT_LIMITS_OF_LEASE_WITH_GRANTS``; once refreshed, ``SELECT_LIMITS_BY_IDS``.
+        self.locking, self.queue, self.deleting = locking, queue, deleting
+        self._joined = True  # ``locking`` returns the grants too
         self._rows: list[Row] | None = None
         self._deleted: list[Row] | None = None
         self._waiting: list[Row] | None = None
+        #: The acquired event of the lease's grant on each of its limits (by limit id), once read.
+        self.grants: dict[str, str | None] = {}
 
     def rows(self) -> list[Row]:
         """The lease's limit rows, locked (waits for them the first time)."""
         if self._rows is None:
-            self._rows = self.locking()
+            if self._joined:
+                self._rows, self.grants = _limits_and_grants(self.locking())
+            else:
+                self._rows = self.locking()
         return self._rows
 
     def deleted(self) -> Row | None:
@@ -385,7 +388,14 @@ class LeaseReads:
         """Read the lease's limits again, after an earlier operation of the group changed them
         (they are locked already). The lease and its grants are this operation's alone and
         were deleted by its first half: the queue is read again by admission (by limit ids)."""
-        ids = sorted(self.locked_ids())
+        ids = sorted(self.locked_ids())  # and the grants, read with the limits the first time
         self.locking = tx.all_later(q.SELECT_LIMITS_BY_IDS, {"ids": ids}) if ids else (lambda: [])
+        self._joined = False
         self._rows = None
         self.queue = None
+
+
+def _limits_and_grants(rows: list[Row]) -> tuple[list[Row], dict[str, str | None]]:
+    """The rows of ``SELECT_LIMITS_OF_LEASE_WITH_GRANTS`` split: the limit rows, and the acquired
+    event of the lease's grant on each of those limits (by limit id)."""
+    return [row[: q.LIMIT_WIDTH] for row in rows], {row[0]: row[q.LIMIT_WIDTH] for row in rows}

@@ -146,10 +146,14 @@ class Tx:
         text, reads, lists = self._dialect.prepared(query)
         if not reads:
             self.writes += 1
-        cursor = self._cursor.connection.cursor()
+        cursor = self._later_cursor()
         cursor.execute(text, self._dialect.params(params or {}) if lists else params or {})
         fetch: Callable[[], list[Row]] = cursor.fetchall
         return fetch
+
+    def _later_cursor(self) -> Any:
+        """A cursor of its own for a read of :meth:`all_later` (its rows stay there until taken)."""
+        return self._cursor.connection.cursor()
 
     # --- writes ---------------------------------------------------------------------------------
 
