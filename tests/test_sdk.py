@@ -343,6 +343,52 @@ async def test_a_higher_priority_is_served_first(server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sdk_protocol")
+async def test_a_waiter_is_not_passed_by_a_newcomer_between_its_requests(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An acquisition whose first request was refused (423) and whose waiting request has not
+    # reached the queue yet must not be passed by a newcomer that finds the slot free: the
+    # holder leaves and a newcomer asks exactly in that window (if the SDK opens one), else once
+    # the waiter is queued. The newcomer is refused either way; the waiter gets the slot.
+    name = unique()
+    server.create(name, 1)
+    ask = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": 60}
+    status, holding = server.call("POST", f"{V2}/increment-with-lease", ask)
+    assert status == 200
+    newcomer: list[tuple[int, Any]] = []
+
+    def leave_and_ask() -> None:
+        if not newcomer:
+            assert (
+                server.call("POST", f"{V2}/decrement-with-lease", {"lease_id": holding["lease_id"]})[0] == 204
+            )
+            newcomer.append(server.call("POST", f"{V2}/increment-with-lease", ask))
+
+    exchange = _core.exchange
+
+    async def in_the_window(
+        ep: Endpoint, path: str, body: dict[str, Any], wait: float | None, remaining: float | None
+    ) -> tuple[_wire.Answer, bool]:
+        answered = await exchange(ep, path, body, wait, remaining)
+        if body["names"] == [name] and answered[0][0] == 423:
+            leave_and_ask()  # blocks the SDK's loop for two requests: the waiting one is not sent yet
+        return answered
+
+    monkeypatch.setattr(_core, "exchange", in_the_window)
+    waiter = asyncio.create_task(aconcurrency(name, client=server.client()).__aenter__())
+    await auntil(lambda: bool(newcomer) or server.queued() == 1, "the waiter refused or queued")
+    leave_and_ask()
+    ((status, took),) = newcomer
+    if status == 200:  # served first: give its slot back, so that the waiter ends too
+        server.call("POST", f"{V2}/decrement-with-lease", {"lease_id": took["lease_id"]})
+    lease = await asyncio.wait_for(waiter, PATIENCE)
+    assert status == 423, "a newcomer was served before a waiter that asked first"
+    assert [x["lease_id"] for x in server.leases(name)] == [lease.lease_id]
+    await runtime().call(_core.release(lease)).aresult()
+
+
+@pytest.mark.slow
 def served_after_a_wait(server: Server) -> tuple[str, Lease, Lease]:
     """A sync block in a thread waits for a limit of 1 that this thread holds; once the server
     has queued it, the holder leaves. The limit, the holder's lease and the waiter's."""
@@ -859,7 +905,10 @@ class Scripted:
     def acquire(self, max_retries: int | None = None, timeout_seconds: float | None = None) -> Lease:
         spec = _core.Spec(["a"], 1, timeout_seconds, max_retries, 60.0, None, 0, False, self.key)
         rt = runtime()
-        return rt.call(_core.acquire(rt, spec)).result()
+        lease = rt.call(_core.acquire(rt, spec)).result()
+        if lease._renewal is not None:  # a scripted grant: nothing to renew
+            rt.loop.call_soon_threadsafe(lease._renewal.stop)
+        return lease
 
     def take_rate(self) -> list[_core.GrantedLimit]:
         rt = runtime()
@@ -884,7 +933,9 @@ def test_acquire_retries_in_a_row_what_is_not_an_answer(monkeypatch: pytest.Monk
     assert script.acquire().lease_id is None
     assert script.backoffs == [1, 2, 3, 4, 1, 2, 3, 4]
     waited = [wait for _, wait in script.sent]
-    assert waited == [None] * 5 + [_core.WAIT_CHUNK_SECONDS] + [None] * 5  # then polls (Prefect's)
+    # Without max_retries every request waits on the server, the first too, until the server
+    # says it does not wait (a Prefect server); then it polls, Prefect's way.
+    assert waited == [_core.WAIT_CHUNK_SECONDS] * 6 + [None] * 5
 
     too_many = [DOWN, BUSY] * _retry.ATTEMPTS
     for last, detail in [(DOWN, "No answer from the server"), (BUSY, "503 Service Unavailable: busy")]:
@@ -898,10 +949,18 @@ def test_acquire_retries_in_a_row_what_is_not_an_answer(monkeypatch: pytest.Monk
 
 
 def test_acquire_counts_refusals_and_keeps_to_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With max_retries the first request is Prefect's (a refusal at once, counted); then waits.
     script = Scripted(monkeypatch, LOCKED, DOWN, LOCKED)
     with pytest.raises(ConcurrencySlotAcquisitionError, match=r"^Unable .* \['a'\]: 423 Locked: Locked$"):
         script.acquire(max_retries=1)
     assert script.sent == [("increment-with-lease", None), *[("increment-with-lease", 55.0)] * 2]
+    # Without, the first request waits: what is left of the timeout.
+    script = Scripted(
+        monkeypatch, (200, {}, {"lease_id": "x", "limits": [{"id": "i", "name": "a", "limit": 1}]})
+    )
+    assert script.acquire(timeout_seconds=PATIENCE).lease_id == "x"
+    ((_, wait),) = script.sent
+    assert wait is not None and 0 < wait <= PATIENCE
     with pytest.raises(AcquireConcurrencySlotTimeoutError, match=r"slots timed out after 0 second"):
         Scripted(monkeypatch, DOWN).acquire(timeout_seconds=0)
 
@@ -910,9 +969,9 @@ def test_a_server_shutting_down_is_waited_for_as_it_says(monkeypatch: pytest.Mon
     # 503 with Retry-After (a server that is stopping, contract 2) is retried after the pause it
     # names, not a backoff; never past the caller's timeout.
     stopping = (503, {"retry-after": "0.01"}, {"detail": "Shutting down", "code": "shutting_down"})
-    nothing = (200, {}, {"lease_id": "x", "limits": []})
-    script = Scripted(monkeypatch, stopping, stopping, DOWN, nothing)
-    assert script.acquire(timeout_seconds=PATIENCE).lease_id is None
+    grant = (200, {}, {"lease_id": "x", "limits": [{"id": "i", "name": "a", "limit": 1}]})
+    script = Scripted(monkeypatch, stopping, stopping, DOWN, grant)
+    assert script.acquire(timeout_seconds=PATIENCE).lease_id == "x"
     assert script.backoffs == [3]  # the refused connection only
     with pytest.raises(AcquireConcurrencySlotTimeoutError):
         Scripted(monkeypatch, (503, {"retry-after": "30"}, {"code": "shutting_down"})).acquire(
@@ -942,7 +1001,7 @@ def test_rate_limit_and_v1_retry_alike(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeServer:
-    """A scripted HTTP server: answers the first acquisition 423, holds the waiting one until
+    """A scripted HTTP server: answers an acquisition that does not wait 423, holds a waiting one until
     the client half-closes, then answers it with a grant (the grant "on the wire" when the client
     gave up), and records every request."""
 
@@ -1004,13 +1063,16 @@ async def test_a_grant_on_the_wire_when_the_caller_gives_up_is_released(
     fake = FakeServer()
     async with fake as url:
         waiter = asyncio.create_task(aconcurrency("db", api_url=url).__aenter__())
-        await auntil(lambda: len(fake.requests) == 2, "the waiting request sent")
+        await auntil(
+            lambda: any("wait_seconds" in body for _, body in fake.requests), "the waiting request sent"
+        )
+        sent = len(fake.requests)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        await auntil(lambda: len(fake.requests) == 3, "the raced grant released")
+        await auntil(lambda: len(fake.requests) == sent + 1, "the raced grant released")
     assert fake.withdrawn.is_set()
-    assert fake.requests[2] == ("/api/v2/concurrency_limits/decrement-with-lease", {"lease_id": "raced"})
+    assert fake.requests[-1] == ("/api/v2/concurrency_limits/decrement-with-lease", {"lease_id": "raced"})
 
 
 # --- the wire: an answer that arrives with a cancellation ----------------------------------------

@@ -2,16 +2,19 @@
 
 Acquisition (``increment-with-lease``), as a loop of requests:
 
-1. The first request does not wait (Prefect's request, unchanged): uncontended, it is the only
-   one, and it answers Prefect's way for names that do not exist (``limits: []``) or inactive
-   limits, on which the server would refuse to wait.
-2. On 423 the next requests wait on the server (``wait_seconds`` = what is left of
+1. The first request waits on the server (``wait_seconds`` = what is left of
    ``timeout_seconds``, or :data:`WAIT_CHUNK_SECONDS` at a time without a timeout), in the fair
-   queue, with ``priority``. Each 423 counts against ``max_retries``, as in Prefect.
+   queue, with ``priority``, unless ``max_retries`` is given or ``timeout_seconds`` is 0: then it
+   is Prefect's request, unchanged (a refusal at once, counted). A first request that did not
+   wait would leave a window, between its 423 and its waiting request, in which a newcomer that
+   finds the slot free and the queue empty is served first.
+2. On 423 the next requests wait on the server, as above. Each 423 counts against
+   ``max_retries``, as in Prefect. A wait that ends without slots answers 423 and is asked again.
 3. If the server refuses to wait (422): a server without the queue (Prefect's) or with a lower
    maximum is remembered per server; a request naming a limit that does not exist or is inactive
    (code ``cannot_wait``) is polled, Prefect's way (``Retry-After``), since the server only queues
-   on active limits.
+   on active limits: its next request does not wait, and is answered Prefect's way (``limits:
+   []`` for names that do not exist, an uncounted grant for inactive limits).
 
 Failures that say "not now" (an unreachable server, 503 ...) are retried by the one policy of
 :mod:`._retry`, within the caller's timeout.
@@ -304,13 +307,17 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
     }
     if spec.holder is not None:
         body["holder"] = spec.holder
-    contended = False  # a 423 was seen: wait on the server from now on
+    # Wait on the server from the first request when refusals are not counted: a first request
+    # that did not wait would leave a window (between its 423 and the waiting request) in which
+    # a newcomer finding the slot free and the queue empty is served first. With ``max_retries``
+    # the first request stays Prefect's (a refusal at once, counted), and so with a timeout of 0.
+    wait_on_server = spec.max_retries is None and (spec.timeout_seconds is None or spec.timeout_seconds > 0)
     polling = False  # the server will not queue this request: poll with Retry-After
     place: str | None = None  # the waiter a server answered 503 at its shutdown: take it back
     while True:
         wait: float | None = None
         sent_body = body
-        if contended and ep.waits and not polling:
+        if wait_on_server and ep.waits and not polling:
             remaining = clock.remaining()
             if remaining is not None and remaining <= 0:
                 raise timed_out(spec.timeout_seconds)
@@ -336,7 +343,7 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             attempts.refused(answer)
             if clock.expired():
                 raise timed_out(spec.timeout_seconds)
-            contended = True
+            wait_on_server = True
             if ep.waits and not polling:
                 continue  # the next request waits on the server
             pause = retry_after(headers)
