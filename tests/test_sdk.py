@@ -372,7 +372,7 @@ async def test_a_waiter_is_not_passed_by_a_newcomer_between_its_requests(
     ) -> tuple[_wire.Answer, bool]:
         answered = await exchange(ep, path, body, wait, remaining)
         if body["names"] == [name] and answered[0][0] == 423:
-            leave_and_ask()  # blocks the SDK's loop for two requests: the waiting one is not sent yet
+            leave_and_ask()  # blocks the acquisition's loop for two requests: no waiting one is sent
         return answered
 
     monkeypatch.setattr(_core, "exchange", in_the_window)
@@ -590,6 +590,26 @@ async def test_cancelled_at_every_step_of_many_acquisitions_leaves_nothing_held(
 
 
 # --- renewal --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fast_renewals")
+@pytest.mark.usefixtures("sdk_protocol")
+async def test_a_blocked_callers_loop_does_not_stop_the_renewals(server: Server) -> None:
+    # The block acquires on this loop; its renewals run on the SDK's thread: this loop blocks
+    # (no await) until the server has seen the lease renewed twice.
+    name = unique()
+    server.create(name, 1)
+    seen: set[str] = set()
+
+    def renewed_twice() -> bool:
+        seen.update(x["expires"] for x in server.leases(name))
+        return len(seen) >= 3
+
+    async with aconcurrency(name, lease_duration=5, client=server.client()) as lease:
+        until(renewed_twice, "the lease renewed twice while the loop of its block was blocked")
+        assert not lease.lost
+    assert server.leases(name) == []
 
 
 @pytest.mark.slow

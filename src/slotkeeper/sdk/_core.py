@@ -1,4 +1,6 @@
-"""The SDK's async core: acquire, renew and release. Every coroutine here runs on the runtime loop.
+"""The SDK's async core: acquire, renew and release. Renewals run on the runtime loop; the
+coroutines that acquire and release run there too, or on the loop of an ``async with`` block
+(see :mod:`._runtime`), whichever endpoint they are given.
 
 Acquisition (``increment-with-lease``), as a loop of requests:
 
@@ -294,9 +296,12 @@ async def poll(ep: Endpoint, path: str, body: dict[str, Any], attempts: Attempts
 # --- concurrency: acquire -----------------------------------------------------------------------------
 
 
-async def acquire(rt: Runtime, spec: Spec) -> Lease:
-    """Acquire ``spec`` (see the module's docstring); start renewing what was granted."""
-    ep = rt.endpoint(spec.key)
+async def acquire(rt: Runtime, spec: Spec, ep: Endpoint | None = None) -> Lease:
+    """Acquire ``spec`` (see the module's docstring) through ``ep`` (the runtime's endpoint by
+    default; an ``async with`` block's is its own loop's); start renewing what was granted (on
+    the runtime's loop, whichever loop acquired it)."""
+    if ep is None:
+        ep = rt.endpoint(spec.key)
     attempts = Attempts(spec.names, spec.timeout_seconds, spec.max_retries)
     clock = attempts.clock
     body: dict[str, Any] = {
@@ -418,9 +423,12 @@ def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, 
     # ``limits: []``); the lease is renewed and released all the same.
     lease_id = str(answer["lease_id"])
     # The server started the lease between ``sent`` and now; a waiting request's grant is
-    # answered at once, so it started at most a round trip ago (1 s is a generous bound).
-    start = max(sent, rt.loop.time() - 1.0)
-    renewal = Renewal(rt, ep, lease_id, spec.lease_duration, start, spec.names, spec.raises)
+    # answered at once, so it started at most a round trip ago (1 s is a generous bound). Every
+    # loop's clock here is the monotonic clock (asyncio's and uvloop's alike).
+    start = max(sent, asyncio.get_running_loop().time() - 1.0)
+    renewal = Renewal(
+        rt, rt.endpoint(spec.key), lease_id, spec.lease_duration, start, spec.names, spec.raises, ep
+    )
     if ep.released(lease_id):  # its session was lost meanwhile: see _session
         renewal.drop(SESSION_LOST)
     return Lease(lease_id, limits, renewal)
@@ -431,6 +439,11 @@ def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, 
 
 class Renewal:
     """Keeps one lease alive from the runtime loop, until it is released or lost.
+
+    Made and stopped from any loop (an ``async with`` block acquires and releases on its own):
+    its timer and its renewals live on the runtime's loop, and what touches them is posted
+    there (:meth:`Runtime.post`). ``ep`` renews (the runtime's endpoint); ``via`` carried the
+    grant (its session's loss puts the lease at risk, see :mod:`._session`).
 
     Renewals run every ``RENEW_FRACTION`` of the duration. A failed renewal is retried with
     backoff until the lease would have expired (measured from when the last successful renewal
@@ -449,9 +462,11 @@ class Renewal:
         sent: float,
         names: list[str],
         raises: bool,
+        via: Endpoint | None = None,
     ) -> None:
         self.rt = rt
         self.ep = ep
+        self.via = ep if via is None else via
         self.lease_id = lease_id
         self.duration = duration
         self.names = names
@@ -463,10 +478,13 @@ class Renewal:
         self._lock = threading.Lock()
         self._listener: Callable[[str], None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._handle: asyncio.TimerHandle | None = rt.loop.call_at(
-            sent + duration * RENEW_FRACTION, self._due
-        )
+        self._handle: asyncio.TimerHandle | None = None
         rt.held.add(self)
+        rt.post(self._schedule, sent + duration * RENEW_FRACTION)
+
+    def _schedule(self, when: float) -> None:  # the runtime loop
+        if not self.stopped:
+            self._handle = self.rt.loop.call_at(when, self._due)
 
     # --- from the block's thread ---------------------------------------------------------------------
 
@@ -483,6 +501,8 @@ class Renewal:
 
     def _due(self) -> None:
         self._handle = None
+        if self.stopped:
+            return
         self._task = self.rt.loop.create_task(self._renew())
 
     def drop(self, reason: str) -> None:
@@ -578,20 +598,24 @@ class Renewal:
             listener(reason)
 
     def stop(self) -> None:
-        """No more renewals (the lease is being released)."""
+        """No more renewals (the lease is being released); from any loop."""
         self.stopped = True
         self.rt.held.discard(self)
+        with self._lock:
+            self._listener = None
+        self.rt.post(self._stopped)
+
+    def _stopped(self) -> None:  # the runtime loop
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        with self._lock:
-            self._listener = None
 
-    async def release(self) -> None:
-        """Stop renewing and release the lease; retried on transient failures.
+    async def release(self, ep: Endpoint | None = None) -> None:
+        """Stop renewing and release the lease, through ``ep`` (by default the endpoint that
+        renews it); retried on transient failures.
 
         Raises :class:`ApiError` or :class:`ServerUnreachable` if it could not be released (a
         lost lease's release is only attempted: failures are not raised).
@@ -602,7 +626,7 @@ class Renewal:
         lost = self.lost is not None  # final: a stopped renewal is never lost
         try:
             await post_retried(
-                self.ep,
+                self.ep if ep is None else ep,
                 f"{V2}/decrement-with-lease",
                 {"lease_id": self.lease_id},
                 retry=not lost,
@@ -619,10 +643,10 @@ class Renewal:
             log.warning("Could not release concurrency lease %s at exit: %s", self.lease_id, exc)
 
 
-async def release(lease: Lease) -> None:
-    """Release what a block holds (nothing if it holds nothing)."""
+async def release(lease: Lease, ep: Endpoint | None = None) -> None:
+    """Release what a block holds (nothing if it holds nothing), through ``ep`` if given."""
     if lease._renewal is not None:
-        await lease._renewal.release()
+        await lease._renewal.release(ep)
 
 
 async def release_orphan(lease: Lease) -> None:
