@@ -80,7 +80,7 @@ def figures(path: Path) -> list[dict[str, Any]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a-src", required=True, help="side A's src folder")
+    p.add_argument("--a-src", help="side A's src folder (required)")
     p.add_argument(
         "--b-src", default=str(HERE.parent / "src"), help="side B's src folder (default: this tree's)"
     )
@@ -89,6 +89,8 @@ def main() -> int:
     args = p.parse_args()
     if args.one:
         return _one(args.one)
+    if not args.a_src:
+        p.error("--a-src is required")
     sides = {"A": str(Path(args.a_src).resolve()), "B": str(Path(args.b_src).resolve())}
     results: dict[str, list[list[dict[str, Any]]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as tmp:
