@@ -480,10 +480,11 @@ class Renewal:
         self._task: asyncio.Task[None] | None = None
         self._handle: asyncio.TimerHandle | None = None
         rt.held.add(self)
-        rt.post(self._schedule, sent + duration * RENEW_FRACTION)
+        rt.renew_at(self, sent + duration * RENEW_FRACTION)
 
     def _schedule(self, when: float) -> None:  # the runtime loop
-        if not self.stopped:
+        # Not if a renewal already ran meanwhile (a lost session's ``renew_now``): it set its own.
+        if not self.stopped and self._handle is None and self._task is None:
             self._handle = self.rt.loop.call_at(when, self._due)
 
     # --- from the block's thread ---------------------------------------------------------------------
@@ -603,7 +604,12 @@ class Renewal:
         self.rt.held.discard(self)
         with self._lock:
             self._listener = None
-        self.rt.post(self._stopped)
+        if self._handle is not None or self._task is not None:
+            # Its timer runs (a block that outlived its first renewal's due time): cancel it
+            # there. A short block's renewal was never scheduled (see Runtime.renew_at): no
+            # wake-up of the runtime's loop. (Should its timer be set in the meantime, its
+            # ``_due`` finds it stopped.)
+            self.rt.post(self._stopped)
 
     def _stopped(self) -> None:  # the runtime loop
         if self._handle is not None:

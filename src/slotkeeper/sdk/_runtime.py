@@ -168,6 +168,11 @@ class Runtime:
         #: Work posted from other threads (:meth:`post`), run in one turn of this loop.
         self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._posted_lock = threading.Lock()
+        #: Renewals started from other loops, not scheduled yet (:meth:`renew_at`), and when
+        #: this loop takes them in.
+        self._waiting: list[tuple[float, Any]] = []
+        self._take_at: float | None = None
+        self._take_timer: asyncio.TimerHandle | None = None
         ready = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(ready,), name="slotkeeper-sdk", daemon=True)
         self.thread.start()
@@ -203,6 +208,42 @@ class Runtime:
         if first:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
                 self.loop.call_soon_threadsafe(self._run_posted)
+
+    def renew_at(self, renewal: Any, when: float) -> None:
+        """Set ``renewal``'s timer for ``when`` (on this loop's clock), from any thread.
+
+        From another loop, without waking this one when it can be helped: the renewal waits in a
+        list that this loop takes in (its timers set, those already stopped dropped) when the
+        earliest of them falls due; only a renewal due before that wakes this loop, to take the
+        list in earlier. A block shorter than half its lease (most) thus costs this loop nothing.
+        """
+        if threading.get_ident() == self.thread.ident:
+            renewal._schedule(when)
+            return
+        with self._posted_lock:
+            self._waiting.append((when, renewal))
+            sooner = self._take_at is None or when < self._take_at
+            if sooner:
+                self._take_at = when
+        if sooner:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+                self.loop.call_soon_threadsafe(self._arm)
+
+    def _arm(self) -> None:
+        with self._posted_lock:
+            when = self._take_at
+        if self._take_timer is not None:
+            self._take_timer.cancel()
+        self._take_timer = None if when is None else self.loop.call_at(when, self._take_in)
+
+    def _take_in(self) -> None:
+        self._take_timer = None
+        with self._posted_lock:
+            waiting, self._waiting = self._waiting, []
+            self._take_at = None
+        for when, renewal in waiting:
+            if not renewal.stopped:
+                renewal._schedule(when)
 
     def _run_posted(self) -> None:
         with self._posted_lock:
