@@ -331,7 +331,14 @@ class SyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        lease = self._acquisition(rt).result()
+        call = self._acquisition(rt)
+        try:
+            lease = call.result()
+        except BaseException:
+            # An interrupt (KeyboardInterrupt) that lands before the call's own wait began, or
+            # after its outcome came: nobody will hold what it gets (abandoning twice is a no-op).
+            call.abandon()
+            raise
         self._accept(rt, lease)
         if lease._renewal is not None:
             self._thread_id = threading.get_ident()
