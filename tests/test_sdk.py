@@ -838,6 +838,37 @@ def test_a_result_nobody_waits_for_goes_to_the_orphan_handler() -> None:
     assert adopted == ["lease-1", "lease-2"]
 
 
+class _FakeRenewal:
+    def __init__(self) -> None:
+        self.stopped = False
+        self.scheduled: list[float] = []
+
+    def _schedule(self, when: float) -> None:
+        self.scheduled.append(when)
+
+
+def test_renewals_started_from_another_loop_are_scheduled_when_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    # From another thread, a renewal waits in a list (the SDK's loop is woken only for one due
+    # sooner than the list's earliest); stopped ones are dropped as the list grows, and when the
+    # earliest falls due the live ones get their timers, the stopped ones none.
+    rt = runtime()
+    monkeypatch.setattr(_runtime, "PRUNE_WAITING", 8)
+    monkeypatch.setattr(rt, "_prune_at", 8)
+    later = rt.loop.time() + 3600.0
+    renewals = [_FakeRenewal() for _ in range(40)]
+    for i, renewal in enumerate(renewals):
+        rt.renew_at(renewal, later)
+        if i % 4:
+            renewal.stopped = True  # a short block: released before its renewal was due
+    live = [r for r in renewals if not r.stopped]
+    assert len(rt._waiting) <= 2 * len(live) + 8
+    due = _FakeRenewal()
+    rt.renew_at(due, rt.loop.time())  # due now: the SDK's loop takes the list in
+    until(lambda: bool(due.scheduled), "the due renewal scheduled")
+    assert all(r.scheduled == [later] for r in live)
+    assert not any(r.scheduled for r in renewals if r.stopped)
+
+
 def test_a_call_reports_its_error_to_either_kind_of_caller() -> None:
     rt = runtime()
 

@@ -45,6 +45,10 @@ SESSION_LOST = (
 )
 #: Leases released by a lost session that the endpoint remembers for holders yet to come.
 MAX_RELEASED = 1024
+#: Renewals waiting to be scheduled (:meth:`Runtime.renew_at`) past which the stopped ones are
+#: dropped from the list (then at twice what is left): it holds at most about twice the leases
+#: held, however many short blocks come and go.
+PRUNE_WAITING = 1024
 #: ``SLOTKEEPER_SDK_PROTOCOL``: "session" (the default: lease requests over a session when the
 #: server offers one, else HTTP) or "http" (HTTP only).
 PROTOCOLS = ("session", "http")
@@ -171,6 +175,7 @@ class Runtime:
         #: Renewals started from other loops, not scheduled yet (:meth:`renew_at`), and when
         #: this loop takes them in.
         self._waiting: list[tuple[float, Any]] = []
+        self._prune_at = PRUNE_WAITING
         self._take_at: float | None = None
         self._take_timer: asyncio.TimerHandle | None = None
         ready = threading.Event()
@@ -221,7 +226,11 @@ class Runtime:
             renewal._schedule(when)
             return
         with self._posted_lock:
-            self._waiting.append((when, renewal))
+            waiting = self._waiting
+            if len(waiting) >= self._prune_at:  # many blocks, short ones: drop the stopped
+                waiting = self._waiting = [(w, r) for w, r in waiting if not r.stopped]
+                self._prune_at = max(PRUNE_WAITING, 2 * len(waiting))
+            waiting.append((when, renewal))
             sooner = self._take_at is None or when < self._take_at
             if sooner:
                 self._take_at = when
