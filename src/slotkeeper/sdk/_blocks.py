@@ -173,7 +173,8 @@ class _Concurrency:
         self._entered = True
 
     def _acquisition(self, rt: Runtime) -> Call[Lease]:
-        return rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan)
+        """The acquisition's call, not started yet (:meth:`Call.start`)."""
+        return rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan, start=False)
 
     def _accept(self, rt: Runtime, lease: Lease) -> None:
         """Hold ``lease``; a grant of nothing raises (strict, and then nothing stays held) or warns."""
@@ -331,23 +332,28 @@ class SyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        call = self._acquisition(rt)
+        # An interrupt (KeyboardInterrupt) may land at any instruction until this returns (the
+        # block's __exit__ runs only after): the call is held before it starts, and abandoned on
+        # any exception, so that whatever it gets and the block did not keep is released, once
+        # (a call not started yet is only closed; abandoning twice is a no-op).
+        call: Call[Lease] | None = None
         try:
+            call = self._acquisition(rt)
+            call.start()
             lease = call.result()
+            self._accept(rt, lease)
+            if lease._renewal is not None:
+                self._thread_id = threading.get_ident()
+                self._exit_lock = threading.Lock()
+                self._exited = False
+                # Interrupting a thread that runs an event loop would break the loop.
+                self._may_interrupt = not _runs_a_loop()
+                lease._renewal.listen(self._on_lost)
+            return lease
         except BaseException:
-            # An interrupt (KeyboardInterrupt) that lands before the call's own wait began, or
-            # after its outcome came: nobody will hold what it gets (abandoning twice is a no-op).
-            call.abandon()
+            if call is not None:
+                call.abandon()
             raise
-        self._accept(rt, lease)
-        if lease._renewal is not None:
-            self._thread_id = threading.get_ident()
-            self._exit_lock = threading.Lock()
-            self._exited = False
-            # Interrupting a thread that runs an event loop would break the loop.
-            self._may_interrupt = not _runs_a_loop()
-            lease._renewal.listen(self._on_lost)
-        return lease
 
     def _on_lost(self, reason: str) -> None:  # the runtime thread (or this one)
         super()._on_lost(reason)

@@ -49,6 +49,11 @@ MAX_RELEASED = 1024
 #: dropped from the list (then at twice what is left): it holds at most about twice the leases
 #: held, however many short blocks come and go.
 PRUNE_WAITING = 1024
+#: The longest the main thread blocks at once while it waits for a call (:meth:`Call.result`).
+#: A signal (Ctrl-C) that lands just before a blocking wait begins is only handled when the
+#: wait returns (CPython runs handlers between instructions): the main thread waits in slices
+#: so that such a ``KeyboardInterrupt`` comes at the end of the slice, not never.
+SIGNAL_CHECK_SECONDS = 0.5
 #: ``SLOTKEEPER_SDK_PROTOCOL``: "session" (the default: lease requests over a session when the
 #: server offers one, else HTTP) or "http" (HTTP only).
 PROTOCOLS = ("session", "http")
@@ -194,12 +199,19 @@ class Runtime:
         self,
         coro: Coroutine[Any, Any, T],
         orphan: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+        *,
+        start: bool = True,
     ) -> Call[T]:
-        """Run ``coro`` here; the caller waits with :meth:`Call.result` or :meth:`Call.aresult`."""
+        """Run ``coro`` here; the caller waits with :meth:`Call.result` or :meth:`Call.aresult`.
+        With ``start`` False nothing runs until :meth:`Call.start`: a caller that must abandon
+        the call on an interrupt holds it before anything can need abandoning."""
         if threading.get_ident() == self.thread.ident:
             coro.close()
             raise RuntimeError("slotkeeper's SDK cannot be called from its own background thread")
-        return Call(self, coro, orphan)
+        call = Call(self, coro, orphan)
+        if start:
+            call.start()
+        return call
 
     def post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on this loop: at once from its own thread, else soon, in order, with
@@ -398,6 +410,7 @@ class Call(Generic[T]):
     __slots__ = (
         "_afuture",
         "_aloop",
+        "_coro",
         "_error",
         "_event",
         "_lock",
@@ -424,7 +437,13 @@ class Call(Generic[T]):
         self._event: threading.Lock | None = None  # held until the outcome is in
         self._afuture: asyncio.Future[None] | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
-        rt.loop.call_soon_threadsafe(self._start, coro)
+        self._coro: Coroutine[Any, Any, T] | None = coro  # until started (the caller's side)
+
+    def start(self) -> None:
+        """Post the coroutine to the runtime's loop (once)."""
+        coro, self._coro = self._coro, None
+        if coro is not None:
+            self._rt.loop.call_soon_threadsafe(self._start, coro)
 
     # --- the runtime side -------------------------------------------------------------------------
 
@@ -487,7 +506,10 @@ class Call(Generic[T]):
             state = self._state
             if state == _PENDING:
                 self._state = _ABANDONED
-        if state == _PENDING:
+        coro, self._coro = self._coro, None
+        if coro is not None:  # never started: nothing was sent
+            coro.close()
+        elif state == _PENDING:
             self._rt.loop.call_soon_threadsafe(self._cancel)
         elif state == _DONE and self._error is None and self._orphan is not None:
             self._rt.spawn(self._orphan(self._result))  # type: ignore[arg-type]
@@ -502,7 +524,12 @@ class Call(Generic[T]):
             else:
                 return self._outcome()
         try:
-            event.acquire()  # until the runtime releases it (a signal interrupts it)
+            if threading.current_thread() is threading.main_thread():
+                # The thread that runs signal handlers: see SIGNAL_CHECK_SECONDS.
+                while not event.acquire(timeout=SIGNAL_CHECK_SECONDS):
+                    pass
+            else:
+                event.acquire()  # until the runtime releases it
         except BaseException:
             if abandon:
                 self.abandon()
