@@ -2,8 +2,8 @@
 and what a lost session does to the leases it carried.
 
 The app is served by uvicorn in this process (SQLite) and the SDK runs as in any process (its
-own background thread); the tests reach into the SDK's runtime only to cut a connection or to
-see which transport a request took. Nothing is timed: waits are bounded (``PATIENCE``) only so
+blocks' requests on the test's loop, renewals on its background thread); the tests reach into
+the SDK's runtime only to cut a connection or to see which transport a request took. Nothing is timed: waits are bounded (``PATIENCE``) only so
 that a broken SDK fails instead of hanging.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -61,6 +62,12 @@ def fresh_endpoints() -> Iterator[None]:
 
 
 def endpoint(url: str) -> Endpoint:
+    """The endpoint the ``async with`` blocks of the running loop use (their own loop's)."""
+    return runtime().here((url, None))
+
+
+def renewing(url: str) -> Endpoint:
+    """The endpoint that renews leases (the runtime's, on the SDK's thread)."""
     return runtime().endpoints[(url, None)]
 
 
@@ -73,10 +80,10 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 def cut(ep: Endpoint) -> None:
-    """Drop the session's connection without a close (a network failure), from the SDK's loop."""
+    """Drop the session's connection without a close (a network failure), from its loop."""
     session = ep.session
     assert session is not None and session.link is not None and session.link.transport is not None
-    runtime().loop.call_soon_threadsafe(session.link.transport.abort)
+    session.link.loop.call_soon_threadsafe(session.link.transport.abort)
 
 
 async def held(storage: Storage, name: str) -> list[str]:
@@ -95,6 +102,23 @@ async def test_the_sdk_speaks_a_session_by_default(sqlite_storage: Storage, tmp_
         session = endpoint(url).session
         assert session is not None and session.link is not None
         assert session.link.next_id == 7  # every acquisition and release went over it
+    assert await held(sqlite_storage, "db") == []
+
+
+async def test_a_block_acquires_and_releases_on_its_own_loop(sqlite_storage: Storage, tmp_path: Path) -> None:
+    """``async with`` sends its acquisition and its release from the caller's loop (no hop to the
+    SDK's thread and back), and acknowledges the grant before its body runs: a body that blocks
+    its loop holds no grant the server could release with the session."""
+    await sqlite_storage.create_limit(LimitSpec("db", 1))
+    async with served(sqlite_storage, tmp_path, ws="auto") as url:
+        here = threading.get_ident()
+        async with aconcurrency("db", api_url=url, strict=True) as lease:
+            link = endpoint(url).session.link  # type: ignore[union-attr]
+            assert link is not None and link.loop is asyncio.get_running_loop()
+            assert link.acked == link.received >= 1  # acknowledged already
+            assert lease.lease_id in link.at_risk()  # ... and not confirmed yet: it just left
+        assert link.next_id == 3  # the acquisition and the release, on this loop's link
+        assert here == threading.get_ident()
     assert await held(sqlite_storage, "db") == []
 
 
@@ -177,11 +201,12 @@ async def test_a_lease_the_server_knew_arrived_survives_a_lost_session(
         assert session is not None
         # The client acknowledged the grant and the server confirmed it: nothing at risk.
         await until(lambda: session.link is not None and not session.link.at_risk(), "the grant confirmed")
-        first = session.link
         cut(endpoint(url))
-        # The SDK renews what it holds there at once, on a new session.
-        await until(lambda: session.link is not None and session.link is not first, "a new session")
-        await until(lambda: session.link is not None and session.link.received >= 1, "the renewal answered")
+        # The SDK renews what it holds there at once, from its thread (the lease's renewals
+        # live there, on a session of their own).
+        renewals = renewing(url).session
+        assert renewals is not None
+        await until(lambda: renewals.link is not None and renewals.link.received >= 1, "the renewal answered")
         assert not lease.lost
         assert await held(sqlite_storage, "db") == [lease.lease_id]
     assert any("renewing the leases held there" in m for m in caplog.messages)
@@ -194,7 +219,9 @@ async def test_a_lease_the_server_did_not_know_arrived_is_lost_with_the_session(
     """The grant arrives, the connection fails before the server hears it did: the server
     releases the lease (nobody might hold it), and the SDK reports it lost at once instead of
     holding it unknowingly."""
-    monkeypatch.setattr(_session, "ACK_SECONDS", 3600.0)  # the acknowledgement never leaves
+    # The acknowledgement never leaves (a block's grant is acknowledged before its body runs).
+    monkeypatch.setattr(_session, "ACK_SECONDS", 3600.0)
+    monkeypatch.setattr(_session, "ACK_AT_ONCE_SECONDS", 3600.0)
     await sqlite_storage.create_limit(LimitSpec("db", 1))
     async with served(sqlite_storage, tmp_path, ws="auto") as url:
         with pytest.raises(ConcurrencyLeaseLostError, match="the session that carried its grant was lost"):
@@ -226,11 +253,8 @@ async def test_a_grant_that_comes_after_its_caller_gave_up_is_released(
             session = endpoint(url).session
             assert session is not None
             body = b'{"names": ["one"], "slots": 1, "lease_duration": 300, "wait_seconds": 60}'
-            waiting = asyncio.run_coroutine_threadsafe(
-                session.request("POST", f"{V2}/increment-with-lease", body, timeout=0.2), runtime().loop
-            )
             with pytest.raises(ServerUnreachable, match="No answer"):
-                await asyncio.wrap_future(waiting)
+                await session.request("POST", f"{V2}/increment-with-lease", body, timeout=0.2)
             assert await held(sqlite_storage, "one") == [holder.lease_id]
         # The release hands the slot to the waiting request; its grant is released at once.
         await until_async(lambda: held(sqlite_storage, "one"), [], "the late grant released")

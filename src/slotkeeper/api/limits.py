@@ -5,7 +5,6 @@ Every decision is in :mod:`slotkeeper.domain`, every transaction in :mod:`slotke
 """
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from enum import Enum
 from typing import Any, cast
@@ -15,7 +14,6 @@ from fastapi import APIRouter, Request, Response
 
 from slotkeeper.api import schemas
 from slotkeeper.api.fastroute import hot_route_class
-from slotkeeper.api.hotpath import CARRIED
 from slotkeeper.api.responses import CLIENT_LEFT, LeaseAnswer, json_response, lost_already
 from slotkeeper.errors import LeaseGone
 from slotkeeper.models import AcquireRequest, Granted, Holder, LeaseSpec, LimitSpec
@@ -35,27 +33,17 @@ def _storage(request: Request) -> Storage:
 async def _wait(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
     """Await a waiting acquisition, or withdraw it if the client disconnects first.
 
-    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
-    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
-    that completed in the same loop step as the disconnect is released here (and one whose
+    The body has been read, so the next ASGI message is the disconnect (over HTTP: the client
+    closed or half-closed its connection, which :mod:`slotkeeper.api.protocol` reports in the turn
+    it is seen; on a session: the request's ``CANCEL``). A disconnect cancels the storage call
+    through a callback, which leaves the queue and releases a grant that raced the disconnect; a
+    grant that completed in the same loop step as the disconnect is released here (and one whose
     client leaves after this, before it is written, by :class:`LeaseAnswer`).
-    """
-    if request.scope.get(CARRIED):
-        return await _wait_carried(request, acquiring)
-    return await _wait_http(request, acquiring)
 
-
-async def _wait_carried(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
-    """:func:`_wait` for a request a session carries: the acquisition is awaited directly (not
-    through ``asyncio.wait``), so its grant reaches this handler one turn of the loop after the
-    transaction that admitted it, the turn in which the releaser's answer is written too: the
-    session carries both in one message, the grant first (issue 14, the hand-off). A session's
-    request learns of its withdrawal (``CANCEL``) at once, so the check before answering is exact.
-
-    Over HTTP (:func:`_wait_http`) the one turn more stays: answering a turn earlier made the SDK's
-    cancellation stress test (tests/test_sdk.py) catch more often the turn in which uvicorn had
-    closed a half-closed connection without telling the request. :mod:`slotkeeper.api.protocol`
-    now reports that turn as the disconnect, so HTTP could follow; not measured yet.
+    The acquisition is awaited directly (not through ``asyncio.wait``), so its grant reaches this
+    handler one turn of the loop after the transaction that admitted it, the turn in which the
+    releaser's answer is written too (issue 14, the hand-off): on a session both leave in one
+    message, the grant first; over HTTP both in that turn.
     """
     task = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -85,37 +73,6 @@ async def _wait_carried(request: Request, acquiring: Coroutine[Any, Any, Granted
             await _storage(request).release_lease(granted.lease_id)
         return None
     return granted
-
-
-async def _wait_http(request: Request, acquiring: Coroutine[Any, Any, Granted]) -> Granted | None:
-    """:func:`_wait` over HTTP: await the acquisition or the disconnect, whichever comes first.
-
-    The body has been read, so the next ASGI message is the disconnect. Withdrawing cancels the
-    storage call, which leaves the queue and releases a grant that raced the disconnect; a grant
-    that completed in the same loop step as the disconnect is released here.
-    """
-    task = asyncio.ensure_future(acquiring)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        left = gone.done() and not gone.cancelled()
-        gone.cancel()
-    if not left:
-        # The connection may have been lost in the loop steps that completed the grant, before
-        # ``gone`` ran (a session's CANCEL, too): the request is answered as withdrawn (499).
-        left = lost_already(request.receive)
-    if not left:
-        return task.result()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if task.done() and not task.cancelled() and task.exception() is None:
-        granted = task.result()
-        if granted.lease_id is not None:  # nobody is there to hold it
-            await _storage(request).release_lease(granted.lease_id)
-    return None
 
 
 async def _disconnected(request: Request) -> None:

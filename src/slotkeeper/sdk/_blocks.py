@@ -21,14 +21,14 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from slotkeeper.errors import ApiError, ServerUnreachable
 from slotkeeper.sdk import _core, _wire
 from slotkeeper.sdk._core import NOTHING_HELD, GrantedLimit, Lease, Spec
-from slotkeeper.sdk._runtime import Call, Runtime, runtime
+from slotkeeper.sdk._runtime import Call, Endpoint, Runtime, runtime
 from slotkeeper.sdk.errors import ConcurrencyLeaseLostError, ConcurrencySlotAcquisitionError
 
 if TYPE_CHECKING:
@@ -173,7 +173,8 @@ class _Concurrency:
         self._entered = True
 
     def _acquisition(self, rt: Runtime) -> Call[Lease]:
-        return rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan)
+        """The acquisition's call, not started yet (:meth:`Call.start`)."""
+        return rt.call(_core.acquire(rt, self.spec), orphan=_core.release_orphan, start=False)
 
     def _accept(self, rt: Runtime, lease: Lease) -> None:
         """Hold ``lease``; a grant of nothing raises (strict, and then nothing stays held) or warns."""
@@ -203,6 +204,7 @@ class AsyncConcurrency(_Concurrency):
 
     _task: asyncio.Task[Any] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    _ep: Endpoint | None = None
     _interrupted = False
     _exited = False
     _cancelling = 0
@@ -212,7 +214,13 @@ class AsyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        lease = await self._acquisition(rt).aresult()
+        if asyncio.get_running_loop() is rt.loop:
+            raise RuntimeError("slotkeeper's SDK cannot be called from its own background thread")
+        # Acquired and released on this loop, over its own endpoint: no thread hop on the way
+        # of the grant to this task, nor of the release to the server. Renewals stay on the
+        # runtime's loop, which a blocked caller's loop cannot starve.
+        self._ep = rt.here(self.spec.key)
+        lease = await _here(rt, _core.acquire(rt, self.spec, self._ep))
         self._accept(rt, lease)
         if lease._renewal is not None:
             self._task = asyncio.current_task()
@@ -243,16 +251,17 @@ class AsyncConcurrency(_Concurrency):
             return
         self._exited = True  # no interruption from now on
         rt = runtime()
-        # Not abandoned if this task is cancelled meanwhile: the release goes on regardless.
-        call = rt.call(_core.release(lease))
+        # A task of its own, shielded: if this task is cancelled meanwhile, it goes on regardless.
+        releasing = asyncio.ensure_future(_core.release(lease, self._ep))
+        releasing.add_done_callback(functools.partial(_release_elsewhere, rt, lease))
         try:
             try:
-                await call.aresult(abandon=False)
+                await asyncio.shield(releasing)
             except asyncio.CancelledError:
                 if not self._own_cancellation():  # someone else's: propagate it
                     raise
                 # The interruption came after the body ended: finish, then report the loss.
-                await call.aresult(abandon=False)
+                await asyncio.shield(releasing)
                 raise self._lost_error() from None
         except (ApiError, ServerUnreachable) as failure:
             self._release_failed(failure, exc_type is not None)
@@ -270,6 +279,49 @@ class AsyncConcurrency(_Concurrency):
         return self._task.uncancel() <= self._cancelling
 
 
+async def _here(rt: Runtime, acquiring: Coroutine[Any, Any, Lease]) -> Lease:
+    """Run an acquisition on this loop, in a task of its own (its requests tell a cancellation
+    by ``Task.cancelling()``, counted from 0): what :class:`Call` does across threads. If the
+    caller is cancelled, the acquisition is cancelled (a request that was sent is finished, or
+    withdrawn, and its answer read), and a grant that comes all the same is released."""
+    me = asyncio.current_task()
+    before = me.cancelling() if me is not None else 0
+    task = asyncio.ensure_future(acquiring)
+    try:
+        lease = await task
+    except asyncio.CancelledError:
+        # Cancelled in the step the acquisition completed: its outcome is nobody's.
+        if task.done():
+            _orphan(rt, task)
+        else:
+            task.cancel()
+            task.add_done_callback(functools.partial(_orphan, rt))
+        raise
+    except BaseException as exc:
+        if me is not None and me.cancelling() > before:  # the failure came with a cancellation
+            raise asyncio.CancelledError from exc
+        raise
+    if me is not None and me.cancelling() > before:
+        # Cancelled while the acquisition finished its request: the grant is nobody's.
+        rt.spawn(_core.release_orphan(lease))
+        raise asyncio.CancelledError
+    return lease
+
+
+def _orphan(rt: Runtime, task: asyncio.Future[Lease]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        rt.spawn(_core.release_orphan(task.result()))
+
+
+def _release_elsewhere(rt: Runtime, lease: Lease, task: asyncio.Future[None]) -> None:
+    """A block's release was cancelled after all (its loop is shutting down and cancels every
+    task): release on the runtime's loop instead, so the lease does not wait to expire."""
+    if task.cancelled():
+        rt.spawn(_core.release_orphan(lease))
+    else:
+        task.exception()  # retrieved: the block reports it
+
+
 class SyncConcurrency(_Concurrency):
     """``with concurrency(...) as lease:`` (see :func:`slotkeeper.sdk.sync.concurrency`)."""
 
@@ -280,16 +332,28 @@ class SyncConcurrency(_Concurrency):
         if not self.spec.names:
             return self.lease
         rt = runtime()
-        lease = self._acquisition(rt).result()
-        self._accept(rt, lease)
-        if lease._renewal is not None:
-            self._thread_id = threading.get_ident()
-            self._exit_lock = threading.Lock()
-            self._exited = False
-            # Interrupting a thread that runs an event loop would break the loop.
-            self._may_interrupt = not _runs_a_loop()
-            lease._renewal.listen(self._on_lost)
-        return lease
+        # An interrupt (KeyboardInterrupt) may land at any instruction until this returns (the
+        # block's __exit__ runs only after): the call is held before it starts, and abandoned on
+        # any exception, so that whatever it gets and the block did not keep is released, once
+        # (a call not started yet is only closed; abandoning twice is a no-op).
+        call: Call[Lease] | None = None
+        try:
+            call = self._acquisition(rt)
+            call.start()
+            lease = call.result()
+            self._accept(rt, lease)
+            if lease._renewal is not None:
+                self._thread_id = threading.get_ident()
+                self._exit_lock = threading.Lock()
+                self._exited = False
+                # Interrupting a thread that runs an event loop would break the loop.
+                self._may_interrupt = not _runs_a_loop()
+                lease._renewal.listen(self._on_lost)
+            return lease
+        except BaseException:
+            if call is not None:
+                call.abandon()
+            raise
 
     def _on_lost(self, reason: str) -> None:  # the runtime thread (or this one)
         super()._on_lost(reason)

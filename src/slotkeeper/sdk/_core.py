@@ -1,17 +1,22 @@
-"""The SDK's async core: acquire, renew and release. Every coroutine here runs on the runtime loop.
+"""The SDK's async core: acquire, renew and release. Renewals run on the runtime loop; the
+coroutines that acquire and release run there too, or on the loop of an ``async with`` block
+(see :mod:`._runtime`), whichever endpoint they are given.
 
 Acquisition (``increment-with-lease``), as a loop of requests:
 
-1. The first request does not wait (Prefect's request, unchanged): uncontended, it is the only
-   one, and it answers Prefect's way for names that do not exist (``limits: []``) or inactive
-   limits, on which the server would refuse to wait.
-2. On 423 the next requests wait on the server (``wait_seconds`` = what is left of
+1. The first request waits on the server (``wait_seconds`` = what is left of
    ``timeout_seconds``, or :data:`WAIT_CHUNK_SECONDS` at a time without a timeout), in the fair
-   queue, with ``priority``. Each 423 counts against ``max_retries``, as in Prefect.
+   queue, with ``priority``, unless ``max_retries`` is given or ``timeout_seconds`` is 0: then it
+   is Prefect's request, unchanged (a refusal at once, counted). A first request that did not
+   wait would leave a window, between its 423 and its waiting request, in which a newcomer that
+   finds the slot free and the queue empty is served first.
+2. On 423 the next requests wait on the server, as above. Each 423 counts against
+   ``max_retries``, as in Prefect. A wait that ends without slots answers 423 and is asked again.
 3. If the server refuses to wait (422): a server without the queue (Prefect's) or with a lower
    maximum is remembered per server; a request naming a limit that does not exist or is inactive
    (code ``cannot_wait``) is polled, Prefect's way (``Retry-After``), since the server only queues
-   on active limits.
+   on active limits: its next request does not wait, and is answered Prefect's way (``limits:
+   []`` for names that do not exist, an uncounted grant for inactive limits).
 
 Failures that say "not now" (an unreachable server, 503 ...) are retried by the one policy of
 :mod:`._retry`, within the caller's timeout.
@@ -291,9 +296,12 @@ async def poll(ep: Endpoint, path: str, body: dict[str, Any], attempts: Attempts
 # --- concurrency: acquire -----------------------------------------------------------------------------
 
 
-async def acquire(rt: Runtime, spec: Spec) -> Lease:
-    """Acquire ``spec`` (see the module's docstring); start renewing what was granted."""
-    ep = rt.endpoint(spec.key)
+async def acquire(rt: Runtime, spec: Spec, ep: Endpoint | None = None) -> Lease:
+    """Acquire ``spec`` (see the module's docstring) through ``ep`` (the runtime's endpoint by
+    default; an ``async with`` block's is its own loop's); start renewing what was granted (on
+    the runtime's loop, whichever loop acquired it)."""
+    if ep is None:
+        ep = rt.endpoint(spec.key)
     attempts = Attempts(spec.names, spec.timeout_seconds, spec.max_retries)
     clock = attempts.clock
     body: dict[str, Any] = {
@@ -304,13 +312,17 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
     }
     if spec.holder is not None:
         body["holder"] = spec.holder
-    contended = False  # a 423 was seen: wait on the server from now on
+    # Wait on the server from the first request when refusals are not counted: a first request
+    # that did not wait would leave a window (between its 423 and the waiting request) in which
+    # a newcomer finding the slot free and the queue empty is served first. With ``max_retries``
+    # the first request stays Prefect's (a refusal at once, counted), and so with a timeout of 0.
+    wait_on_server = spec.max_retries is None and (spec.timeout_seconds is None or spec.timeout_seconds > 0)
     polling = False  # the server will not queue this request: poll with Retry-After
     place: str | None = None  # the waiter a server answered 503 at its shutdown: take it back
     while True:
         wait: float | None = None
         sent_body = body
-        if contended and ep.waits and not polling:
+        if wait_on_server and ep.waits and not polling:
             remaining = clock.remaining()
             if remaining is not None and remaining <= 0:
                 raise timed_out(spec.timeout_seconds)
@@ -336,7 +348,7 @@ async def acquire(rt: Runtime, spec: Spec) -> Lease:
             attempts.refused(answer)
             if clock.expired():
                 raise timed_out(spec.timeout_seconds)
-            contended = True
+            wait_on_server = True
             if ep.waits and not polling:
                 continue  # the next request waits on the server
             pause = retry_after(headers)
@@ -411,9 +423,12 @@ def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, 
     # ``limits: []``); the lease is renewed and released all the same.
     lease_id = str(answer["lease_id"])
     # The server started the lease between ``sent`` and now; a waiting request's grant is
-    # answered at once, so it started at most a round trip ago (1 s is a generous bound).
-    start = max(sent, rt.loop.time() - 1.0)
-    renewal = Renewal(rt, ep, lease_id, spec.lease_duration, start, spec.names, spec.raises)
+    # answered at once, so it started at most a round trip ago (1 s is a generous bound). Every
+    # loop's clock here is the monotonic clock (asyncio's and uvloop's alike).
+    start = max(sent, asyncio.get_running_loop().time() - 1.0)
+    renewal = Renewal(
+        rt, rt.endpoint(spec.key), lease_id, spec.lease_duration, start, spec.names, spec.raises, ep
+    )
     if ep.released(lease_id):  # its session was lost meanwhile: see _session
         renewal.drop(SESSION_LOST)
     return Lease(lease_id, limits, renewal)
@@ -424,6 +439,11 @@ def granted(rt: Runtime, ep: Endpoint, spec: Spec, payload: bytes, sent: float, 
 
 class Renewal:
     """Keeps one lease alive from the runtime loop, until it is released or lost.
+
+    Made and stopped from any loop (an ``async with`` block acquires and releases on its own):
+    its timer and its renewals live on the runtime's loop, and what touches them is posted
+    there (:meth:`Runtime.post`). ``ep`` renews (the runtime's endpoint); ``via`` carried the
+    grant (its session's loss puts the lease at risk, see :mod:`._session`).
 
     Renewals run every ``RENEW_FRACTION`` of the duration. A failed renewal is retried with
     backoff until the lease would have expired (measured from when the last successful renewal
@@ -442,9 +462,11 @@ class Renewal:
         sent: float,
         names: list[str],
         raises: bool,
+        via: Endpoint | None = None,
     ) -> None:
         self.rt = rt
         self.ep = ep
+        self.via = ep if via is None else via
         self.lease_id = lease_id
         self.duration = duration
         self.names = names
@@ -456,10 +478,14 @@ class Renewal:
         self._lock = threading.Lock()
         self._listener: Callable[[str], None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._handle: asyncio.TimerHandle | None = rt.loop.call_at(
-            sent + duration * RENEW_FRACTION, self._due
-        )
+        self._handle: asyncio.TimerHandle | None = None
         rt.held.add(self)
+        rt.renew_at(self, sent + duration * RENEW_FRACTION)
+
+    def _schedule(self, when: float) -> None:  # the runtime loop
+        # Not if a renewal already ran meanwhile (a lost session's ``renew_now``): it set its own.
+        if not self.stopped and self._handle is None and self._task is None:
+            self._handle = self.rt.loop.call_at(when, self._due)
 
     # --- from the block's thread ---------------------------------------------------------------------
 
@@ -476,6 +502,8 @@ class Renewal:
 
     def _due(self) -> None:
         self._handle = None
+        if self.stopped:
+            return
         self._task = self.rt.loop.create_task(self._renew())
 
     def drop(self, reason: str) -> None:
@@ -571,20 +599,29 @@ class Renewal:
             listener(reason)
 
     def stop(self) -> None:
-        """No more renewals (the lease is being released)."""
+        """No more renewals (the lease is being released); from any loop."""
         self.stopped = True
         self.rt.held.discard(self)
+        with self._lock:
+            self._listener = None
+        if self._handle is not None or self._task is not None:
+            # Its timer runs (a block that outlived its first renewal's due time): cancel it
+            # there. A short block's renewal was never scheduled (see Runtime.renew_at): no
+            # wake-up of the runtime's loop. (Should its timer be set in the meantime, its
+            # ``_due`` finds it stopped.)
+            self.rt.post(self._stopped)
+
+    def _stopped(self) -> None:  # the runtime loop
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        with self._lock:
-            self._listener = None
 
-    async def release(self) -> None:
-        """Stop renewing and release the lease; retried on transient failures.
+    async def release(self, ep: Endpoint | None = None) -> None:
+        """Stop renewing and release the lease, through ``ep`` (by default the endpoint that
+        renews it); retried on transient failures.
 
         Raises :class:`ApiError` or :class:`ServerUnreachable` if it could not be released (a
         lost lease's release is only attempted: failures are not raised).
@@ -595,7 +632,7 @@ class Renewal:
         lost = self.lost is not None  # final: a stopped renewal is never lost
         try:
             await post_retried(
-                self.ep,
+                self.ep if ep is None else ep,
                 f"{V2}/decrement-with-lease",
                 {"lease_id": self.lease_id},
                 retry=not lost,
@@ -612,10 +649,10 @@ class Renewal:
             log.warning("Could not release concurrency lease %s at exit: %s", self.lease_id, exc)
 
 
-async def release(lease: Lease) -> None:
-    """Release what a block holds (nothing if it holds nothing)."""
+async def release(lease: Lease, ep: Endpoint | None = None) -> None:
+    """Release what a block holds (nothing if it holds nothing), through ``ep`` if given."""
     if lease._renewal is not None:
-        await lease._renewal.release()
+        await lease._renewal.release(ep)
 
 
 async def release_orphan(lease: Lease) -> None:

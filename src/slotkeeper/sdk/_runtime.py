@@ -1,25 +1,33 @@
-"""The SDK's one background thread: a private event loop that does every HTTP call and renewal.
+"""The SDK's one background thread: a private event loop that renews every lease, and runs the
+requests of the blocking form (``with``), rate limits and tag limits.
 
-Both forms of the SDK (``async with`` and ``with``) hand their coroutines to this loop, so the
-logic exists once, renewals keep running whatever the caller's thread or loop is doing (a
-blocked event loop cannot starve them), and one pool of keep-alive connections per server (see
-:mod:`._wire`) is reused by every block of the process: no thread or connection is created per
-block.
+Renewals run here whatever the caller's thread or loop is doing (a blocked event loop cannot
+starve them), and one pool of keep-alive connections and one session per server (see
+:mod:`._wire`, :mod:`._session`) is reused by every block of the process: no thread or
+connection is created per block.
 
-:class:`Call` is the bridge: a coroutine running here whose result a caller (a thread, or a task
-on another loop) waits for, and may abandon when it is cancelled. An abandoned call that still
-produced a result (a granted lease) hands it to its ``orphan`` coroutine, which releases it: the
-caller's cancellation and the grant can race in any order without leaving slots held.
+:class:`Call` is the bridge for the blocking form: a coroutine running here whose result a caller
+(a thread, or a task on another loop) waits for, and may abandon when it is cancelled. An
+abandoned call that still produced a result (a granted lease) hands it to its ``orphan``
+coroutine, which releases it: the caller's cancellation and the grant can race in any order
+without leaving slots held.
+
+``async with`` blocks acquire and release on their own loop instead (:meth:`Runtime.here`: that
+loop's endpoints, closed with it), with no thread hop on the way of a grant or a release; their
+leases are renewed here all the same, and what starts or stops a renewal from another loop is
+posted here (:meth:`Runtime.post`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine
+import weakref
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from slotkeeper.sdk._session import Session, SessionUnavailable
@@ -37,6 +45,15 @@ SESSION_LOST = (
 )
 #: Leases released by a lost session that the endpoint remembers for holders yet to come.
 MAX_RELEASED = 1024
+#: Renewals waiting to be scheduled (:meth:`Runtime.renew_at`) past which the stopped ones are
+#: dropped from the list (then at twice what is left): it holds at most about twice the leases
+#: held, however many short blocks come and go.
+PRUNE_WAITING = 1024
+#: The longest the main thread blocks at once while it waits for a call (:meth:`Call.result`).
+#: A signal (Ctrl-C) that lands just before a blocking wait begins is only handled when the
+#: wait returns (CPython runs handlers between instructions): the main thread waits in slices
+#: so that such a ``KeyboardInterrupt`` comes at the end of the slice, not never.
+SIGNAL_CHECK_SECONDS = 0.5
 #: ``SLOTKEEPER_SDK_PROTOCOL``: "session" (the default: lease requests over a session when the
 #: server offers one, else HTTP) or "http" (HTTP only).
 PROTOCOLS = ("session", "http")
@@ -65,13 +82,17 @@ class Endpoint:
         authorization: str | None,
         held: set[Any] | None = None,
         protocol: str = "session",
+        on_runtime: Callable[..., None] | None = None,
     ) -> None:
         origin = Origin(base_url, authorization)
+        #: Runs a callable on the runtime's loop, where renewals live: at once for the runtime's
+        #: own endpoints, posted there for the endpoints of a caller's loop (:meth:`Runtime.here`).
+        self.on_runtime: Callable[..., None] = on_runtime or _now
         self.pool = Pool(origin)
         self.base_url = origin.base_url
         self.held: set[Any] = set() if held is None else held
         self.session = (
-            Session(origin, authorization, self._session_lost)
+            Session(origin, authorization, self._session_lost, ack_at_once=on_runtime is not None)
             if protocol == "session" and origin.proxy is None
             else None
         )
@@ -95,16 +116,20 @@ class Endpoint:
 
     def _session_lost(self, at_risk: set[str]) -> None:
         """The session was lost: the leases in ``at_risk`` were released by the server (see
-        :mod:`._session`), the others are renewed at once."""
+        :mod:`._session`), the others are renewed at once (on the runtime's loop)."""
+        dropped, renewed = [], []
         for renewal in list(self.held):
-            if renewal.ep is not self:
+            if renewal.via is not self:
                 continue
             if renewal.lease_id in at_risk:
                 at_risk.discard(renewal.lease_id)
-                renewal.drop(SESSION_LOST)
+                dropped.append(renewal)
             else:
-                renewal.renew_now()
+                renewed.append(renewal)
+        if dropped or renewed:
+            self.on_runtime(_lost, dropped, renewed)
         # Granted, but not held yet (the acquisition has not resumed): see :meth:`released`.
+        # Kept on this endpoint's loop, where its acquisitions read it.
         for lease_id in at_risk:
             self._released[lease_id] = None
         while len(self._released) > MAX_RELEASED:
@@ -114,10 +139,22 @@ class Endpoint:
         """Whether the loss of a session released this lease before its holder held it."""
         return self._released.pop(lease_id, False) is None
 
-    def close(self) -> None:
+    def close(self, *, now: bool = False) -> None:
+        """Close the session and the connections (``now``: the loop is closing, do not wait)."""
         if self.session is not None:
-            self.session.close()
+            self.session.close(now=now)
         self.pool.close()
+
+
+def _now(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
+
+
+def _lost(dropped: list[Any], renewed: list[Any]) -> None:
+    for renewal in dropped:
+        renewal.drop(SESSION_LOST)
+    for renewal in renewed:
+        renewal.renew_now()
 
 
 class Runtime:
@@ -132,6 +169,20 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         #: Calls done in this turn of the loop, by the loop of the task that awaits each.
         self._settling: dict[asyncio.AbstractEventLoop, list[Call[Any]]] = {}
+        #: The endpoints of callers' loops (:meth:`here`), and what closes them with their loop.
+        self._local: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Local] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._endpoints_lock = threading.Lock()
+        #: Work posted from other threads (:meth:`post`), run in one turn of this loop.
+        self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._posted_lock = threading.Lock()
+        #: Renewals started from other loops, not scheduled yet (:meth:`renew_at`), and when
+        #: this loop takes them in.
+        self._waiting: list[tuple[float, Any]] = []
+        self._prune_at = PRUNE_WAITING
+        self._take_at: float | None = None
+        self._take_timer: asyncio.TimerHandle | None = None
         ready = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(ready,), name="slotkeeper-sdk", daemon=True)
         self.thread.start()
@@ -148,12 +199,97 @@ class Runtime:
         self,
         coro: Coroutine[Any, Any, T],
         orphan: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+        *,
+        start: bool = True,
     ) -> Call[T]:
-        """Run ``coro`` here; the caller waits with :meth:`Call.result` or :meth:`Call.aresult`."""
+        """Run ``coro`` here; the caller waits with :meth:`Call.result` or :meth:`Call.aresult`.
+        With ``start`` False nothing runs until :meth:`Call.start`: a caller that must abandon
+        the call on an interrupt holds it before anything can need abandoning."""
         if threading.get_ident() == self.thread.ident:
             coro.close()
             raise RuntimeError("slotkeeper's SDK cannot be called from its own background thread")
-        return Call(self, coro, orphan)
+        call = Call(self, coro, orphan)
+        if start:
+            call.start()
+        return call
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on this loop: at once from its own thread, else soon, in order, with
+        whatever else other threads posted meanwhile (one wake-up of the loop for them all)."""
+        if threading.get_ident() == self.thread.ident:
+            fn(*args)
+            return
+        with self._posted_lock:
+            first = not self._posted
+            self._posted.append((fn, args))
+        if first:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+                self.loop.call_soon_threadsafe(self._run_posted)
+
+    def renew_at(self, renewal: Any, when: float) -> None:
+        """Set ``renewal``'s timer for ``when`` (on this loop's clock), from any thread.
+
+        From another loop, without waking this one when it can be helped: the renewal waits in a
+        list that this loop takes in (its timers set, those already stopped dropped) when the
+        earliest of them falls due; only a renewal due before that wakes this loop, to take the
+        list in earlier. A block shorter than half its lease (most) thus costs this loop nothing.
+        """
+        if threading.get_ident() == self.thread.ident:
+            renewal._schedule(when)
+            return
+        with self._posted_lock:
+            waiting = self._waiting
+            if len(waiting) >= self._prune_at:  # many blocks, short ones: drop the stopped
+                waiting = self._waiting = [(w, r) for w, r in waiting if not r.stopped]
+                self._prune_at = max(PRUNE_WAITING, 2 * len(waiting))
+            waiting.append((when, renewal))
+            sooner = self._take_at is None or when < self._take_at
+            if sooner:
+                self._take_at = when
+        if sooner:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+                self.loop.call_soon_threadsafe(self._arm)
+
+    def _arm(self) -> None:
+        with self._posted_lock:
+            when = self._take_at
+        if self._take_timer is not None:
+            self._take_timer.cancel()
+        self._take_timer = None if when is None else self.loop.call_at(when, self._take_in)
+
+    def _take_in(self) -> None:
+        self._take_timer = None
+        with self._posted_lock:
+            waiting, self._waiting = self._waiting, []
+            self._take_at = None
+        for when, renewal in waiting:
+            if not renewal.stopped:
+                renewal._schedule(when)
+
+    def _run_posted(self) -> None:
+        with self._posted_lock:
+            posted, self._posted = self._posted, []
+        for fn, args in posted:
+            try:
+                fn(*args)
+            except Exception:  # one failure must not lose the others
+                log.exception("slotkeeper SDK: posted work failed")
+
+    def here(self, key: tuple[str, str | None]) -> Endpoint:
+        """The endpoint of ``key`` for the running loop: the runtime's own on its loop; on a
+        caller's loop, one of that loop's (its own session and connections, closed with the
+        loop), so that an ``async with`` block acquires and releases without leaving its loop."""
+        loop = asyncio.get_running_loop()
+        if loop is self.loop:
+            return self.endpoint(key)
+        local = self._local.get(loop)
+        if local is None or local.closed:
+            with self._endpoints_lock:  # callers' loops may run in several threads
+                local = self._local[loop] = _Local()
+        found = local.endpoints.get(key)
+        if found is None:  # only this loop's thread makes its endpoints
+            found = local.endpoints[key] = Endpoint(*key, self.held, protocol_from_env(), self.post)
+        return found
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` here in the background (a release nobody waits for)."""
@@ -198,7 +334,10 @@ class Runtime:
         """The endpoint of one (API URL, ``Authorization`` header) pair, made on first use."""
         found = self.endpoints.get(key)
         if found is None:
-            found = self.endpoints[key] = Endpoint(*key, self.held, protocol_from_env())
+            with self._endpoints_lock:  # asked from callers' loops too (renewals live here)
+                found = self.endpoints.get(key)
+                if found is None:
+                    found = self.endpoints[key] = Endpoint(*key, self.held, protocol_from_env())
         return found
 
     async def _shutdown(self) -> None:
@@ -230,6 +369,33 @@ class Runtime:
         done.wait(EXIT_RELEASE_SECONDS + 1.0)
 
 
+class _Local:
+    """The endpoints of one caller's loop, closed when the loop shuts its asynchronous
+    generators down (``asyncio.run`` and ``asyncio.Runner`` do, before closing the loop): one
+    generator of this object's is registered with the loop for that."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[tuple[str, str | None], Endpoint] = {}
+        self.closed = False
+        self._closer = self._close_at_shutdown()
+        # Its first step registers it with the running loop (the loop's asyncgen hooks).
+        with contextlib.suppress(StopIteration):
+            self._closer.asend(None).send(None)
+
+    async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        endpoints = list(self.endpoints.values())
+        self.endpoints.clear()
+        for endpoint in endpoints:
+            endpoint.close(now=True)
+
+
 _PENDING, _DONE, _ABANDONED = 0, 1, 2
 
 
@@ -244,6 +410,7 @@ class Call(Generic[T]):
     __slots__ = (
         "_afuture",
         "_aloop",
+        "_coro",
         "_error",
         "_event",
         "_lock",
@@ -270,7 +437,13 @@ class Call(Generic[T]):
         self._event: threading.Lock | None = None  # held until the outcome is in
         self._afuture: asyncio.Future[None] | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
-        rt.loop.call_soon_threadsafe(self._start, coro)
+        self._coro: Coroutine[Any, Any, T] | None = coro  # until started (the caller's side)
+
+    def start(self) -> None:
+        """Post the coroutine to the runtime's loop (once)."""
+        coro, self._coro = self._coro, None
+        if coro is not None:
+            self._rt.loop.call_soon_threadsafe(self._start, coro)
 
     # --- the runtime side -------------------------------------------------------------------------
 
@@ -333,7 +506,10 @@ class Call(Generic[T]):
             state = self._state
             if state == _PENDING:
                 self._state = _ABANDONED
-        if state == _PENDING:
+        coro, self._coro = self._coro, None
+        if coro is not None:  # never started: nothing was sent
+            coro.close()
+        elif state == _PENDING:
             self._rt.loop.call_soon_threadsafe(self._cancel)
         elif state == _DONE and self._error is None and self._orphan is not None:
             self._rt.spawn(self._orphan(self._result))  # type: ignore[arg-type]
@@ -348,7 +524,12 @@ class Call(Generic[T]):
             else:
                 return self._outcome()
         try:
-            event.acquire()  # until the runtime releases it (a signal interrupts it)
+            if threading.current_thread() is threading.main_thread():
+                # The thread that runs signal handlers: see SIGNAL_CHECK_SECONDS.
+                while not event.acquire(timeout=SIGNAL_CHECK_SECONDS):
+                    pass
+            else:
+                event.acquire()  # until the runtime releases it
         except BaseException:
             if abandon:
                 self.abandon()

@@ -50,8 +50,11 @@ CONNECT_SECONDS = 10.0
 WITHDRAW_SECONDS = 10.0
 #: After a server refused a session, how long its requests go over HTTP before the next try.
 FALLBACK_SECONDS = 60.0
-#: A grant is acknowledged with the next message, or alone after this long.
+#: A grant is acknowledged with the next message, or alone after this long ...
 ACK_SECONDS = 0.01
+#: ... or this long on a caller's loop (``Session.ack_at_once``): the next turn, before the
+#: task the grant wakes runs its body.
+ACK_AT_ONCE_SECONDS = 0.0
 #: Requests past their deadline are failed by a sweep this often (one timer per link, not one
 #: per request: a timer costs more than the rest of a request's bookkeeping).
 SWEEP_SECONDS = 0.5
@@ -242,8 +245,9 @@ class Link(asyncio.Protocol):
         self._write_out()
         self.ping_timer = self.loop.call_later(PING_SECONDS, self._ping)
 
-    def close(self) -> None:
-        """Acknowledge what was read and close the websocket (the session ends cleanly)."""
+    def close(self, *, now: bool = False) -> None:
+        """Acknowledge what was read and close the websocket (the session ends cleanly); the
+        connection is closed a second later, or at once if ``now`` (its loop is closing)."""
         if self.closed or not self.open:
             if self.transport is not None:
                 self.transport.close()
@@ -253,7 +257,10 @@ class Link(asyncio.Protocol):
         self._write_out()
         self.open = False
         if self.transport is not None:
-            self.loop.call_later(1.0, self.transport.close)
+            if now:
+                self.transport.close()
+            else:
+                self.loop.call_later(1.0, self.transport.close)
 
     # --- messages ---------------------------------------------------------------------------------
 
@@ -276,7 +283,11 @@ class Link(asyncio.Protocol):
             if not granted and self.unconfirmed and self.unconfirmed[-1][1] is granted:
                 self.unconfirmed.pop()
         if granted and self.ack_timer is None:
-            self.ack_timer = self.loop.call_later(ACK_SECONDS, self._flush)
+            # On a caller's loop, before the task the grant wakes can run its body (the next
+            # turn): a body that blocks its loop must not hold a grant the server does not know
+            # arrived, which it would release if the session were dropped meanwhile.
+            delay = ACK_AT_ONCE_SECONDS if self.session.ack_at_once else ACK_SECONDS
+            self.ack_timer = self.loop.call_later(delay, self._flush)
 
     def _confirmed(self, count: int) -> None:
         unconfirmed = self.unconfirmed
@@ -413,11 +424,19 @@ class Session:
     """The session of one endpoint: its current link, opened on demand and again after a loss."""
 
     def __init__(
-        self, origin: Origin, authorization: str | None, on_lost: Callable[[set[str]], None]
+        self,
+        origin: Origin,
+        authorization: str | None,
+        on_lost: Callable[[set[str]], None],
+        *,
+        ack_at_once: bool = False,
     ) -> None:
         self.origin = origin
         self.authorization = authorization
         self.on_lost = on_lost
+        #: Acknowledge a grant in the next turn of the loop, not within :data:`ACK_SECONDS`
+        #: (a session on a caller's loop, see :meth:`Link._message`).
+        self.ack_at_once = ack_at_once
         self.link: Link | None = None
         self._opening: asyncio.Future[Link] | None = None
         self._unavailable_until = 0.0
@@ -504,8 +523,8 @@ class Session:
             self.link = None
         link.close()
 
-    def close(self) -> None:
-        """End the session cleanly (the process exits)."""
+    def close(self, *, now: bool = False) -> None:
+        """End the session cleanly (the process exits, or the loop it runs on closes: ``now``)."""
         link, self.link = self.link, None
         if link is not None:
-            link.close()
+            link.close(now=now)
